@@ -1,0 +1,4 @@
+import sys
+from dreamer_tf.cli import main
+
+sys.exit(main())

@@ -1,0 +1,180 @@
+"""`dreamer-tf` command line: train, eval, bench, benchmark, plot, table.
+
+Bad input (unknown task, preset or config key, a bad `--set`, a missing checkpoint) exits with
+status 2 and a one-line message; a run that fails (diverges) exits with status 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from dreamer_tf import config as configlib
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed as one line, exit status 2."""
+
+
+def _quiet_tf() -> None:
+    # TF's C++ start-up chatter (CUDA probing, oneDNN notes) buries the messages users need.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _check_task(task: str) -> None:
+    from dreamer_tf import envs
+    try:
+        envs.check_task(task)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def resolve_config(args: argparse.Namespace) -> configlib.Config:
+    """The run's config: the stored one when resuming with no config flags, else preset + flags."""
+    stored = Path(args.logdir) / "config.yaml"
+    overrides = configlib.parse_overrides(args.set or [])
+    if args.task is not None:
+        overrides["task"] = args.task
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    if stored.exists() and args.preset is None and not overrides:
+        return configlib.load_file(stored)
+    return configlib.load(args.preset or "paper", overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    config = resolve_config(args)
+    _check_task(config.task)
+    _quiet_tf()
+    from dreamer_tf.train import Diverged, RunError, Trainer
+    try:
+        trainer = Trainer(config, args.logdir, force=args.force, tensorboard=not args.no_tensorboard)
+    except RunError as e:
+        raise UsageError(str(e)) from None
+    try:
+        state = trainer.run()
+    except Diverged as e:
+        print(f"dreamer-tf: run diverged: {e}", file=sys.stderr)
+        return 1
+    print(f"finished: {state['step']} env steps, {state['episodes']} episodes, logdir {args.logdir}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import numpy as np
+    logdir = Path(args.logdir)
+    if not (logdir / "config.yaml").exists():
+        raise UsageError(f"{logdir} is not a run directory (no config.yaml)")
+    config = configlib.load_file(logdir / "config.yaml")
+    _quiet_tf()
+    from dreamer_tf.checkpoint import CheckpointError, Checkpointer
+    from dreamer_tf.train import evaluate, make_envs, random_actions, spaces
+    env = make_envs(config, 1, seed=args.seed if args.seed is not None else config.seed * 1000 + 777)
+    try:
+        obs_space, act_space = spaces(env)
+        if args.random:
+            agent, step = RandomAgent(act_space, args.seed or 0), 0
+        else:
+            from dreamer_tf.agent import Dreamer
+            agent = Dreamer(config, obs_space, act_space)
+            checkpointer = Checkpointer(logdir / "checkpoints")
+            path = Path(args.checkpoint) if args.checkpoint else checkpointer.latest()
+            if path is None or not path.exists():
+                raise UsageError(f"no checkpoint found in {checkpointer.directory} (train first, or pass --checkpoint)")
+            try:
+                step = checkpointer.restore(agent, path)["step"]
+            except CheckpointError as e:
+                raise UsageError(str(e)) from None
+        start = time.time()
+        returns, episodes = evaluate(agent, env, args.episodes)
+    finally:
+        env.close()
+    result = {"step": step, "episodes": args.episodes, "returns": returns, "mean": float(np.mean(returns)),
+              "std": float(np.std(returns)), "policy": "random" if args.random else "mode",
+              "seconds": time.time() - start}
+    out = logdir / "eval"
+    out.mkdir(exist_ok=True)
+    name = f"eval-{'random' if args.random else step}"
+    from dreamer_tf.utils import atomic_write_json
+    atomic_write_json(out / f"{name}.json", result)
+    if args.video:
+        from dreamer_tf.video import encode_gif
+        (out / f"{name}.gif").write_bytes(encode_gif(episodes[0]["image"]))
+    print(f"{result['policy']} policy at step {step}: return {result['mean']:.1f} +- {result['std']:.1f} "
+          f"over {args.episodes} episodes -> {out / (name + '.json')}")
+    return 0
+
+
+class RandomAgent:
+    """Uniform random actions with the agent's policy interface (for the random baseline)."""
+
+    def __init__(self, act_space, seed: int):
+        import numpy as np
+        self.act_space, self.rng = act_space, np.random.default_rng(seed)
+
+    def policy(self, obs, state, training):
+        from dreamer_tf.train import random_actions
+        return random_actions(self.act_space, len(obs["reset"]), self.rng), None
+
+
+def _delegate(module: str):
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+        return int(importlib.import_module(module).main(args.rest) or 0)
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dreamer-tf", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train (or resume) Dreamer in a logdir")
+    p.add_argument("--logdir", required=True, help="run directory; an existing one is resumed")
+    p.add_argument("--task", help="e.g. dmc_walker_walk (default: the preset's)")
+    p.add_argument("--preset", help=f"one of {', '.join(configlib.presets())} (default: paper, or the stored config)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--force", action="store_true", help="resume even if the stored config differs")
+    p.add_argument("--no-tensorboard", action="store_true", help="write metrics.jsonl only")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="score a saved agent")
+    p.add_argument("--logdir", required=True)
+    p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--checkpoint", help="a checkpoint directory (default: the newest)")
+    p.add_argument("--seed", type=int, help="environment seed (default: one not used in training)")
+    p.add_argument("--video", action="store_true", help="save the first episode as a GIF")
+    p.add_argument("--random", action="store_true", help="score uniform random actions instead")
+    p.set_defaults(func=cmd_eval)
+
+    for name, module, text in [("bench", "dreamer_tf.bench", "time the train step, policy and environments"),
+                               ("benchmark", "dreamer_tf.benchmark", "run tasks x seeds locally or on Ray"),
+                               ("plot", "dreamer_tf.plotting", "plot runs against the published curves"),
+                               ("table", "dreamer_tf.table", "table of final scores against the baselines")]:
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=_delegate(module))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "episodes", 1) is not None and getattr(args, "episodes", 1) < 1:
+        parser.error(f"--episodes must be >= 1, got {args.episodes}")
+    try:
+        return args.func(args)
+    except (UsageError, configlib.ConfigError) as e:
+        print(f"dreamer-tf: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dreamer-tf: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Typed hyperparameter configs: `configs/dreamer.yaml` defaults, named presets and overrides.
+
+Every key is typed by its default in the YAML file. Overrides (a dict, or `key=value` strings
+from the command line parsed as YAML scalars) must match that type; unknown keys, wrong types
+and out-of-range values raise `ConfigError` naming the key, the value and what is allowed.
+"""
+from __future__ import annotations
+
+import io
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from ruamel.yaml import YAML
+
+__all__ = ["Config", "ConfigError", "load", "presets", "parse_overrides", "save", "load_file", "diff"]
+
+
+class ConfigError(ValueError):
+    """A config key, value or preset that is not allowed."""
+
+
+def _yaml_path() -> Path:
+    candidates = [
+        Path(__file__).resolve().parent.parent / "configs" / "dreamer.yaml",  # source / editable
+        Path(sys.prefix) / "share" / "dreamer_tf" / "configs" / "dreamer.yaml",  # installed wheel
+    ]
+    for path in candidates:
+        if path.exists():
+            return path
+    raise FileNotFoundError(f"dreamer.yaml not found in any of {[str(p) for p in candidates]}")
+
+
+def _read_spec() -> dict:
+    with open(_yaml_path()) as f:
+        return YAML(typ="safe").load(f)
+
+
+# Bounds for numeric keys: (low, high, low_inclusive). Everything else is range-free.
+_POSITIVE = dict.fromkeys(
+    ["steps", "eval_every", "log_every", "checkpoint_every", "envs", "action_repeat",
+     "time_limit", "deter_size", "stoch_size", "num_units", "cnn_depth", "batch_size",
+     "batch_length", "train_every", "train_steps", "horizon", "model_lr", "value_lr",
+     "actor_lr", "adam_eps", "max_nonfinite", "replay_cache", "eval_episodes"], (0, None, False))
+_NON_NEGATIVE = dict.fromkeys(
+    ["seed", "prefill", "pretrain", "free_nats", "kl_scale", "pcont_scale", "weight_decay",
+     "grad_clip", "expl_amount", "expl_decay", "expl_min", "replay_capacity", "video_every",
+     "eval_noise", "render_shadow"], (0, None, True))
+_UNIT = dict.fromkeys(["discount", "disclam"], (0, 1, True))
+_BOUNDS = {**_POSITIVE, **_NON_NEGATIVE, **_UNIT}
+
+
+class Config(Mapping):
+    """Read-only mapping of hyperparameters with attribute access (`config.batch_size`)."""
+
+    def __init__(self, values: Mapping[str, Any]):
+        object.__setattr__(self, "_values", dict(values))
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(f"config has no key {name!r}") from None
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Config is read-only; use config.replace(key=value)")
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return "Config(" + ", ".join(f"{k}={v!r}" for k, v in self._values.items()) + ")"
+
+    def replace(self, **overrides: Any) -> "Config":
+        """A copy with `overrides` applied (validated like any override)."""
+        return Config(_apply(dict(self._values), overrides, _read_spec()))
+
+    def to_dict(self) -> dict:
+        return dict(self._values)
+
+
+def presets() -> list[str]:
+    return list(_read_spec()["presets"])
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "bool", int: "int", float: "float", str: "str"}.get(type(value), type(value).__name__)
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Check `value` against the type of `default`; ints are accepted for floats."""
+    expected = type(default)
+    if expected is float and type(value) is int:
+        value = float(value)
+    elif expected is int and type(value) is float and value.is_integer():
+        value = int(value)  # `steps=1e6` on the command line
+    if type(value) is not expected:
+        raise ConfigError(
+            f"config key {key!r}: value {value!r} is a {_type_name(value)}, expected a "
+            f"{_type_name(default)} (default {default!r})")
+    return value
+
+
+def _check_range(key: str, value: Any, spec: dict) -> None:
+    allowed = spec.get("_range", {}).get(key)
+    if allowed is not None and value not in allowed:
+        raise ConfigError(f"config key {key!r}: value {value!r} is not one of {allowed}")
+    if key in _BOUNDS:
+        low, high, inclusive = _BOUNDS[key]
+        if (value < low if inclusive else value <= low) or (high is not None and value > high):
+            rule = (f">= {low}" if inclusive else f"> {low}") + (f" and <= {high}" if high is not None else "")
+            raise ConfigError(f"config key {key!r}: value {value!r} is out of range (must be {rule})")
+
+
+def _apply(values: dict, overrides: Mapping[str, Any], spec: dict) -> dict:
+    defaults = spec["defaults"]
+    for key, value in overrides.items():
+        if key not in defaults:
+            close = [k for k in defaults if k.split("_")[0] == key.split("_")[0] or key in k]
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"unknown config key {key!r}{hint} (known keys: {', '.join(sorted(defaults))})")
+        value = _coerce(key, value, defaults[key])
+        _check_range(key, value, spec)
+        values[key] = value
+    return values
+
+
+def parse_overrides(items: Iterable[str]) -> dict:
+    """Parse command-line `key=value` strings; values are YAML scalars (`3`, `1e-4`, `true`)."""
+    result = {}
+    yaml = YAML(typ="safe")
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = yaml.load(raw) if raw.strip() else ""
+        except Exception:
+            value = raw
+        if isinstance(value, str) and _looks_numeric(raw):
+            value = float(raw)  # YAML 1.2 reads `1e-4` as a string; users mean a number
+        result[key] = value
+    return result
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def load(preset: str = "paper", overrides: Mapping[str, Any] | None = None) -> Config:
+    """The resolved config: YAML defaults, then the preset, then `overrides`."""
+    spec = _read_spec()
+    if preset not in spec["presets"]:
+        raise ConfigError(f"unknown preset {preset!r} (known presets: {', '.join(spec['presets'])})")
+    values = dict(spec["defaults"])
+    _apply(values, spec["presets"][preset] or {}, spec)
+    _apply(values, dict(overrides or {}), spec)
+    return Config(values)
+
+
+def save(config: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML, atomically."""
+    path = Path(path)
+    buffer = io.StringIO()
+    yaml = YAML()
+    yaml.default_flow_style = False
+    yaml.dump(config.to_dict(), buffer)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(buffer.getvalue())
+    os.replace(tmp, path)
+
+
+def load_file(path: str | os.PathLike) -> Config:
+    """Read a config written by `save`, validated against the current defaults."""
+    path = Path(path)
+    try:
+        with open(path) as f:
+            values = YAML(typ="safe").load(f)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} does not hold a mapping of keys to values")
+    spec = _read_spec()
+    return Config(_apply(dict(spec["defaults"]), values, spec))
+
+
+def diff(a: Mapping[str, Any], b: Mapping[str, Any], ignore: Iterable[str] = ()) -> dict:
+    """{key: (a_value, b_value)} for keys whose values differ."""
+    skip = set(ignore)
+    keys = (set(a) | set(b)) - skip
+    return {k: (a.get(k), b.get(k)) for k in sorted(keys) if a.get(k) != b.get(k)}

@@ -1,0 +1,28 @@
+"""Video helpers: GIF encoding and frame grids for evaluation videos."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+
+def encode_gif(frames: np.ndarray, fps: int = 16) -> bytes:
+    """Encode uint8 frames [T, H, W, 3] as an animated GIF that loops forever."""
+    import imageio.v3 as iio
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"encode_gif expects uint8 frames [T, H, W, 3], got {frames.dtype} {frames.shape}")
+    buffer = io.BytesIO()
+    iio.imwrite(buffer, frames, extension=".gif", duration=1000 / fps, loop=0)
+    return buffer.getvalue()
+
+
+def tile_batch(video: np.ndarray, columns: int | None = None) -> np.ndarray:
+    """Arrange a batch of videos [B, T, H, W, C] side by side: [T, rows*H, columns*W, C]."""
+    batch, time, height, width, channels = video.shape
+    columns = columns or batch
+    rows = -(-batch // columns)
+    padded = np.zeros((rows * columns, time, height, width, channels), video.dtype)
+    padded[:batch] = video
+    grid = padded.reshape(rows, columns, time, height, width, channels)
+    return grid.transpose(2, 0, 3, 1, 4, 5).reshape(time, rows * height, columns * width, channels)

@@ -1,0 +1,157 @@
+"""The training run end to end with the `debug` preset: CLI, metrics, video, checkpoint, resume, eval."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dreamer_tf.logger import read_metrics
+
+TASK = "dmc_cartpole_balance"
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+
+
+def cli(*args, timeout=600, check=True):
+    proc = subprocess.run([sys.executable, "-m", "dreamer_tf", *args], capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    logdir = tmp_path_factory.mktemp("run") / "debug"
+    cli("train", "--task", TASK, "--preset", "debug", "--logdir", str(logdir))
+    return logdir
+
+
+def test_end_to_end_debug_run(finished_run):
+    logdir = finished_run
+    status = json.loads((logdir / "status.json").read_text())
+    assert status["status"] == "finished" and status["step"] == status["steps"] == 600
+    rows = read_metrics(logdir)
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(steps)
+    tests = [r for r in rows if "test_return" in r]
+    assert [r["step"] for r in tests] == [0, 300, 600]
+    assert all(np.isfinite(r["test_return"]) for r in tests)
+    train_eps = [r for r in rows if "train_return" in r]
+    assert [r["train_episodes"] for r in train_eps] == list(range(1, 7))  # 600 steps / 100 per episode
+    assert [r["step"] for r in train_eps] == [100, 200, 300, 400, 500, 600]
+    losses = [r for r in rows if "model_loss" in r]
+    assert losses and all(np.isfinite(r["model_loss"]) for r in losses)
+    for key in ("image_loss", "reward_loss", "kl", "actor_loss", "value_loss", "model_grad_norm"):
+        assert key in losses[-1], key
+    assert losses[-1]["train_updates"] == 2 + 4 * 2  # pretrain + train_steps per train_every after prefill
+    assert len(list((logdir / "train_episodes").glob("*.npz"))) == 6
+    assert sorted(p.name for p in (logdir / "videos").glob("*.gif")) == [
+        "openloop_000000000.gif", "openloop_000000300.gif", "openloop_000000600.gif"]
+    assert (logdir / "videos" / "openloop_000000600.gif").stat().st_size > 1000
+    assert list((logdir / "tb").glob("events.out.tfevents.*"))
+    assert (logdir / "checkpoints" / "latest").read_text().strip() == "ckpt-000000000600"
+    from dreamer_tf import config
+    assert config.load_file(logdir / "config.yaml") == config.load("debug", {"task": TASK})
+
+
+def test_eval_command_scores_saved_agent(finished_run):
+    proc = cli("eval", "--logdir", str(finished_run), "--episodes", "2", "--video")
+    assert "mode policy at step 600" in proc.stdout
+    result = json.loads((finished_run / "eval" / "eval-600.json").read_text())
+    assert len(result["returns"]) == 2 and np.isfinite(result["mean"])
+    assert (finished_run / "eval" / "eval-600.gif").stat().st_size > 1000
+
+
+def test_rerun_of_finished_run_is_a_no_op_and_config_change_is_refused(finished_run):
+    before = (finished_run / "metrics.jsonl").read_text()
+    cli("train", "--logdir", str(finished_run))  # the stored config is reused
+    assert (finished_run / "metrics.jsonl").read_text().count("train_return") == before.count("train_return")
+    proc = cli("train", "--logdir", str(finished_run), "--preset", "debug", "--task", TASK,
+               "--set", "batch_size=4", "free_nats=2", check=False)
+    assert proc.returncode == 2
+    assert "batch_size: stored 3 vs new 4" in proc.stderr and "free_nats: stored 3.0 vs new 2.0" in proc.stderr
+    assert "--force" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--task", "dmc_walker_fly", "--preset", "debug"], "dmc_walker_fly"),
+    (["train", "--preset", "tiny"], "unknown preset 'tiny'"),
+    (["train", "--preset", "debug", "--set", "batch_size=big"], "'batch_size': value 'big' is a str"),
+    (["train", "--preset", "debug", "--set", "batchsize=3"], "unknown config key 'batchsize'"),
+    (["train", "--preset", "debug", "--set", "horizon"], "'horizon' is not of the form key=value"),
+    (["eval", "--episodes", "1"], "is not a run directory"),
+])
+def test_bad_cli_input_is_one_clear_line(tmp_path, args, message):
+    proc = cli(*args, "--logdir", str(tmp_path / "x"), check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_eval_without_checkpoint_is_refused(tmp_path):
+    from dreamer_tf import config
+    logdir = tmp_path / "empty"
+    logdir.mkdir()
+    config.save(config.load("debug", {"task": TASK}), logdir / "config.yaml")
+    proc = cli("eval", "--logdir", str(logdir), "--episodes", "1", check=False, timeout=300)
+    assert proc.returncode == 2 and "no checkpoint found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sigkill_and_resume_continue_without_gaps_or_duplicates(tmp_path):
+    logdir = tmp_path / "killed"
+    args = ["train", "--task", TASK, "--preset", "debug", "--logdir", str(logdir), "--no-tensorboard",
+            "--set", "steps=1000", "checkpoint_every=200", "eval_every=500"]
+    proc = subprocess.Popen([sys.executable, "-m", "dreamer_tf", *args], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Kill as soon as a checkpoint past prefill exists and an episode was stored after it.
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        ckpts = sorted((logdir / "checkpoints").glob("ckpt-*"))
+        episodes = list((logdir / "train_episodes").glob("*.npz"))
+        if ckpts and int(ckpts[-1].name.split("-")[1]) >= 400 and len(episodes) * 100 > int(ckpts[-1].name.split("-")[1]):
+            break
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("no checkpoint appeared in time")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    status = json.loads((logdir / "status.json").read_text())
+    assert status["status"] == "running"
+    killed_at = int(sorted((logdir / "checkpoints").glob("ckpt-*"))[-1].name.split("-")[1])
+
+    done = cli(*args)
+    assert "resume: restored" in done.stderr
+    rows = read_metrics(logdir)
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(steps)
+    episodes = [r["train_episodes"] for r in rows if "train_return" in r]
+    assert episodes == list(range(1, 11)), episodes  # no gap, no duplicate
+    assert [r["step"] for r in rows if "test_return" in r] == [0, 500, 1000]
+    assert len(list((logdir / "train_episodes").glob("*.npz"))) == 10
+    orphans = list((logdir / "orphaned_episodes").glob("*.npz"))
+    assert len(orphans) >= 1  # stored after the checkpoint, set aside on resume
+    state = json.loads((sorted((logdir / "checkpoints").glob("ckpt-*"))[-1] / "state.json").read_text())
+    assert state["step"] == 1000 and state["episodes"] == 10 and killed_at < 1000
+    assert json.loads((logdir / "status.json").read_text())["status"] == "finished"
+
+
+def test_same_seed_same_first_losses(tmp_path):
+    def first_losses(name):
+        logdir = tmp_path / name
+        cli("train", "--task", TASK, "--preset", "debug", "--logdir", str(logdir), "--no-tensorboard",
+            "--set", "steps=300", "eval_every=1000", "video_every=0")
+        rows = [r for r in read_metrics(logdir) if "model_loss" in r]
+        returns = [r["train_return"] for r in read_metrics(logdir) if "train_return" in r]
+        return rows[0], returns
+    (a, ra), (b, rb) = first_losses("a"), first_losses("b")
+    assert ra == rb
+    for key in ("model_loss", "image_loss", "reward_loss", "kl", "actor_loss", "value_loss"):
+        assert a[key] == pytest.approx(b[key], rel=1e-5), key
