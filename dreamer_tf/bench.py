@@ -1,0 +1,177 @@
+"""`dreamer-tf bench`: time the train step, the policy step and the environments on this machine.
+
+Train steps are timed after tracing (median of several), on a synthetic batch, for each preset and
+variant (float32, XLA, float16 where supported). Achieved GFLOP/s use the analytic count of
+`dreamer_tf.flops` and are set beside the measured float32 matmul peak of this machine.
+Writes `results/bench.json` and `results/bench.md`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def machine_info() -> dict:
+    import tensorflow as tf
+    cpu = "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpus": gpus, "tensorflow": tf.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+    """Measured float32 GFLOP/s of a large matmul (the achievable peak for dense layers)."""
+    import tensorflow as tf
+    a = tf.random.normal([n, n])
+    b = tf.random.normal([n, n])
+
+    @tf.function
+    def mm(a, b):
+        return tf.reduce_sum(tf.linalg.matmul(a, b))
+
+    mm(a, b).numpy()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mm(a, b).numpy()
+        times.append(time.perf_counter() - start)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def synthetic_batch(config, actions: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    shape = (config.batch_size, config.batch_length)
+    return {
+        "image": rng.integers(0, 256, shape + (config.size, config.size, 3), dtype=np.uint8),
+        "action": rng.uniform(-1, 1, shape + (actions,)).astype(np.float32),
+        "reward": rng.normal(size=shape).astype(np.float32),
+        "discount": np.ones(shape, np.float32),
+    }
+
+
+class _Box:
+    def __init__(self, shape, low=-1.0, high=1.0, dtype=np.float32):
+        self.shape, self.dtype = tuple(shape), dtype
+        self.low, self.high = np.full(shape, low, np.float32), np.full(shape, high, np.float32)
+
+
+def build_agent(config, actions: int = 6):
+    from dreamer_tf.agent import Dreamer
+    obs_space = {"image": _Box((config.size, config.size, 3), 0, 255, np.uint8)}
+    return Dreamer(config, obs_space, _Box((actions,)))
+
+
+def time_train_step(config, repeats: int = 3, actions: int = 6) -> dict:
+    """Seconds per train step after tracing (median of `repeats`), and the first-call time."""
+    agent = build_agent(config, actions)
+    batch = synthetic_batch(config, actions)
+    start = time.perf_counter()
+    agent.train(batch)
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        metrics = agent.train(batch)
+        times.append(time.perf_counter() - start)
+    return {"seconds": statistics.median(times), "all_seconds": times, "first_call_seconds": first,
+            "finite": bool(np.isfinite(metrics["model_loss"]))}
+
+
+def time_policy_step(config, num_envs: int = 1, repeats: int = 50, actions: int = 6) -> dict:
+    agent = build_agent(config, actions)
+    obs = {"image": np.zeros((num_envs, config.size, config.size, 3), np.uint8),
+           "reset": np.ones(num_envs, bool)}
+    action, state = agent.policy(obs, None, True)
+    obs["reset"][:] = False
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        action, state = agent.policy(obs, state, True)
+        np.asarray(action)
+        times.append(time.perf_counter() - start)
+    return {"seconds": statistics.median(times), "steps_per_second": num_envs / statistics.median(times)}
+
+
+def run(presets: Sequence[str], variants: Sequence[str], repeats: int, envs: bool, out: Path) -> dict:
+    import tensorflow as tf
+    from dreamer_tf import config as configlib
+    from dreamer_tf.flops import train_step_flops
+    has_gpu = bool(tf.config.list_physical_devices("GPU"))
+    results = {"machine": machine_info(), "matmul_gflops": matmul_peak(), "train_step": [], "policy": []}
+    print(f"matmul peak: {results['matmul_gflops']:.1f} GFLOP/s", flush=True)
+    for preset in presets:
+        for variant in variants:
+            overrides = {"precision": 16} if variant == "float16" else {"jit": True} if variant == "xla" else {}
+            if variant == "float16" and not has_gpu:
+                overrides["precision"] = 16  # runs on CPU too (emulated, slow): reported, not a target
+            config = configlib.load(preset, overrides)
+            flops = train_step_flops(config)["total"]
+            timing = time_train_step(config, repeats=repeats)
+            row = {"preset": preset, "variant": variant, "device": "GPU" if has_gpu else "CPU",
+                   "gflop": flops / 1e9, "gflops_per_second": flops / timing["seconds"] / 1e9,
+                   "fraction_of_matmul_peak": flops / timing["seconds"] / 1e9 / results["matmul_gflops"],
+                   **timing}
+            results["train_step"].append(row)
+            print(f"{preset:6s} {variant:8s} {timing['seconds']:8.2f} s/step  "
+                  f"{row['gflops_per_second']:6.1f} GFLOP/s", flush=True)
+        results["policy"].append({"preset": preset, **time_policy_step(configlib.load(preset))})
+    if envs:
+        from dreamer_tf.envs import bench as env_bench
+        results["envs"] = env_bench.run_all() if hasattr(env_bench, "run_all") else None
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "bench.md").write_text(markdown(results))
+    return results
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    lines = [f"# dreamer_tf benchmark", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, GPUs: {', '.join(m['gpus']) or 'none'}; "
+             f"TensorFlow {m['tensorflow']}, Python {m['python']}.", "",
+             f"Measured float32 matmul peak (2048x2048): **{results['matmul_gflops']:.1f} GFLOP/s**.", "",
+             "| preset | variant | device | s/step (median) | first call s | GFLOP/step | GFLOP/s | % of matmul peak |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results["train_step"]:
+        lines.append(f"| {r['preset']} | {r['variant']} | {r['device']} | {r['seconds']:.2f} | "
+                     f"{r['first_call_seconds']:.1f} | {r['gflop']:.0f} | {r['gflops_per_second']:.1f} | "
+                     f"{100 * r['fraction_of_matmul_peak']:.0f}% |")
+    lines += ["", "| preset | policy step (1 env) ms | policy steps/s |", "|---|---|---|"]
+    for r in results["policy"]:
+        lines.append(f"| {r['preset']} | {1000 * r['seconds']:.1f} | {r['steps_per_second']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dreamer-tf bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=["cpu", "paper"])
+    parser.add_argument("--variants", nargs="+", default=["float32", "xla", "float16"],
+                        choices=["float32", "xla", "float16"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-envs", action="store_true", help="skip the environment benchmark")
+    parser.add_argument("--out", type=Path, default=Path("results"))
+    args = parser.parse_args(argv)
+    run(args.presets, args.variants, args.repeats, not args.no_envs, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

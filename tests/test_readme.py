@@ -1,0 +1,28 @@
+"""The README's two set-up commands stay true: CI runs the second one exactly."""
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def readme_commands():
+    text = (ROOT / "README.md").read_text()
+    block = text.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def test_readme_opens_with_install_and_test_commands():
+    install, test = readme_commands()[:2]
+    assert install.startswith("bash scripts/install.sh && ") and "dreamer-tf train" in install
+    assert test.startswith("bash scripts/install.sh && ") and "pytest" in test
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert readme_commands()[1] in ci
+
+
+def test_readme_install_command_names_a_real_preset_and_task():
+    from dreamer_tf import config
+    install = readme_commands()[0]
+    preset = install.split("--preset ")[1].split()[0]
+    assert preset in config.presets()

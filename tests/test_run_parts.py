@@ -1,0 +1,122 @@
+"""Unit tests of the run's parts: checkpoints, metrics log, videos, the divergence guard."""
+import itertools
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dreamer_tf import config
+from dreamer_tf.checkpoint import CheckpointError, Checkpointer
+from dreamer_tf.logger import Logger, read_metrics
+from dreamer_tf.train import Diverged, Trainer
+from dreamer_tf.video import encode_gif, tile_batch
+
+
+class Tiny(tf.Module):
+    def __init__(self, value=0.0):
+        self.w = tf.Variable(tf.fill([3], value))
+        self.count = tf.Variable(0, dtype=tf.int64)
+
+
+def test_checkpoint_round_trip_keeps_newest_and_prunes(tmp_path):
+    ckpt = Checkpointer(tmp_path / "ckpt", keep=2)
+    assert ckpt.latest() is None
+    for step in (100, 200, 300):
+        ckpt.save(Tiny(float(step)), step, {"episodes": step // 100})
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("ckpt-*")) == ["ckpt-000000000200", "ckpt-000000000300"]
+    module = Tiny()
+    state = ckpt.restore(module)
+    assert state == {"episodes": 3, "step": 300}
+    np.testing.assert_array_equal(module.w.numpy(), [300.0] * 3)
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "ckpt-000000000300"
+
+
+def test_checkpoint_ignores_partial_writes(tmp_path):
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    ckpt.save(Tiny(1.0), 10, {})
+    # A kill during a save leaves a temp dir (and maybe a directory without state.json).
+    (tmp_path / "ckpt" / ".tmp-ckpt-000000000020-999").mkdir()
+    (tmp_path / "ckpt" / "ckpt-000000000030").mkdir()
+    assert ckpt.latest().name == "ckpt-000000000010"
+    module = Tiny()
+    assert ckpt.restore(module)["step"] == 10 and module.w.numpy()[0] == 1.0
+
+
+def test_restore_errors_are_clear(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint found in"):
+        Checkpointer(tmp_path / "none").restore(Tiny())
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    path = ckpt.save(Tiny(1.0), 10, {})
+    for f in path.glob("agent.data*"):
+        f.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="cannot be restored"):
+        ckpt.restore(Tiny())
+
+
+def test_metrics_truncate_drops_later_rows_and_partial_lines(tmp_path):
+    log = Logger(tmp_path, tensorboard=False)
+    for step in (0, 100, 200, 300):
+        log.write(step, {"loss": step / 10, "bad": float("nan")})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 400, "lo')  # a kill mid-line
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 100, 200, 300]
+    assert read_metrics(tmp_path)[0]["bad"] is None
+    assert log.truncate(150) == 2
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 100]
+    log.write(200, {"loss": 1})
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0, 100, 200]
+
+
+def test_tensorboard_scalars_and_gif(tmp_path):
+    log = Logger(tmp_path)
+    log.write(5, {"model_loss": 1.5, "test_return": 10.0})
+    frames = np.random.default_rng(0).integers(0, 255, (6, 16, 24, 3), dtype=np.uint8)
+    path = log.video(5, "openloop", frames)
+    log.close()
+    assert path.read_bytes()[:6] in (b"GIF89a", b"GIF87a")
+    tags = set()
+    for event_file in (tmp_path / "tb").glob("events.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(event_file)):
+            tags.update(v.tag for v in event.summary.value)
+    assert {"train/model_loss", "test/return", "video/openloop"} <= tags
+
+
+def test_gif_and_tiling_shapes():
+    import imageio.v3 as iio
+    frames = np.zeros((4, 8, 8, 3), np.uint8)
+    frames[:, :, :, 0] = np.arange(4)[:, None, None] * 60
+    decoded = iio.imread(encode_gif(frames), index=None)
+    assert decoded.shape[:3] == (4, 8, 8)
+    with pytest.raises(ValueError, match="uint8 frames"):
+        encode_gif(frames.astype(np.float32))
+    video = np.arange(3 * 2 * 2 * 2 * 1).reshape(3, 2, 2, 2, 1)
+    grid = tile_batch(video)
+    assert grid.shape == (2, 2, 6, 1)
+    np.testing.assert_array_equal(grid[1, :, 2:4, 0], video[1, 1, :, :, 0])
+
+
+class _NonFiniteAgent:
+    """Returns non-finite model metrics for the first `bad` updates."""
+
+    def __init__(self, bad):
+        self.bad, self.calls = bad, 0
+
+    def train(self, batch):
+        self.calls += 1
+        nonfinite = float(self.calls <= self.bad)
+        return {"model_loss": float("nan") if nonfinite else 1.0, "model_nonfinite": nonfinite,
+                "actor_nonfinite": 0.0, "value_nonfinite": 0.0}
+
+
+def test_divergence_guard_counts_skips_and_stops(tmp_path):
+    trainer = Trainer(config.load("debug", {"max_nonfinite": 3}), tmp_path, tensorboard=False)
+    trainer.dataset = itertools.repeat({})
+    trainer.agent = _NonFiniteAgent(bad=2)
+    metrics = {}
+    trainer._train(3, metrics)  # two skipped, then a good update resets the streak
+    assert metrics["skipped_updates"] == [1.0, 1.0, 0.0] and trainer.state["nonfinite_streak"] == 0
+    trainer.agent = _NonFiniteAgent(bad=10)
+    with pytest.raises(Diverged, match=r"3 consecutive non-finite updates .*model_loss=nan"):
+        trainer._train(5, metrics)
+    assert trainer.agent.calls == 3
