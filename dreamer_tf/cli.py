@@ -26,9 +26,9 @@ def _quiet_tf() -> None:
 
 
 def _check_task(task: str) -> None:
-    from dreamer_tf import envs
+    from dreamer_tf.envs.tasks import parse_task
     try:
-        envs.check_task(task)
+        parse_task(task)
     except ValueError as e:
         raise UsageError(str(e)) from None
 

@@ -121,13 +121,10 @@ def random_actions(act_space, num: int, rng: np.random.Generator) -> np.ndarray:
     return rng.uniform(act_space.low, act_space.high, (num,) + tuple(act_space.shape)).astype(np.float32)
 
 
-def make_envs(config: configlib.Config, num: int, seed: int, **options):
+def make_envs(config: configlib.Config, num: int, seed: int):
+    """`num` environment worker processes for the config's task, seeded seed, seed+1, ..."""
     from dreamer_tf import envs as envlib
-    return envlib.Parallel([
-        envlib.make(config.task, seed=seed + i, action_repeat=config.action_repeat,
-                    time_limit=config.time_limit, size=config.size, proprio=config.proprio,
-                    shadow_size=config.render_shadow, **options)
-        for i in range(num)])
+    return envlib.make_config_batch(config, num, seed)
 
 
 def spaces(envs) -> tuple[dict, Any]:
@@ -196,7 +193,8 @@ class Trainer:
         saved = json.loads((latest / "state.json").read_text()) if latest else None
         self._rollback(saved)
         self.replay = Replay(self.episode_dir, capacity=c.replay_capacity, cache=c.replay_cache,
-                             seed=c.seed, balance=c.dataset_balance)
+                             seed=c.seed, balance=c.dataset_balance, store=c.replay_store,
+                             action_repeat=c.action_repeat)
         self.envs = make_envs(c, c.envs, seed=c.seed * 1000)
         self.eval_env = make_envs(c, 1, seed=c.seed * 1000 + 500)
         self.obs_keys = obs_keys(spaces(self.envs)[0])
@@ -209,12 +207,6 @@ class Trainer:
                 self.replay.set_state(self.state["replay_rng"])
             print(f"resume: restored {latest.name} at step {self.state['step']}", file=sys.stderr)
         self.collector = Collector(self.envs, spaces(self.envs)[1], self.obs_keys)
-        self.dataset = None
-
-    def _batches(self):
-        if self.dataset is None:
-            self.dataset = iter(self.replay.dataset(self.config.batch_size, self.config.batch_length))
-        return self.dataset
 
     # --- the loop -----------------------------------------------------------------------
     def run(self) -> dict:
@@ -298,7 +290,13 @@ class Trainer:
         return int(self.agent.train_step_count.numpy())
 
     def _train(self, steps: int, accumulate: dict) -> None:
-        batches = self._batches()
+        # One prefetching iterator per training phase, closed before episodes are added or a
+        # checkpoint is taken: the replay's sampler state is then exact, so a resumed run draws
+        # the same batches (see dreamer_tf.replay).
+        with self.replay.iterator(self.config.batch_size, self.config.batch_length) as batches:
+            self._train_batches(batches, steps, accumulate)
+
+    def _train_batches(self, batches, steps: int, accumulate: dict) -> None:
         for _ in range(steps):
             metrics = self.agent.train(next(batches))
             bad = [k[: -len("_nonfinite")] for k, v in metrics.items() if k.endswith("_nonfinite") and v > 0]

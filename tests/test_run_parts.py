@@ -111,12 +111,12 @@ class _NonFiniteAgent:
 
 def test_divergence_guard_counts_skips_and_stops(tmp_path):
     trainer = Trainer(config.load("debug", {"max_nonfinite": 3}), tmp_path, tensorboard=False)
-    trainer.dataset = itertools.repeat({})
+    batches = itertools.repeat({})
     trainer.agent = _NonFiniteAgent(bad=2)
     metrics = {}
-    trainer._train(3, metrics)  # two skipped, then a good update resets the streak
+    trainer._train_batches(batches, 3, metrics)  # two skipped, then a good update resets the streak
     assert metrics["skipped_updates"] == [1.0, 1.0, 0.0] and trainer.state["nonfinite_streak"] == 0
     trainer.agent = _NonFiniteAgent(bad=10)
     with pytest.raises(Diverged, match=r"3 consecutive non-finite updates .*model_loss=nan"):
-        trainer._train(5, metrics)
+        trainer._train_batches(batches, 5, metrics)
     assert trainer.agent.calls == 3
