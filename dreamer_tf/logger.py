@@ -36,7 +36,10 @@ class Logger:
         """Append one row (non-finite values are written as null) and mirror it to TensorBoard."""
         row = {"step": int(step)}
         for key, value in metrics.items():
-            value = float(value) if isinstance(value, (int, float, np.floating, np.integer)) else value
+            if isinstance(value, (np.floating, np.integer, np.bool_)):
+                value = value.item()
+            if isinstance(value, bool):
+                value = int(value)
             row[key] = value if not isinstance(value, float) or math.isfinite(value) else None
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -44,7 +47,7 @@ class Logger:
         if self._tb is not None:
             with self._tb.as_default():
                 for key, value in row.items():
-                    if key != "step" and isinstance(value, float):
+                    if key != "step" and isinstance(value, (int, float)):
                         self._tf.summary.scalar(_tb_name(key), value, step=int(step))
         return row
 

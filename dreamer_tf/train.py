@@ -165,7 +165,7 @@ class Trainer:
         self.episode_dir = self.logdir / "train_episodes"
         self.logger = Logger(self.logdir, tensorboard=tensorboard)
         self.state: dict[str, Any] = dict(step=0, episodes=0, last_episode="", next_train=0, next_eval=0,
-                                          next_log=0, next_ckpt=0, pretrained=False, evals=0,
+                                          next_log=config.log_every, next_ckpt=0, pretrained=False, evals=0,
                                           nonfinite_streak=0, wall_time=0.0, rng=None, replay_rng=None)
 
     # --- set-up -------------------------------------------------------------------------
