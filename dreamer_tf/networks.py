@@ -1,0 +1,214 @@
+"""Dreamer's neural networks: image encoder/decoder, dense prediction heads and the action model.
+
+Architectures follow the released TF2 reference (danijar/dreamer) where the paper is silent:
+encoder 4 convs (kernel 4, stride 2, depth d, 2d, 4d, 8d); decoder dense -> 1x1x32d -> 4
+transposed convs (kernels 5, 5, 6, 6, stride 2) -> 64x64x3 with unit-variance Gaussian pixels;
+reward head 2 dense layers, value head 3, action head 4. Each layer gets its own seeded
+initializer (`Initializers`) and an explicit dtype policy (float32 or mixed_float16), so there is
+no global Keras state. Every head returns a float32 distribution.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from dreamer_tf.distributions import OneHotDist, TanhNormal, to_float32
+
+tfd = tfp.distributions
+
+__all__ = ["Initializers", "dtype_policy", "preprocess_image", "ConvEncoder", "ConvDecoder",
+           "DenseHead", "ActionHead", "StateModel", "IMAGE_SHAPE"]
+
+IMAGE_SHAPE = (64, 64, 3)
+
+
+def dtype_policy(precision: int) -> keras.DTypePolicy:
+    """Per-layer policy: 32 -> float32, 16 -> mixed_float16 (float16 compute, float32 variables)."""
+    if precision not in (16, 32):
+        raise ValueError(f"precision must be 16 or 32, got {precision!r}")
+    return keras.DTypePolicy("mixed_float16" if precision == 16 else "float32")
+
+
+class Initializers:
+    """Hands out a differently seeded initializer per layer, all derived from one seed.
+
+    Keras initializers with an integer seed return the same values on every call, so each
+    layer needs its own seed; creation order is deterministic, so two agents built from the
+    same config get identical weights.
+    """
+
+    def __init__(self, seed: int):
+        self._seed = int(seed)
+        self._count = 0
+
+    def _next(self) -> int:
+        self._count += 1
+        return (self._seed * 1_000_003 + self._count * 7919) % (2**31 - 1)
+
+    def glorot(self) -> keras.initializers.Initializer:
+        return keras.initializers.GlorotUniform(seed=self._next())
+
+    def orthogonal(self) -> keras.initializers.Initializer:
+        return keras.initializers.Orthogonal(seed=self._next())
+
+
+def preprocess_image(image: tf.Tensor, dtype: tf.DType = tf.float32) -> tf.Tensor:
+    """uint8 pixels [0, 255] -> floats in [-0.5, 0.5] (as the reference)."""
+    return tf.cast(image, dtype) / 255.0 - 0.5
+
+
+def _leading(x: tf.Tensor, trailing: int) -> tf.Tensor:
+    """The shape of `x` without its last `trailing` axes (the batch/time axes)."""
+    return tf.shape(x)[:-trailing]
+
+
+class ConvEncoder(keras.layers.Layer):
+    """Image encoder: uint8 [..., 64, 64, 3] -> embedding [..., 32 * depth] (compute dtype)."""
+
+    def __init__(self, depth: int, act: str, init: Initializers, dtype=None, name: str = "encoder"):
+        super().__init__(name=name, dtype=dtype)
+        self.convs = [
+            keras.layers.Conv2D(2**i * depth, 4, strides=2, activation=act, kernel_initializer=init.glorot(),
+                                dtype=self.dtype_policy, name=f"conv{i + 1}")
+            for i in range(4)]
+        self.depth = depth
+
+    @property
+    def embed_size(self) -> int:
+        return 32 * self.depth  # 2 x 2 x 8 depth after four valid stride-2 convs of 64 pixels
+
+    def call(self, image: tf.Tensor) -> tf.Tensor:
+        lead = _leading(image, 3)
+        x = preprocess_image(tf.reshape(image, tf.concat([[-1], IMAGE_SHAPE], 0)), self.compute_dtype)
+        for conv in self.convs:
+            x = conv(x)
+        return tf.reshape(x, tf.concat([lead, [self.embed_size]], 0))
+
+
+class ConvDecoder(keras.layers.Layer):
+    """Observation model q(o_t | s_t): features [..., F] -> Independent Normal(mean, 1) over pixels.
+
+    The mean lives in the preprocessed pixel space [-0.5, 0.5] (compare against `preprocess_image`).
+    """
+
+    def __init__(self, depth: int, act: str, init: Initializers, dtype=None, name: str = "decoder"):
+        super().__init__(name=name, dtype=dtype)
+        self.depth = depth
+        self.project = keras.layers.Dense(32 * depth, kernel_initializer=init.glorot(), dtype=self.dtype_policy,
+                                          name="project")
+        specs = [(4 * depth, 5, act), (2 * depth, 5, act), (depth, 6, act), (IMAGE_SHAPE[-1], 6, None)]
+        self.deconvs = [
+            keras.layers.Conv2DTranspose(filters, kernel, strides=2, activation=activation,
+                                         kernel_initializer=init.glorot(), dtype=self.dtype_policy,
+                                         name=f"deconv{i + 1}")
+            for i, (filters, kernel, activation) in enumerate(specs)]
+
+    def mean(self, feat: tf.Tensor) -> tf.Tensor:
+        lead = _leading(feat, 1)
+        x = self.project(tf.cast(feat, self.compute_dtype))
+        x = tf.reshape(x, [-1, 1, 1, 32 * self.depth])
+        for deconv in self.deconvs:
+            x = deconv(x)
+        return to_float32(tf.reshape(x, tf.concat([lead, IMAGE_SHAPE], 0)))
+
+    def call(self, feat: tf.Tensor) -> tfd.Distribution:
+        return tfd.Independent(tfd.Normal(self.mean(feat), 1.0), reinterpreted_batch_ndims=3)
+
+
+class DenseHead(keras.layers.Layer):
+    """MLP head: features -> Normal(mean, 1) (reward, value) or Bernoulli(logits) (continuation).
+
+    `shape` is the event shape (() for scalars).
+    """
+
+    def __init__(self, shape: Sequence[int], layers: int, units: int, act: str, init: Initializers,
+                 dist: str = "normal", dtype=None, name: str = "head"):
+        super().__init__(name=name, dtype=dtype)
+        if dist not in ("normal", "binary"):
+            raise ValueError(f"DenseHead dist must be 'normal' or 'binary', got {dist!r}")
+        self.event_shape = tuple(shape)
+        self.dist_type = dist
+        self.hidden = [keras.layers.Dense(units, activation=act, kernel_initializer=init.glorot(),
+                                          dtype=self.dtype_policy, name=f"hidden{i + 1}")
+                       for i in range(layers)]
+        self.out = keras.layers.Dense(int(np.prod(self.event_shape, dtype=int)), kernel_initializer=init.glorot(),
+                                      dtype=self.dtype_policy, name="out")
+
+    def call(self, feat: tf.Tensor) -> tfd.Distribution:
+        x = tf.cast(feat, self.compute_dtype)
+        for layer in self.hidden:
+            x = layer(x)
+        x = to_float32(self.out(x))
+        x = tf.reshape(x, tf.concat([_leading(feat, 1), self.event_shape], 0))
+        if self.dist_type == "normal":
+            return tfd.Independent(tfd.Normal(x, 1.0), reinterpreted_batch_ndims=len(self.event_shape))
+        return tfd.Independent(tfd.Bernoulli(logits=x, dtype=tf.float32),
+                               reinterpreted_batch_ndims=len(self.event_shape))
+
+
+class ActionHead(keras.layers.Layer):
+    """Action model q(a_t | s_t): 4 dense layers, then TanhNormal or straight-through OneHotDist.
+
+    tanh_normal: mean = mean_scale * tanh(x / mean_scale), std = softplus(x + raw_init) + min_std,
+    raw_init = log(exp(init_std) - 1) so that std = init_std (+ min_std) when x = 0 at initialisation.
+    """
+
+    def __init__(self, size: int, layers: int, units: int, act: str, init: Initializers,
+                 dist: str = "tanh_normal", init_std: float = 5.0, min_std: float = 1e-4,
+                 mean_scale: float = 5.0, dtype=None, name: str = "actor"):
+        super().__init__(name=name, dtype=dtype)
+        if dist not in ("tanh_normal", "onehot"):
+            raise ValueError(f"ActionHead dist must be 'tanh_normal' or 'onehot', got {dist!r}")
+        if init_std <= 0:
+            raise ValueError(f"action init_std must be > 0, got {init_std!r}")
+        self.size = size
+        self.dist_type = dist
+        self.min_std = min_std
+        self.mean_scale = mean_scale
+        self.raw_init_std = float(np.log(np.expm1(init_std)))
+        self.hidden = [keras.layers.Dense(units, activation=act, kernel_initializer=init.glorot(),
+                                          dtype=self.dtype_policy, name=f"hidden{i + 1}")
+                       for i in range(layers)]
+        outputs = 2 * size if dist == "tanh_normal" else size
+        self.out = keras.layers.Dense(outputs, kernel_initializer=init.glorot(), dtype=self.dtype_policy, name="out")
+
+    def call(self, feat: tf.Tensor) -> tfd.Distribution:
+        x = tf.cast(feat, self.compute_dtype)
+        for layer in self.hidden:
+            x = layer(x)
+        x = to_float32(self.out(x))
+        if self.dist_type == "onehot":
+            return OneHotDist(logits=x)
+        mean, std = tf.split(x, 2, -1)
+        mean = self.mean_scale * tf.tanh(mean / self.mean_scale)
+        std = tf.nn.softplus(std + self.raw_init_std) + self.min_std
+        return TanhNormal(mean, std)
+
+
+class StateModel(keras.layers.Layer):
+    """Contrastive state model q(s_t | o_t) (paper Sec. 6): image embedding -> diagonal Gaussian.
+
+    Two dense layers, then mean and std = softplus(x) + min_std like the RSSM's Gaussians.
+    Returns (mean, std), float32 [..., stoch_size].
+    """
+
+    def __init__(self, stoch_size: int, layers: int, units: int, act: str, init: Initializers,
+                 min_std: float = 0.1, dtype=None, name: str = "state_model"):
+        super().__init__(name=name, dtype=dtype)
+        self.min_std = min_std
+        self.hidden = [keras.layers.Dense(units, activation=act, kernel_initializer=init.glorot(),
+                                          dtype=self.dtype_policy, name=f"hidden{i + 1}")
+                       for i in range(layers)]
+        self.out = keras.layers.Dense(2 * stoch_size, kernel_initializer=init.glorot(), dtype=self.dtype_policy,
+                                      name="out")
+
+    def call(self, embed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        x = tf.cast(embed, self.compute_dtype)
+        for layer in self.hidden:
+            x = layer(x)
+        mean, std = tf.split(to_float32(self.out(x)), 2, -1)
+        return mean, tf.nn.softplus(std) + self.min_std
