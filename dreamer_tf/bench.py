@@ -144,7 +144,7 @@ def run(presets: Sequence[str], variants: Sequence[str], repeats: int, envs: boo
 
 def markdown(results: dict) -> str:
     m = results["machine"]
-    lines = [f"# dreamer_tf benchmark", "",
+    lines = ["# dreamer_tf benchmark", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, GPUs: {', '.join(m['gpus']) or 'none'}; "
              f"TensorFlow {m['tensorflow']}, Python {m['python']}.", "",
              f"Measured float32 matmul peak (2048x2048): **{results['matmul_gflops']:.1f} GFLOP/s**.", "",

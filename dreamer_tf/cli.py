@@ -6,7 +6,6 @@ status 2 and a one-line message; a run that fails (diverges) exits with status 1
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -72,7 +71,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config = configlib.load_file(logdir / "config.yaml")
     _quiet_tf()
     from dreamer_tf.checkpoint import CheckpointError, Checkpointer
-    from dreamer_tf.train import evaluate, make_envs, random_actions, spaces
+    from dreamer_tf.train import evaluate, make_envs, spaces
     env = make_envs(config, 1, seed=args.seed if args.seed is not None else config.seed * 1000 + 777)
     try:
         obs_space, act_space = spaces(env)

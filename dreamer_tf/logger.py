@@ -6,7 +6,6 @@ duplicate or out-of-order rows.
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import os

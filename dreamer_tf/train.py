@@ -12,10 +12,8 @@ are dropped, so the step count and metrics continue without gaps or duplicates.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path

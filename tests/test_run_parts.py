@@ -1,6 +1,5 @@
 """Unit tests of the run's parts: checkpoints, metrics log, videos, the divergence guard."""
 import itertools
-import json
 
 import numpy as np
 import pytest
