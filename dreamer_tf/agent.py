@@ -64,6 +64,8 @@ class Dreamer(tf.Module):
         c = config
         self._check_spaces(obs_space, act_space)
         self.discrete = self._is_discrete(c, act_space)
+        # `auto`: Gaussian noise for continuous actions (DMC), epsilon-greedy for discrete (Atari).
+        self.expl = c.expl if c.expl != "auto" else ("epsilon_greedy" if self.discrete else "additive_gaussian")
         self.action_size = int(act_space.n) if self.discrete else int(act_space.shape[0])
         self.precision = int(c.precision)
         policy = dtype_policy(self.precision)
@@ -133,10 +135,11 @@ class Dreamer(tf.Module):
             if discrete != has_n:
                 raise ValueError(f"action_dist {c.action_dist!r} does not fit the action space "
                                  f"({'discrete' if has_n else 'continuous'} {act_space})")
-        if discrete and c.expl == "additive_gaussian":
+        expl = c.expl if c.expl != "auto" else ("epsilon_greedy" if discrete else "additive_gaussian")
+        if discrete and expl == "additive_gaussian":
             raise ValueError("expl 'additive_gaussian' is for continuous actions; use expl=epsilon_greedy "
                              "(or none) with discrete actions")
-        if not discrete and c.expl == "epsilon_greedy":
+        if not discrete and expl == "epsilon_greedy":
             raise ValueError("expl 'epsilon_greedy' is for discrete actions; use expl=additive_gaussian "
                              "(or none) with continuous actions")
         return discrete
@@ -389,7 +392,7 @@ class Dreamer(tf.Module):
         dist = self.actor(self.rssm.get_feat(latent))
         if training:
             action = dist.sample(seed=tf.cast(self.rng.make_seeds(1)[:, 0], tf.int32))
-            action = self._explore(action, c.expl, self._expl_amount())
+            action = self._explore(action, self.expl, self._expl_amount())
         else:
             action = dist.mode()
             if c.eval_noise > 0:

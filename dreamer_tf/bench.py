@@ -111,7 +111,8 @@ def time_policy_step(config, num_envs: int = 1, repeats: int = 50, actions: int 
 
 
 def run(presets: Sequence[str], variants: Sequence[str], repeats: int, envs: bool, out: Path) -> dict:
-    import tensorflow as tf
+    from dreamer_tf.utils import import_tensorflow_quietly
+    tf = import_tensorflow_quietly()
     from dreamer_tf import config as configlib
     from dreamer_tf.flops import train_step_flops
     has_gpu = bool(tf.config.list_physical_devices("GPU"))

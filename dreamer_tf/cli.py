@@ -20,8 +20,8 @@ class UsageError(Exception):
 
 
 def _quiet_tf() -> None:
-    # TF's C++ start-up chatter (CUDA probing, oneDNN notes) buries the messages users need.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from dreamer_tf.utils import import_tensorflow_quietly
+    import_tensorflow_quietly()
 
 
 def _check_task(task: str) -> None:
@@ -56,6 +56,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     try:
         state = trainer.run()
+    except RunError as e:
+        raise UsageError(str(e)) from None
     except Diverged as e:
         print(f"dreamer-tf: run diverged: {e}", file=sys.stderr)
         return 1

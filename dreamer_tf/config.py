@@ -46,9 +46,10 @@ _POSITIVE = dict.fromkeys(
 _NON_NEGATIVE = dict.fromkeys(
     ["seed", "prefill", "pretrain", "free_nats", "kl_scale", "pcont_scale", "weight_decay",
      "grad_clip", "expl_amount", "expl_decay", "expl_min", "replay_capacity", "video_every",
-     "eval_noise", "render_shadow"], (0, None, True))
+     "eval_noise", "render_shadow", "atari_noops"], (0, None, True))
+_UNIT_EXTRA = dict.fromkeys(["atari_sticky"], (0, 1, True))
 _UNIT = dict.fromkeys(["discount", "disclam"], (0, 1, True))
-_BOUNDS = {**_POSITIVE, **_NON_NEGATIVE, **_UNIT}
+_BOUNDS = {**_POSITIVE, **_NON_NEGATIVE, **_UNIT, **_UNIT_EXTRA}
 
 
 class Config(Mapping):

@@ -122,7 +122,12 @@ def random_actions(act_space, num: int, rng: np.random.Generator) -> np.ndarray:
 def make_envs(config: configlib.Config, num: int, seed: int):
     """`num` environment worker processes for the config's task, seeded seed, seed+1, ..."""
     from dreamer_tf import envs as envlib
-    return envlib.make_config_batch(config, num, seed)
+    if config.task.startswith("atari_"):
+        options = dict(repeat_action_probability=config.atari_sticky,
+                       terminal_on_life_loss=config.atari_life_done, noops=config.atari_noops)
+    else:
+        options = dict(msaa=config.render_msaa)
+    return envlib.make_config_batch(config, num, seed, **options)
 
 
 def spaces(envs) -> tuple[dict, Any]:
@@ -209,7 +214,12 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------
     def run(self) -> dict:
         c = self.config
-        self._build()
+        try:
+            self._build()
+        except ValueError as e:  # a config that does not fit the task (e.g. action_dist vs. space)
+            self._close()
+            write_status(self.logdir, "failed", self.state["step"], c.steps, str(e))
+            raise RunError(str(e)) from None
         s = self.state
         write_status(self.logdir, "running", s["step"], c.steps)
         progress = Progress(c.steps, s["step"])
@@ -279,10 +289,14 @@ class Trainer:
             raise
         finally:
             progress.close()
-            self.logger.close()
-            self.envs.close()
-            self.eval_env.close()
+            self._close()
         return dict(s)
+
+    def _close(self) -> None:
+        self.logger.close()
+        for envs in (getattr(self, "envs", None), getattr(self, "eval_env", None)):
+            if envs is not None:
+                envs.close()
 
     def agent_updates(self) -> int:
         return int(self.agent.train_step_count.numpy())

@@ -39,3 +39,33 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+def import_tensorflow_quietly():
+    """Import TensorFlow (+ TFP) with its C++ start-up log lines (oneDNN notes, CUDA probing)
+    held back: they ignore TF_CPP_MIN_LOG_LEVEL because they are written before absl logging is
+    initialised, and bury the messages users need. They are replayed if the import fails, and
+    shown as usual with DREAMER_TF_VERBOSE=1."""
+    import sys
+    import tempfile
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if os.environ.get("DREAMER_TF_VERBOSE") or "tensorflow" in sys.modules:
+        import tensorflow as tf
+        return tf
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            import tensorflow as tf
+            import tensorflow_probability  # noqa: F401  (its import checks print too)
+            tf.config.list_physical_devices()  # the CUDA probe logs here
+        except BaseException:
+            os.dup2(saved, 2)
+            capture.seek(0)
+            sys.stderr.write(capture.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+    return tf

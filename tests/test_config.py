@@ -9,7 +9,7 @@ PAPER = dict(
     free_nats=3.0, kl_scale=1.0, model_lr=6e-4, value_lr=8e-5, actor_lr=8e-5, grad_clip=100.0,
     horizon=15, discount=0.99, disclam=0.95, action_repeat=2, time_limit=1000, prefill=5000,
     train_every=1000, train_steps=100, expl_amount=0.3, eval_every=10000, steps=5_000_000,
-    expl="additive_gaussian", action_init_std=5.0, precision=32, representation="reconstruction",
+    expl="auto", action_init_std=5.0, precision=32, representation="reconstruction",
     pcont=False, dense_act="elu", cnn_act="relu", size=64,
 )
 

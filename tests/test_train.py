@@ -84,6 +84,7 @@ def test_rerun_of_finished_run_is_a_no_op_and_config_change_is_refused(finished_
     (["train", "--preset", "debug", "--set", "batchsize=3"], "unknown config key 'batchsize'"),
     (["train", "--preset", "debug", "--set", "horizon"], "'horizon' is not of the form key=value"),
     (["eval", "--episodes", "1"], "is not a run directory"),
+    (["train", "--preset", "debug", "--set", "expl=epsilon_greedy"], "'epsilon_greedy' is for discrete actions"),
 ])
 def test_bad_cli_input_is_one_clear_line(tmp_path, args, message):
     proc = cli(*args, "--logdir", str(tmp_path / "x"), check=False, timeout=120)
@@ -154,3 +155,21 @@ def test_same_seed_same_first_losses(tmp_path):
     assert ra == rb
     for key in ("model_loss", "image_loss", "reward_loss", "kl", "actor_loss", "value_loss"):
         assert a[key] == pytest.approx(b[key], rel=1e-5), key
+
+
+def test_atari_debug_run_with_discrete_actions_and_pcont(tmp_path):
+    pytest.importorskip("ale_py")
+    logdir = tmp_path / "pong"
+    cli("train", "--task", "atari_pong", "--preset", "debug", "--logdir", str(logdir), "--no-tensorboard",
+        "--set", "action_repeat=4", "pcont=true", "clip_rewards=tanh", "time_limit=200", "steps=800",
+        "prefill=400", "train_every=200", "eval_every=800", "video_every=0")
+    rows = read_metrics(logdir)
+    losses = [r for r in rows if "model_loss" in r]
+    assert losses and all(np.isfinite(r["pcont_loss"]) for r in losses)
+    assert [r["step"] for r in rows if "test_return" in r] == [0, 800]
+    from dreamer_tf.replay import load_episode
+    episode = load_episode(sorted((logdir / "train_episodes").glob("*.npz"))[-1])
+    actions = episode["action"][1:]
+    assert actions.shape == (50, 6)  # 200 frames / repeat 4; Pong's minimal action set has 6 actions
+    np.testing.assert_array_equal(actions.sum(-1), 1.0)  # one-hot
+    assert set(np.unique(actions)) == {0.0, 1.0}

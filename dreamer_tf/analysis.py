@@ -1,0 +1,431 @@
+"""Loading benchmark runs and published scores; binning, final scores, IQM and bootstrap CIs.
+
+A run directory is `ROOT/<task>/<method>/<seed>/` holding `metrics.jsonl` (rows with `step` and
+`test_return` / `train_return`), `config.yaml` and `status.json` (written by `dreamer_tf.train`).
+
+Final score rule (used for the table and the aggregate figure, and applied identically to the
+published curves): the mean test return of all evaluations after `(1 - window) * budget` env steps,
+`window = 0.1` by default, i.e. the last 10% of the run's step budget. A seed without any
+evaluation in that window (still running, crashed early, or a published curve that stops early)
+has no final score: it is left out of the mean and counted as incomplete.
+
+Aggregates follow rliable (Agarwal et al., NeurIPS 2021): normalised scores (return / 1000, the
+DMC maximum) pooled over tasks and seeds; mean and interquartile mean (IQM) with percentile
+stratified-bootstrap confidence intervals (seeds resampled with replacement within each task).
+
+This module imports only numpy and the standard library (no TensorFlow, no matplotlib).
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+__all__ = [
+    "BENCHMARK_TASKS", "DMC_MAX_RETURN", "PUBLISHED_BUDGET", "PUBLISHED_METHOD", "PAPER_COLUMNS",
+    "Run", "SeedResult", "TaskSummary", "published_dir", "load_run", "find_runs",
+    "load_published_curves", "load_paper_table", "load_baselines", "bin_curve", "bin_runs",
+    "final_score", "summarize", "iqm", "stratified_bootstrap_ci", "aggregate", "aggregate_tasks",
+]
+
+# The 20 DeepMind Control Suite tasks of the paper (Hafner et al., 2020, Fig. 2 and appendix).
+BENCHMARK_TASKS: tuple[str, ...] = (
+    "dmc_acrobot_swingup", "dmc_cartpole_balance", "dmc_cartpole_balance_sparse",
+    "dmc_cartpole_swingup", "dmc_cartpole_swingup_sparse", "dmc_cheetah_run", "dmc_cup_catch",
+    "dmc_finger_spin", "dmc_finger_turn_easy", "dmc_finger_turn_hard", "dmc_hopper_hop",
+    "dmc_hopper_stand", "dmc_pendulum_swingup", "dmc_quadruped_run", "dmc_quadruped_walk",
+    "dmc_reacher_easy", "dmc_reacher_hard", "dmc_walker_run", "dmc_walker_stand", "dmc_walker_walk",
+)
+DMC_MAX_RETURN = 1000.0  # 1000 steps with reward in [0, 1]
+PUBLISHED_BUDGET = 5_000_000  # env steps of the published Dreamer curves
+PUBLISHED_METHOD = "dreamer (published curves)"
+# Paper-table columns -> display names with their input and step budget.
+PAPER_COLUMNS: dict[str, str] = {
+    "dreamer_5e6": "Dreamer paper (5e6)",
+    "planet_5e6": "PlaNet (5e6)",
+    "d4pg_1e8": "D4PG (1e8 steps)",
+    "a3c_1e8_proprio": "A3C proprio (1e8)",
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Data types
+
+
+@dataclass
+class Run:
+    """One training run (one task, method and seed) as loaded from disk or published data."""
+
+    task: str
+    method: str
+    seed: str
+    path: Path | None
+    eval_steps: np.ndarray  # int64 [N], increasing
+    eval_returns: np.ndarray  # float64 [N]
+    train_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    train_returns: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    status: str = "unknown"  # running | finished | failed | unknown | published
+    step: int = 0  # last env step reported (status.json, else the last metrics row)
+    budget: int | None = None  # planned env steps (status.json, else config.yaml)
+    message: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "failed"
+
+
+@dataclass
+class SeedResult:
+    seed: str
+    final: float  # NaN when the seed has no evaluation in the final window
+    status: str
+    step: int
+    budget: int | None
+
+
+@dataclass
+class TaskSummary:
+    """Final scores of one method on one task across its seeds."""
+
+    task: str
+    method: str
+    seeds: list[SeedResult]
+
+    @property
+    def scores(self) -> np.ndarray:
+        values = np.array([s.final for s in self.seeds], dtype=np.float64)
+        return values[np.isfinite(values)]
+
+    @property
+    def n(self) -> int:
+        return int(self.scores.size)
+
+    @property
+    def n_total(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def n_failed(self) -> int:
+        return sum(s.status == "failed" for s in self.seeds)
+
+    @property
+    def n_incomplete(self) -> int:
+        """Seeds without a final score that did not fail (still running or stopped early)."""
+        return sum(not math.isfinite(s.final) and s.status != "failed" for s in self.seeds)
+
+    @property
+    def mean(self) -> float:
+        return float(self.scores.mean()) if self.n else float("nan")
+
+    @property
+    def std(self) -> float:
+        """Sample standard deviation across seeds (ddof=1); NaN with fewer than two seeds."""
+        return float(self.scores.std(ddof=1)) if self.n >= 2 else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def published_dir() -> Path:
+    """`results/published/` of the source tree, or its installed copy under `share/dreamer_tf/`."""
+    candidates = [
+        Path(__file__).resolve().parent.parent / "results" / "published",
+        Path(sys.prefix) / "share" / "dreamer_tf" / "published",
+    ]
+    for path in candidates:
+        if (path / "dreamer_paper_table.json").exists():
+            return path
+    raise FileNotFoundError(f"published scores not found in any of {[str(p) for p in candidates]}")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows, bad = [], []
+    with open(path, "rb") as f:
+        lines = f.read().decode("utf-8", errors="replace").split("\n")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            bad.append(number)  # a crash mid-write leaves a truncated line (also mid-file after resume)
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
+            rows.append(row)
+        else:
+            bad.append(number)
+    last = max((i for i, line in enumerate(lines, 1) if line.strip()), default=0)
+    if [b for b in bad if b != last]:
+        warnings.warn(f"{path}: skipped unreadable lines {bad}", stacklevel=3)
+    return rows
+
+
+def _series(rows: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of `key`; when steps go backwards (a resumed run re-logging steps after its
+    last checkpoint) the later rows replace the earlier ones from that step on."""
+    steps: list[int] = []
+    values: list[float] = []
+    for row in rows:
+        if key not in row or row[key] is None:
+            continue
+        step = int(row["step"])
+        while steps and steps[-1] >= step:
+            steps.pop()
+            values.pop()
+        steps.append(step)
+        values.append(float(row[key]))
+    return np.asarray(steps, dtype=np.int64), np.asarray(values, dtype=np.float64)
+
+
+def _read_budget(path: Path, status: Mapping) -> int | None:
+    if isinstance(status.get("steps"), (int, float)):
+        return int(status["steps"])
+    config_path = path / "config.yaml"
+    if config_path.exists():
+        from ruamel.yaml import YAML
+
+        try:
+            values = YAML(typ="safe").load(config_path.read_text())
+            if isinstance(values, dict) and isinstance(values.get("steps"), (int, float)):
+                return int(values["steps"])
+        except Exception:  # an unreadable config only costs the budget, reported as unknown
+            pass
+    return None
+
+
+def load_run(path: str | Path, task: str | None = None, method: str | None = None,
+             seed: str | None = None) -> Run:
+    """Load `ROOT/<task>/<method>/<seed>/`; task, method and seed default to the path parts."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"run directory {path} does not exist")
+    status: dict = {}
+    status_path = path / "status.json"
+    if status_path.exists():
+        try:
+            status = json.loads(status_path.read_text())
+        except json.JSONDecodeError as e:
+            warnings.warn(f"{status_path} is not valid JSON ({e}); status unknown", stacklevel=2)
+    metrics_path = path / "metrics.jsonl"
+    rows = _read_jsonl(metrics_path) if metrics_path.exists() else []
+    eval_steps, eval_returns = _series(rows, "test_return")
+    train_steps, train_returns = _series(rows, "train_return")
+    last_row_step = int(rows[-1]["step"]) if rows else 0
+    return Run(
+        task=task or path.parent.parent.name,
+        method=method or path.parent.name,
+        seed=seed or path.name,
+        path=path,
+        eval_steps=eval_steps,
+        eval_returns=eval_returns,
+        train_steps=train_steps,
+        train_returns=train_returns,
+        status=str(status.get("status", "unknown")),
+        step=int(status.get("step", last_row_step) or 0),
+        budget=_read_budget(path, status),
+        message=str(status.get("message", "")),
+    )
+
+
+_RUN_FILES = ("metrics.jsonl", "status.json", "config.yaml")
+
+
+def find_runs(root: str | Path, tasks: Iterable[str] | None = None,
+              methods: Iterable[str] | None = None) -> list[Run]:
+    """All runs `ROOT/<task>/<method>/<seed>/` that hold metrics, a status or a config."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"benchmark root {root} does not exist")
+    tasks = set(tasks) if tasks is not None else None
+    methods = set(methods) if methods is not None else None
+    runs = []
+    for path in sorted(p for p in root.glob("*/*/*") if p.is_dir()):
+        if not any((path / name).exists() for name in _RUN_FILES):
+            continue
+        task, method = path.parent.parent.name, path.parent.name
+        if (tasks is None or task in tasks) and (methods is None or method in methods):
+            runs.append(load_run(path))
+    return runs
+
+
+def load_published_curves(directory: str | Path | None = None) -> list[Run]:
+    """The published Dreamer curves (20 tasks x 5 seeds) as runs with a 5e6-step budget."""
+    path = Path(directory or published_dir()) / "dreamer_v1_curves.json"
+    runs = []
+    for entry in json.loads(path.read_text()):
+        xs = np.asarray(entry["xs"], dtype=np.float64).astype(np.int64)
+        runs.append(Run(
+            task=entry["task"], method=PUBLISHED_METHOD, seed=str(entry["seed"]), path=None,
+            eval_steps=xs, eval_returns=np.asarray(entry["ys"], dtype=np.float64),
+            status="published", step=int(xs[-1]) if xs.size else 0, budget=PUBLISHED_BUDGET))
+    return runs
+
+
+def load_paper_table(directory: str | Path | None = None) -> dict[str, dict[str, float | None]]:
+    """{task: {column: score or None}} with the columns of `PAPER_COLUMNS`."""
+    path = Path(directory or published_dir()) / "dreamer_paper_table.json"
+    return json.loads(path.read_text())["tasks"]
+
+
+def load_baselines(directory: str | Path | None = None) -> dict[str, dict[str, float]]:
+    """{task: {method_budget: score}} from the reference implementation's `baselines.json`."""
+    path = Path(directory or published_dir()) / "dmc_baselines.json"
+    return json.loads(path.read_text())
+
+
+# ----------------------------------------------------------------------------------------------
+# Curves and final scores
+
+
+def bin_curve(steps: np.ndarray, values: np.ndarray, bin_size: float = 1e5,
+              max_step: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of `values` in bins (k*b, (k+1)*b] (the first bin also holds step 0).
+
+    Returns (bin centres, means) with NaN for empty bins. The number of bins covers `max_step`
+    and every step. With b = 1e5 and max_step = 5e6 this gives the 50 points of the published
+    curves (which sit at 5e3 + k*1e5).
+    """
+    if bin_size <= 0:
+        raise ValueError(f"bin_size must be positive, got {bin_size}")
+    steps = np.asarray(steps, dtype=np.float64)
+    values = np.asarray(values, dtype=np.float64)
+    if steps.shape != values.shape:
+        raise ValueError(f"steps {steps.shape} and values {values.shape} differ in shape")
+    top = max(float(max_step or 0), float(steps.max()) if steps.size else 0.0)
+    count = max(int(math.ceil(top / bin_size - 1e-9)), 1)
+    index = np.maximum(np.ceil(steps / bin_size - 1e-9).astype(np.int64) - 1, 0)
+    sums = np.bincount(index, weights=values, minlength=count)[:count]
+    counts = np.bincount(index, minlength=count)[:count]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    centres = (np.arange(count) + 0.5) * bin_size
+    return centres, means
+
+
+def bin_runs(runs: Sequence[Run], bin_size: float = 1e5,
+             max_step: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Binned test returns of several seeds: (centres [K], values [n_runs, K], NaN = no data)."""
+    top = max([float(max_step or 0)] + [float(r.eval_steps.max()) for r in runs if r.eval_steps.size])
+    curves = [bin_curve(r.eval_steps, r.eval_returns, bin_size, top)[1] for r in runs]
+    centres = bin_curve(np.zeros(0), np.zeros(0), bin_size, top)[0]
+    return centres, np.array(curves).reshape(len(runs), centres.size)
+
+
+def final_score(steps: np.ndarray, returns: np.ndarray, budget: float, window: float = 0.1) -> float:
+    """Mean test return of the evaluations after (1 - window) * budget env steps (NaN if none)."""
+    if not 0 < window <= 1:
+        raise ValueError(f"window must be in (0, 1], got {window}")
+    if budget is None or budget <= 0:
+        raise ValueError(f"budget must be a positive number of env steps, got {budget}")
+    steps = np.asarray(steps, dtype=np.float64)
+    returns = np.asarray(returns, dtype=np.float64)
+    mask = steps > (1 - window) * budget
+    return float(returns[mask].mean()) if mask.any() else float("nan")
+
+
+def summarize(runs: Iterable[Run], window: float = 0.1,
+              budget: float | None = None) -> dict[str, dict[str, TaskSummary]]:
+    """{method: {task: TaskSummary}}; each run's own budget unless `budget` is given."""
+    result: dict[str, dict[str, TaskSummary]] = {}
+    for run in runs:
+        run_budget = budget or run.budget
+        if run_budget:
+            final = final_score(run.eval_steps, run.eval_returns, run_budget, window)
+        else:
+            warnings.warn(f"run {run.path or run.task}: unknown step budget, no final score", stacklevel=2)
+            final = float("nan")
+        summary = result.setdefault(run.method, {}).setdefault(
+            run.task, TaskSummary(run.task, run.method, []))
+        summary.seeds.append(SeedResult(run.seed, final, run.status, run.step, run_budget))
+    for tasks in result.values():
+        for summary in tasks.values():
+            summary.seeds.sort(key=lambda s: (len(s.seed), s.seed))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Aggregates (rliable)
+
+
+def iqm(scores: np.ndarray, axis: int | None = None) -> np.ndarray | float:
+    """Interquartile mean: drop floor(n/4) lowest and highest values, average the rest.
+
+    Same rule as rliable's `aggregate_iqm` (scipy.stats.trim_mean with proportiontocut=0.25).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if axis is None:
+        scores, axis = scores.reshape(-1), 0
+    n = scores.shape[axis]
+    if n == 0:
+        raise ValueError("iqm of an empty set of scores")
+    cut = int(math.floor(0.25 * n))
+    ordered = np.sort(scores, axis=axis)
+    middle = np.take(ordered, np.arange(cut, n - cut), axis=axis)
+    result = middle.mean(axis=axis)
+    return float(result) if np.ndim(result) == 0 else result
+
+
+_STATISTICS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "mean": lambda x: x.mean(axis=-1),
+    "iqm": lambda x: iqm(x, axis=-1),
+}
+
+
+def stratified_bootstrap_ci(scores_per_task: Sequence[np.ndarray], statistic: str = "iqm",
+                            reps: int = 10000, confidence: float = 0.95,
+                            seed: int = 0) -> tuple[float, float, float]:
+    """(point estimate, low, high) of `statistic` over the pooled scores.
+
+    Each bootstrap replicate resamples, within every task, that task's seeds with replacement
+    (stratified bootstrap); the interval is the percentile interval of the replicates.
+    """
+    if statistic not in _STATISTICS:
+        raise ValueError(f"statistic {statistic!r} is not one of {sorted(_STATISTICS)}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if reps < 1:
+        raise ValueError(f"reps must be positive, got {reps}")
+    groups = [np.asarray(s, dtype=np.float64).reshape(-1) for s in scores_per_task]
+    groups = [g for g in groups if g.size]
+    if not groups:
+        raise ValueError("no scores to aggregate")
+    if any(not np.all(np.isfinite(g)) for g in groups):
+        raise ValueError("scores must be finite (drop seeds without a final score first)")
+    fn = _STATISTICS[statistic]
+    point = float(fn(np.concatenate(groups)[None])[0])
+    rng = np.random.default_rng(seed)
+    samples = [g[rng.integers(0, g.size, size=(reps, g.size))] for g in groups]
+    replicates = fn(np.concatenate(samples, axis=1))
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(replicates, [tail, 100 - tail])
+    return point, float(low), float(high)
+
+
+def aggregate_tasks(summaries: Mapping[str, Mapping[str, TaskSummary]], tasks: Iterable[str],
+                    methods: Iterable[str] = ()) -> list[str]:
+    """Tasks to aggregate over so methods are compared on equal footing: those of `tasks` where
+    any of `methods` has a final score; all of `tasks` when `methods` is empty or has none."""
+    tasks = list(tasks)
+    methods = [m for m in methods if m in summaries]
+    if not methods:
+        return tasks
+    chosen = [t for t in tasks if any(t in summaries[m] and summaries[m][t].n for m in methods)]
+    return chosen or tasks
+
+
+def aggregate(summaries: Mapping[str, TaskSummary], tasks: Iterable[str] | None = None,
+              reps: int = 10000, confidence: float = 0.95,
+              seed: int = 0) -> dict[str, tuple[float, float, float]] | None:
+    """{'mean': (point, low, high), 'iqm': ...} of normalised final scores, or None without data."""
+    tasks = list(tasks) if tasks is not None else sorted(summaries)
+    groups = [summaries[t].scores / DMC_MAX_RETURN for t in tasks if t in summaries and summaries[t].n]
+    if not groups:
+        return None
+    return {name: stratified_bootstrap_ci(groups, name, reps, confidence, seed) for name in ("mean", "iqm")}

@@ -1,0 +1,567 @@
+"""Plan and launch the DMC benchmark: tasks x seeds training runs, locally or on a Ray cluster.
+
+Each run trains into `ROOT/<task>/<method>/<seed>/` with
+`python -m dreamer_tf.train --task T --logdir DIR --seed S --preset P [--set k=v ...]`,
+its output appended to `DIR/train.log`. A run is *finished* when its `status.json` says
+"finished" at (or beyond) the planned steps; rerunning the launcher skips finished runs and
+resumes the others (the trainer resumes an existing logdir from its last checkpoint). A failing
+run is reported with its exit code and the end of its log and does not stop the others; the
+launcher exits non-zero unless every planned run is finished at the end.
+
+While a run trains, the launcher (or Ray worker) and the trainer hold an exclusive `flock` on
+`DIR/.launch.lock`, so two launchers never train the same directory at once; the trainer is
+started with a parent-death signal so it stops when its launcher is killed.
+
+This module does not import TensorFlow (nor Ray, until the Ray backend is asked for).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import fcntl
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from dreamer_tf.analysis import BENCHMARK_TASKS
+
+__all__ = ["RunSpec", "RunResult", "BenchmarkError", "RAY_INSTALL_HINT", "plan", "run_state",
+           "run_local", "run_ray", "summary_table", "main"]
+
+RAY_INSTALL_HINT = ('the ray backend needs Ray, which is not installed. Install it with\n'
+                    '    pip install "dreamer_tf[cluster]"\n'
+                    'or  pip install "ray[default]"')
+LOCK_NAME = ".launch.lock"
+LOG_NAME = "train.log"
+TAIL_LINES = 20
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+class BenchmarkError(RuntimeError):
+    """A benchmark request that cannot be carried out (bad option, missing Ray, busy cluster)."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    task: str
+    method: str
+    seed: int
+    logdir: Path
+    steps: int  # planned env steps (finished means status.json step >= steps)
+    command: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}/{self.method}/{self.seed}"
+
+
+@dataclass
+class RunResult:
+    spec: RunSpec
+    before: str  # new | resume | finished | busy (state when the launcher started)
+    outcome: str = "pending"  # finished | skipped | failed | busy | interrupted
+    returncode: int | None = None
+    attempts: int = 0
+    seconds: float = 0.0
+    step: int = 0
+    message: str = ""
+    log_tail: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning
+
+
+def _read_status(logdir: Path) -> dict:
+    try:
+        status = json.loads((logdir / "status.json").read_text())
+        return status if isinstance(status, dict) else {}
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _is_locked(logdir: Path) -> bool:
+    path = logdir / LOCK_NAME
+    if not path.exists():
+        return False
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
+
+
+def run_state(spec: RunSpec) -> str:
+    """new (nothing on disk), finished, busy (another launcher trains it) or resume."""
+    status = _read_status(spec.logdir)
+    if status.get("status") == "finished" and int(status.get("step", 0)) >= spec.steps:
+        return "finished"
+    if _is_locked(spec.logdir):
+        return "busy"
+    if spec.logdir.exists() and any((spec.logdir / n).exists()
+                                    for n in ("status.json", "metrics.jsonl", "config.yaml")):
+        return "resume"
+    return "new"
+
+
+def _check_name(kind: str, value: str) -> str:
+    if not _NAME.match(value):
+        raise BenchmarkError(f"{kind} {value!r} is not a valid directory name "
+                             "(letters, digits, and _ . + - only)")
+    return value
+
+
+def plan(root: str | Path, tasks: Sequence[str] = BENCHMARK_TASKS, seeds: Sequence[int] = range(5),
+         method: str = "dreamer", preset: str = "paper", overrides: Sequence[str] = (),
+         steps: int | None = None, train_cmd: Sequence[str] | None = None) -> list[RunSpec]:
+    """One RunSpec per (task, seed), checking the preset and overrides against the config first."""
+    from dreamer_tf import config
+
+    _check_name("method", method)
+    for task in tasks:
+        if not (task.startswith("dmc_") or task.startswith("atari_")) or not _NAME.match(task):
+            raise BenchmarkError(f"task {task!r} is not of the form dmc_<domain>_<task> or atari_<game>")
+    if len(set(tasks)) != len(tasks):
+        raise BenchmarkError(f"tasks contain duplicates: {list(tasks)}")
+    seeds = list(seeds)
+    if any(not isinstance(s, int) or s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise BenchmarkError(f"seeds must be distinct non-negative integers, got {seeds}")
+    overrides = list(overrides)
+    parsed = config.parse_overrides(overrides)  # ConfigError names a malformed item
+    for key in ("task", "seed"):
+        if key in parsed:
+            raise BenchmarkError(f"--set {key}=... is not allowed: use --tasks / --seeds")
+    if steps is not None:
+        if "steps" in parsed:
+            raise BenchmarkError("give the step budget once: --steps or --set steps=..., not both")
+        if steps <= 0:
+            raise BenchmarkError(f"--steps must be positive, got {steps}")
+        overrides.append(f"steps={int(steps)}")
+        parsed["steps"] = int(steps)
+    resolved = config.load(preset, parsed)  # ConfigError names a bad preset, key or value
+    base = list(train_cmd) if train_cmd else [sys.executable, "-m", "dreamer_tf.train"]
+    root = Path(root).absolute()
+    specs = []
+    for task in tasks:
+        for seed in seeds:
+            logdir = root / task / method / str(seed)
+            command = base + ["--task", task, "--logdir", str(logdir), "--seed", str(seed),
+                              "--preset", preset]
+            if overrides:
+                command += ["--set", *overrides]
+            specs.append(RunSpec(task, method, seed, logdir, int(resolved.steps), tuple(command)))
+    return specs
+
+
+# ----------------------------------------------------------------------------------------------
+# Running one training process
+
+
+def _parent_death_signal() -> None:
+    """In the child before exec: get SIGTERM when the launcher dies (Linux prctl PR_SET_PDEATHSIG)."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM, 0, 0, 0)
+
+
+try:  # resolved before any fork: the child only calls the function pointer
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+except (OSError, AttributeError):
+    _PRCTL = None
+
+
+def _child_env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("MUJOCO_GL", "egl")  # headless rendering in the environment workers
+    env["PYTHONUNBUFFERED"] = "1"  # so train.log has the last lines when a run dies
+    return env
+
+
+def _tail(path: Path, lines: int = TAIL_LINES) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(f.tell() - 64 * 1024, 0))
+            text = f.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    return text.splitlines()[-lines:]
+
+
+class _Process:
+    """A training subprocess holding the run's lock, with its output appended to train.log."""
+
+    def __init__(self, spec: RunSpec, attempt: int):
+        self.spec = spec
+        spec.logdir.mkdir(parents=True, exist_ok=True)
+        self.lock = open(spec.logdir / LOCK_NAME, "a")
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.lock.close()
+            raise
+        self.start = time.time()
+        self.log = open(spec.logdir / LOG_NAME, "ab")
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.log.write(f"\n=== benchmark attempt {attempt} at {stamp}: "
+                       f"{shlex.join(spec.command)}\n".encode())
+        self.log.flush()
+        try:
+            self.popen = subprocess.Popen(
+                spec.command, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=_child_env(), start_new_session=True, pass_fds=(self.lock.fileno(),),
+                preexec_fn=_parent_death_signal)
+        except OSError as e:
+            self.log.write(f"=== could not start: {e}\n".encode())
+            self.close()
+            raise
+
+    def poll(self) -> int | None:
+        return self.popen.poll()
+
+    def terminate(self, grace: float) -> None:
+        """SIGINT the trainer (it saves and exits like on Ctrl-C), then after `grace` s SIGTERM
+        and SIGKILL its whole process group (environment workers included)."""
+        steps = ((os.kill, signal.SIGINT, grace), (os.killpg, signal.SIGTERM, 10.0),
+                 (os.killpg, signal.SIGKILL, 10.0))
+        for kill, sig, wait in steps:
+            if self.popen.poll() is not None:
+                break
+            try:
+                kill(self.popen.pid, sig)
+                self.popen.wait(wait)
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                pass
+        self.reap_group()
+
+    def reap_group(self) -> None:
+        """SIGKILL what is left of the trainer's process group (e.g. environment workers of a
+        trainer that crashed), so nothing outlives the run."""
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def close(self) -> None:
+        self.log.close()
+        self.lock.close()  # the trainer's inherited copy keeps the lock until it exits
+
+
+def _judge(spec: RunSpec, returncode: int) -> tuple[str, int, str]:
+    """(outcome, step, message): finished needs exit code 0 AND status.json finished at the budget."""
+    status = _read_status(spec.logdir)
+    step = int(status.get("step", 0) or 0)
+    message = str(status.get("message", ""))
+    if returncode == 0 and status.get("status") == "finished" and step >= spec.steps:
+        return "finished", step, message
+    if returncode == 0:
+        message = (f"exited 0 but status.json says {status.get('status', 'nothing')!r} at step "
+                   f"{step} of {spec.steps}" + (f": {message}" if message else ""))
+    return "failed", step, message
+
+
+def _execute(spec: RunSpec, attempt: int) -> tuple[int, float, str, int, str, list[str]]:
+    """Run one training process to its end (used by Ray workers).
+
+    Returns (returncode, seconds, outcome, step, message, log_tail); outcome 'busy' when another
+    launcher holds the run's lock.
+    """
+    try:
+        process = _Process(spec, attempt)
+    except BlockingIOError:
+        return -1, 0.0, "busy", 0, "another launcher is training this run", []
+    try:
+        returncode = process.popen.wait()
+    finally:
+        process.terminate(grace=30.0)
+        process.close()
+    outcome, step, message = _judge(spec, returncode)
+    tail = _tail(spec.logdir / LOG_NAME) if outcome != "finished" else []
+    return returncode, time.time() - process.start, outcome, step, message, tail
+
+
+# ----------------------------------------------------------------------------------------------
+# Backends
+
+
+def _report(result: RunResult, out) -> None:
+    spec = result.spec
+    if result.outcome == "finished":
+        print(f"finished  {spec.name} in {result.seconds / 60:.1f} min", file=out, flush=True)
+    elif result.outcome == "busy":
+        print(f"busy      {spec.name}: {result.message}", file=out, flush=True)
+    else:
+        print(f"FAILED    {spec.name} (exit code {result.returncode}, attempt {result.attempts}, "
+              f"step {result.step}/{spec.steps}){': ' + result.message if result.message else ''}\n"
+              f"          last lines of {spec.logdir / LOG_NAME}:", file=out, flush=True)
+        for line in result.log_tail:
+            print(f"          | {line}", file=out)
+        out.flush()
+
+
+def _initial(specs: Sequence[RunSpec]) -> list[RunResult]:
+    results = []
+    for spec in specs:
+        before = run_state(spec)
+        result = RunResult(spec, before)
+        if before == "finished":
+            result.outcome = "skipped"
+            result.step = int(_read_status(spec.logdir).get("step", 0))
+        results.append(result)
+    return results
+
+
+def run_local(specs: Sequence[RunSpec], jobs: int = 1, retries: int = 1, grace: float = 30.0,
+              out=None) -> list[RunResult]:
+    """Run the unfinished specs as subprocesses, `jobs` at a time; failed runs are retried
+    (resumed) up to `retries` times. Ctrl-C / SIGTERM stop all trainers (SIGINT; SIGTERM and SIGKILL
+    after `grace` s) and mark them interrupted."""
+    if jobs < 1:
+        raise BenchmarkError(f"--jobs must be at least 1, got {jobs}")
+    out = out or sys.stdout
+    results = _initial(specs)
+    queue = deque(r for r in results if r.outcome == "pending")
+    running: dict[int, tuple[RunResult, _Process]] = {}
+    # A SIGTERM to the launcher stops its trainers like Ctrl-C (handlers only in the main thread).
+    previous = (signal.getsignal(signal.SIGTERM)
+                if threading.current_thread() is threading.main_thread() else None)
+    if previous is not None:
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                result = queue.popleft()
+                result.attempts += 1
+                try:
+                    process = _Process(result.spec, result.attempts)
+                except BlockingIOError:
+                    result.outcome, result.message = "busy", "another launcher is training this run"
+                    _report(result, out)
+                    continue
+                except OSError as e:
+                    result.outcome, result.message = "failed", f"could not start: {e}"
+                    _report(result, out)
+                    continue
+                state = result.before if result.attempts == 1 else "resume"
+                print(f"start     {result.spec.name} ({state}, attempt {result.attempts})",
+                      file=out, flush=True)
+                running[id(result)] = (result, process)
+            time.sleep(0.2)
+            for key, (result, process) in list(running.items()):
+                code = process.poll()
+                if code is None:
+                    continue
+                process.reap_group()
+                process.close()
+                del running[key]
+                result.returncode = code
+                result.seconds += time.time() - process.start
+                result.outcome, result.step, result.message = _judge(result.spec, code)
+                if result.outcome == "failed":
+                    result.log_tail = _tail(result.spec.logdir / LOG_NAME)
+                _report(result, out)
+                if result.outcome == "failed" and result.attempts <= retries:
+                    print(f"retry     {result.spec.name} (resuming)", file=out, flush=True)
+                    queue.append(result)
+    except KeyboardInterrupt:
+        print(f"interrupted: stopping {len(running)} run(s) (SIGINT, SIGKILL after {grace:.0f} s)",
+              file=out, flush=True)
+        for result, process in running.values():
+            process.terminate(grace)
+            process.close()
+            result.outcome, result.returncode = "interrupted", process.poll()
+            result.step = int(_read_status(result.spec.logdir).get("step", 0) or 0)
+        for result in queue:
+            result.outcome = "interrupted"
+        raise _Interrupted(results) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return results
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+class _Interrupted(Exception):
+    def __init__(self, results: list[RunResult]):
+        super().__init__("interrupted")
+        self.results = results
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise BenchmarkError(RAY_INSTALL_HINT) from None
+    return ray
+
+
+def run_ray(specs: Sequence[RunSpec], address: str | None = None, gpus_per_run: float = 1.0,
+            cpus_per_run: float = 2.0, retries: int = 1, out=None) -> list[RunResult]:
+    """Run the unfinished specs as Ray tasks, one per run with the given resources.
+
+    `address`: None or "local" starts a Ray instance on this machine; "auto" or "host:port"
+    joins a running cluster. ROOT must be on a filesystem every node sees, and dreamer_tf must
+    be installed on every node.
+    """
+    ray = _import_ray()
+    out = out or sys.stdout
+    if gpus_per_run < 0 or cpus_per_run < 0:
+        raise BenchmarkError(f"--gpus-per-run and --cpus-per-run must be >= 0, got "
+                             f"{gpus_per_run} and {cpus_per_run}")
+    results = _initial(specs)
+    pending = [r for r in results if r.outcome == "pending"]
+    if not pending:
+        return results
+    started = False
+    if not ray.is_initialized():
+        if address in (None, "", "local"):
+            ray.init(include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address=address, log_to_driver=False)
+        started = True
+    try:
+        available = ray.cluster_resources()
+        for key, need in (("GPU", gpus_per_run), ("CPU", cpus_per_run)):
+            if need > available.get(key, 0):
+                raise BenchmarkError(
+                    f"each run asks for {need:g} {key}(s) but the Ray cluster has "
+                    f"{available.get(key, 0):g} in total; lower --{key.lower()}s-per-run "
+                    f"(e.g. --gpus-per-run 0 on a CPU-only cluster)")
+        remote = ray.remote(_execute).options(num_gpus=gpus_per_run, num_cpus=cpus_per_run,
+                                              max_retries=0)
+        inflight = {}
+        for result in pending:
+            result.attempts += 1
+            inflight[remote.remote(result.spec, result.attempts)] = result
+            print(f"submit    {result.spec.name} ({result.before})", file=out, flush=True)
+        try:
+            while inflight:
+                done, _ = ray.wait(list(inflight), num_returns=1)
+                result = inflight.pop(done[0])
+                try:
+                    code, seconds, outcome, step, message, tail = ray.get(done[0])
+                except Exception as e:  # the worker died (node lost, OOM kill)
+                    code, seconds, outcome, step = None, 0.0, "failed", 0
+                    message, tail = f"Ray task error: {type(e).__name__}: {e}".splitlines()[0], []
+                result.returncode, result.outcome, result.step = code, outcome, step
+                result.seconds += seconds
+                result.message, result.log_tail = message, tail
+                _report(result, out)
+                if outcome == "failed" and result.attempts <= retries:
+                    result.attempts += 1
+                    print(f"retry     {result.spec.name} (resuming)", file=out, flush=True)
+                    inflight[remote.remote(result.spec, result.attempts)] = result
+        except KeyboardInterrupt:
+            print(f"interrupted: cancelling {len(inflight)} Ray task(s)", file=out, flush=True)
+            for ref, result in inflight.items():
+                ray.cancel(ref, force=True)  # kills the worker; the trainer gets its death signal
+                result.outcome = "interrupted"
+            raise _Interrupted(results) from None
+    finally:
+        if started:
+            ray.shutdown()
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def summary_table(results: Sequence[RunResult]) -> str:
+    """Plain-text table: one line per run with its state before, outcome, attempts and time."""
+    header = ("run", "before", "outcome", "exit", "attempts", "step", "minutes")
+    rows = [(r.spec.name, r.before, r.outcome, "" if r.returncode is None else str(r.returncode),
+             str(r.attempts), f"{r.step}/{r.spec.steps}", f"{r.seconds / 60:.1f}") for r in results]
+    widths = [max(len(x) for x in column) for column in zip(header, *rows)]
+    lines = ["  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.outcome] = counts.get(r.outcome, 0) + 1
+    lines.append("total: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dreamer-tf benchmark",
+        description="Train tasks x seeds into ROOT/<task>/<method>/<seed>/; rerunning skips finished "
+                    "runs and resumes the others. Exit code 0 only if every planned run is finished.")
+    p.add_argument("--root", required=True, help="benchmark directory (shared storage for Ray)")
+    p.add_argument("--tasks", nargs="+", default=list(BENCHMARK_TASKS),
+                   help="tasks (default: the paper's 20 DMC tasks)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="default: 0 1 2 3 4")
+    p.add_argument("--preset", default="paper", help="config preset (default: paper)")
+    p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config overrides passed to every run, e.g. --set precision=16")
+    p.add_argument("--steps", type=float, default=None,
+                   help="env steps per run (default: the preset's, 5e6 for paper)")
+    p.add_argument("--method", default="dreamer", help="method directory name (default: dreamer)")
+    p.add_argument("--backend", choices=["local", "ray"], default="local")
+    p.add_argument("--jobs", type=int, default=1, help="local backend: concurrent runs (default 1)")
+    p.add_argument("--address", default=None,
+                   help="ray backend: cluster address ('auto', 'host:port'); 'local' or none "
+                        "starts a Ray instance on this machine")
+    p.add_argument("--gpus-per-run", type=float, default=1.0, help="ray backend (default 1)")
+    p.add_argument("--cpus-per-run", type=float, default=2.0, help="ray backend (default 2)")
+    p.add_argument("--retries", type=int, default=1,
+                   help="resume a failed run up to this many times (default 1)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan, one line per run with its state, and exit")
+    p.add_argument("--train-cmd", default=None,
+                   help="command that starts training, default '<python> -m dreamer_tf.train' "
+                        "(e.g. a container or srun wrapper); the run's arguments are appended")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from dreamer_tf.config import ConfigError
+
+    try:
+        if args.retries < 0:
+            raise BenchmarkError(f"--retries must be >= 0, got {args.retries}")
+        if args.steps is not None and not float(args.steps).is_integer():
+            raise BenchmarkError(f"--steps must be a whole number of env steps, got {args.steps}")
+        specs = plan(args.root, args.tasks, args.seeds, args.method, args.preset, args.overrides,
+                     None if args.steps is None else int(args.steps),
+                     shlex.split(args.train_cmd) if args.train_cmd else None)
+        if args.dry_run:
+            print(f"# {len(specs)} runs under {Path(args.root).absolute()}; command of the first:")
+            print(f"# {shlex.join(specs[0].command)}")
+            for spec in specs:
+                status = _read_status(spec.logdir)
+                print(f"{run_state(spec):<9} {spec.name:<45} {spec.logdir}  "
+                      f"(step {int(status.get('step', 0) or 0)}/{spec.steps})")
+            return 0
+        if args.backend == "ray":
+            results = run_ray(specs, args.address, args.gpus_per_run, args.cpus_per_run, args.retries)
+        else:
+            results = run_local(specs, args.jobs, args.retries)
+    except (BenchmarkError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except _Interrupted as e:
+        print(summary_table(e.results))
+        return 130
+    print(summary_table(results))
+    return 0 if all(r.outcome in ("finished", "skipped") for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""Final-score table of benchmark runs next to the published numbers (Markdown and CSV).
+
+`dreamer-tf table --root ROOT --out PREFIX` writes PREFIX_table.md and PREFIX_table.csv; without
+--root it tabulates the published data alone. The final-score rule is that of
+`dreamer_tf.analysis` (mean test return of the evaluations in the last 10% of each seed's step
+budget), applied identically to the published Dreamer curves.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from dreamer_tf import analysis
+from dreamer_tf.analysis import PAPER_COLUMNS, PUBLISHED_METHOD, TaskSummary
+
+__all__ = ["Table", "build_table", "to_markdown", "to_csv", "main"]
+
+DASH = "—"
+
+
+@dataclass
+class Table:
+    tasks: list[str]
+    methods: list[str]  # seeded methods: runs under the root, then the published curves
+    summaries: dict[str, dict[str, TaskSummary]]  # {method: {task: summary}}
+    paper: dict[str, dict[str, float | None]]  # {task: {paper column: score}}
+    window: float
+    aggregates: dict[str, dict[str, tuple[float, float, float]] | None]  # {method: {'mean'|'iqm': ci}}
+    paper_aggregates: dict[str, dict[str, float]]  # {paper column: {'mean'|'iqm': value, 'tasks': k}}
+    aggregate_tasks: list[str]  # tasks the aggregates run over
+
+    def seeded_mean(self, method: str) -> tuple[float, int]:
+        """Mean over tasks of the per-task mean final score, and the number of tasks with one."""
+        values = [s.mean for t in self.tasks if (s := self.summaries[method].get(t)) and s.n]
+        return (sum(values) / len(values) if values else float("nan")), len(values)
+
+    def paper_mean(self, column: str) -> tuple[float, int]:
+        values = [v for t in self.tasks if (v := self.paper.get(t, {}).get(column)) is not None]
+        return (sum(values) / len(values) if values else float("nan")), len(values)
+
+
+def build_table(root: str | Path | None = None, tasks: Sequence[str] | None = None,
+                methods: Sequence[str] | None = None, window: float = 0.1,
+                published: bool = True, reps: int = 10000, seed: int = 0) -> Table:
+    """Collect runs under `root` (optional) and the published data into a Table."""
+    runs = analysis.find_runs(root, methods=methods) if root is not None else []
+    found = sorted({r.method for r in runs}, key=lambda m: (m != "dreamer", m))
+    if tasks is None:
+        extra = sorted({r.task for r in runs} - set(analysis.BENCHMARK_TASKS))
+        tasks = list(analysis.BENCHMARK_TASKS) + extra
+    tasks = list(tasks)
+    if published:
+        runs = runs + analysis.load_published_curves()
+        found.append(PUBLISHED_METHOD)
+    summaries = analysis.summarize([r for r in runs if r.task in set(tasks)], window=window)
+    for method in found:
+        summaries.setdefault(method, {})
+    paper = analysis.load_paper_table() if published else {}
+    own = [m for m in found if m != PUBLISHED_METHOD]
+    agg_tasks = analysis.aggregate_tasks(summaries, tasks, own)
+    aggregates = {m: analysis.aggregate(summaries[m], agg_tasks, reps=reps, seed=seed) for m in found}
+    paper_aggregates = {}
+    for column in (PAPER_COLUMNS if published else {}):
+        values = [v / analysis.DMC_MAX_RETURN for t in agg_tasks
+                  if (v := paper.get(t, {}).get(column)) is not None]
+        if values:
+            paper_aggregates[column] = {"mean": sum(values) / len(values),
+                                        "iqm": analysis.iqm(values), "tasks": len(values)}
+    return Table(tasks, found, summaries, paper, window, aggregates, paper_aggregates, agg_tasks)
+
+
+def _label(method: str) -> str:
+    return "Dreamer curves (published)" if method == PUBLISHED_METHOD else f"{method} (this run)"
+
+
+def _cell(summary: TaskSummary | None) -> str:
+    if summary is None or summary.n_total == 0:
+        return DASH
+    notes = []
+    if summary.n_failed:
+        notes.append(f"{summary.n_failed} failed")
+    if summary.n_incomplete:
+        notes.append(f"{summary.n_incomplete} incomplete")
+    seeds = f"n={summary.n}/{summary.n_total}" + (", " + ", ".join(notes) if notes else "")
+    if not summary.n:
+        return f"{DASH} ({seeds})"
+    spread = f" ± {summary.std:.1f}" if math.isfinite(summary.std) else ""
+    flag = " ⚠" if summary.n_failed else ""
+    return f"{summary.mean:.1f}{spread} ({seeds}){flag}"
+
+
+def _number(value: float | None) -> str:
+    return DASH if value is None or not math.isfinite(value) else f"{value:.1f}"
+
+
+def _mean_cell(value: float, count: int, total: int) -> str:
+    if not count:
+        return DASH
+    return f"**{value:.1f}**" + (f" ({count}/{total} tasks)" if count < total else "")
+
+
+def to_markdown(table: Table) -> str:
+    columns = [_label(m) for m in table.methods] + [PAPER_COLUMNS[c] for c in PAPER_COLUMNS
+                                                    if table.paper]
+    lines = ["| Task | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for task in table.tasks:
+        cells = [_cell(table.summaries[m].get(task)) for m in table.methods]
+        if table.paper:
+            cells += [_number(table.paper.get(task, {}).get(c)) for c in PAPER_COLUMNS]
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    total = len(table.tasks)
+    means = [_mean_cell(*table.seeded_mean(m), total) for m in table.methods]
+    if table.paper:
+        means += [_mean_cell(*table.paper_mean(c), total) for c in PAPER_COLUMNS]
+    lines.append("| **mean over tasks** | " + " | ".join(means) + " |")
+    pct = f"{table.window:.0%}"
+    lines += [
+        "",
+        f"*Final score* of a seed: the mean test return of its evaluations in the last {pct} of its "
+        f"step budget (after {1 - table.window:g} x budget env steps); the same rule is applied to the "
+        "published Dreamer curves (budget 5e6). Cells: mean ± sample std (ddof=1) across seeds; "
+        "n = seeds with a final score / seeds found. *failed*: status.json says failed (⚠); "
+        "*incomplete*: no evaluation in the final window yet (running, or the curve stops early). "
+        "Paper columns: the final scores of the paper's table (Hafner et al., 2020): Dreamer and "
+        "PlaNet from pixels at 5e6 env steps, D4PG from pixels and A3C from proprioceptive states at "
+        f"1e8 steps. {DASH}: no data. Means over tasks use the tasks that have a value.",
+        "",
+    ]
+    lines += _aggregate_lines(table)
+    return "\n".join(lines) + "\n"
+
+
+def _aggregate_lines(table: Table) -> list[str]:
+    rows = []
+    for method in table.methods:
+        agg = table.aggregates.get(method)
+        if agg:
+            tasks = sum(1 for t in table.aggregate_tasks if (s := table.summaries[method].get(t)) and s.n)
+            fmt = lambda ci: f"{ci[0]:.3f} [{ci[1]:.3f}, {ci[2]:.3f}]"  # noqa: E731
+            rows.append(f"| {_label(method)} | {fmt(agg['mean'])} | {fmt(agg['iqm'])} | {tasks} |")
+    for column, agg in table.paper_aggregates.items():
+        rows.append(f"| {PAPER_COLUMNS[column]} (one score per task) | {agg['mean']:.3f} | "
+                    f"{agg['iqm']:.3f} | {agg['tasks']} |")
+    if not rows:
+        return []
+    subset = (f" Aggregates run over the {len(table.aggregate_tasks)} tasks where this run has final "
+              "scores, for every method, so they compare like with like."
+              if len(table.aggregate_tasks) < len(table.tasks) else "")
+    return ["Aggregate normalised final score (return / 1000) over tasks and seeds, with 95% "
+            "stratified-bootstrap percentile CIs (rliable methodology, Agarwal et al., 2021; "
+            "fixed bootstrap seed). The pooled mean weights each task by its number of seeds with a "
+            "final score, so it can differ from the mean over tasks above when those differ." + subset, "",
+            "| Method | Mean [95% CI] | IQM [95% CI] | tasks |", "|---|---|---|---|", *rows]
+
+
+def to_csv(table: Table) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    header = ["task"]
+    for method in table.methods:
+        header += [f"{method}_{k}" for k in ("mean", "std", "n", "seeds", "failed", "incomplete")]
+    header += list(PAPER_COLUMNS) if table.paper else []
+    writer.writerow(header)
+    fmt = lambda x: "" if x is None or not math.isfinite(x) else f"{x:.4f}"  # noqa: E731
+    for task in table.tasks:
+        row = [task]
+        for method in table.methods:
+            s = table.summaries[method].get(task)
+            row += ([fmt(s.mean), fmt(s.std), s.n, s.n_total, s.n_failed, s.n_incomplete]
+                    if s else ["", "", 0, 0, 0, 0])
+        if table.paper:
+            row += [fmt(table.paper.get(task, {}).get(c)) for c in PAPER_COLUMNS]
+        writer.writerow(row)
+    row = ["mean"]
+    for method in table.methods:
+        mean, count = table.seeded_mean(method)
+        row += [fmt(mean), "", count, "", "", ""]
+    if table.paper:
+        row += [fmt(table.paper_mean(c)[0]) for c in PAPER_COLUMNS]
+    writer.writerow(row)
+    return buffer.getvalue()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dreamer-tf table", description=__doc__.split("\n\n")[0])
+    p.add_argument("--root", default=None, help="benchmark root ROOT/<task>/<method>/<seed>/ "
+                   "(default: none, the published data alone)")
+    p.add_argument("--out", default=None, help="output prefix: writes PREFIX_table.md and "
+                   "PREFIX_table.csv (default: ROOT/benchmark, or ./published)")
+    p.add_argument("--tasks", nargs="+", default=None, help="default: the 20 paper tasks")
+    p.add_argument("--methods", nargs="+", default=None, help="default: every method under ROOT")
+    p.add_argument("--window", type=float, default=0.1,
+                   help="final-score window as a fraction of the budget (default 0.1)")
+    p.add_argument("--no-published", action="store_true", help="leave out the published data")
+    p.add_argument("--reps", type=int, default=10000, help="bootstrap replicates (default 10000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.root is None and args.no_published:
+        print("error: nothing to tabulate: give --root or drop --no-published", file=sys.stderr)
+        return 2
+    try:
+        table = build_table(args.root, args.tasks, args.methods, args.window,
+                            not args.no_published, args.reps, args.seed)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    prefix = Path(args.out) if args.out else (Path(args.root) / "benchmark" if args.root
+                                              else Path("published"))
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    markdown = to_markdown(table)
+    Path(f"{prefix}_table.md").write_text(markdown)
+    Path(f"{prefix}_table.csv").write_text(to_csv(table))
+    print(markdown)
+    print(f"wrote {prefix}_table.md and {prefix}_table.csv")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
