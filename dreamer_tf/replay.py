@@ -65,6 +65,8 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
+from dreamer_tf.utils import fsync_dir
+
 __all__ = [
     "Replay", "ReplayIterator", "EpisodeError", "check_episode", "save_episode", "load_episode",
     "episode_paths", "episode_length", "REQUIRED_KEYS", "OPTIONAL_KEYS",
@@ -150,19 +152,6 @@ def episode_paths(directory: str | os.PathLike) -> list[Path]:
     return sorted(p for p in directory.glob("*.npz") if not p.name.startswith("."))
 
 
-def _fsync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # not supported on this platform / filesystem
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
     """Write `path` via a hidden temp file in the same directory, fsync, then rename."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}")
@@ -178,7 +167,7 @@ def _atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> Non
         except OSError:
             pass
         raise
-    _fsync_directory(path.parent)
+    fsync_dir(path.parent)
 
 
 def _write_npz(path: Path, episode: Mapping[str, np.ndarray]) -> None:
