@@ -9,7 +9,12 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
     packages=find_packages(include=["dreamer_tf", "dreamer_tf.*"]),
-    data_files=[("share/dreamer_tf/configs", ["configs/dreamer.yaml"])],
+    data_files=[
+        ("share/dreamer_tf/configs", ["configs/dreamer.yaml"]),
+        ("share/dreamer_tf/published", [f"results/published/{name}" for name in (
+            "README.md", "LICENSE-scores", "dmc_baselines.json", "dreamer_paper_table.json",
+            "dreamer_v1_curves.json")]),
+    ],
     install_requires=[
         "tensorflow==2.21.0",
         "tensorflow-probability==0.25.0",

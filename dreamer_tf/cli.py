@@ -6,7 +6,6 @@ status 2 and a one-line message; a run that fails (diverges) exits with status 1
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -122,11 +121,13 @@ class RandomAgent:
         return random_actions(self.act_space, len(obs["reset"]), self.rng), None
 
 
-def _delegate(module: str):
-    def run(args: argparse.Namespace) -> int:
-        import importlib
-        return int(importlib.import_module(module).main(args.rest) or 0)
-    return run
+# Subcommands with their own argument parsers: `dreamer-tf NAME ...` is `python scripts/NAME.py ...`.
+DELEGATED = {
+    "bench": ("dreamer_tf.bench", "time the train step, policy and environments"),
+    "benchmark": ("dreamer_tf.benchmark", "run tasks x seeds locally or on Ray"),
+    "plot": ("dreamer_tf.plotting", "plot runs against the published curves"),
+    "table": ("dreamer_tf.table", "table of final scores against the baselines"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,17 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random", action="store_true", help="score uniform random actions instead")
     p.set_defaults(func=cmd_eval)
 
-    for name, module, text in [("bench", "dreamer_tf.bench", "time the train step, policy and environments"),
-                               ("benchmark", "dreamer_tf.benchmark", "run tasks x seeds locally or on Ray"),
-                               ("plot", "dreamer_tf.plotting", "plot runs against the published curves"),
-                               ("table", "dreamer_tf.table", "table of final scores against the baselines")]:
-        p = sub.add_parser(name, help=text, add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=_delegate(module))
+    for name, (_, text) in DELEGATED.items():
+        sub.add_parser(name, help=f"{text} (see `dreamer-tf {name} --help`)", add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:  # their own parsers see every option
+        import importlib
+        return int(importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:]) or 0)
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "episodes", 1) is not None and getattr(args, "episodes", 1) < 1:

@@ -26,3 +26,13 @@ def test_readme_install_command_names_a_real_preset_and_task():
     install = readme_commands()[0]
     preset = install.split("--preset ")[1].split()[0]
     assert preset in config.presets()
+
+
+def test_cli_passes_options_to_delegated_subcommands(tmp_path):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "dreamer_tf", "table", "--out", str(tmp_path / "pub")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    table = (tmp_path / "pub_table.md").read_text()
+    assert "823.39" in table or "823.4" in table  # the paper's Dreamer mean over the 20 tasks
