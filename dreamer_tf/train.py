@@ -340,10 +340,14 @@ class Trainer:
         self.logger.flush()
 
     def _video(self, episodes: list[dict]) -> None:
-        """Real frames | open-loop predictions | error, for the first eval episodes."""
+        """Real frames | open-loop predictions | error for the first eval episodes; without a
+        decoder (contrastive / reward-only representations) the real frames alone."""
+        from dreamer_tf.video import tile_batch
         length = min(len(episodes[0]["reward"]), 100)
         batch = {k: np.stack([e[k][:length] for e in episodes[:4]]) for k in episodes[0]}
-        from dreamer_tf.video import tile_batch
+        if self.agent.decoder is None:
+            self.logger.video(self.state["step"], "episode", tile_batch(batch["image"]))
+            return
         frames = np.asarray(self.agent.video_predictions(batch))
         self.logger.video(self.state["step"], "openloop", tile_batch(frames))
 

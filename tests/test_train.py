@@ -173,3 +173,15 @@ def test_atari_debug_run_with_discrete_actions_and_pcont(tmp_path):
     assert actions.shape == (50, 6)  # 200 frames / repeat 4; Pong's minimal action set has 6 actions
     np.testing.assert_array_equal(actions.sum(-1), 1.0)  # one-hot
     assert set(np.unique(actions)) == {0.0, 1.0}
+
+
+@pytest.mark.parametrize("representation", ["contrastive", "reward"])
+def test_representation_variants_run_end_to_end(tmp_path, representation):
+    logdir = tmp_path / representation
+    cli("train", "--task", TASK, "--preset", "debug", "--logdir", str(logdir), "--no-tensorboard",
+        "--set", f"representation={representation}", "steps=300", "eval_every=300")
+    losses = [r for r in read_metrics(logdir) if "model_loss" in r]
+    assert losses and all(np.isfinite(r["model_loss"]) for r in losses)
+    assert ("contrastive_loss" in losses[-1]) == (representation == "contrastive")
+    assert sorted(p.name for p in (logdir / "videos").glob("*.gif")) == [
+        "episode_000000000.gif", "episode_000000300.gif"]  # no decoder: real frames only
