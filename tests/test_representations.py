@@ -97,7 +97,12 @@ def test_discrete_actions_onehot_and_epsilon_greedy():
 
 def test_action_space_mismatches_raise():
     with pytest.raises(ValueError, match="epsilon_greedy"):
-        Dreamer(config.load(preset="debug"), OBS_SPACE, DISCRETE)  # additive_gaussian on discrete actions
+        Dreamer(config.load(preset="debug", overrides=dict(expl="additive_gaussian")), OBS_SPACE, DISCRETE)
+    with pytest.raises(ValueError, match="additive_gaussian"):
+        Dreamer(config.load(preset="debug", overrides=dict(expl="epsilon_greedy")), OBS_SPACE, BOX)
+    # `auto` picks the exploration that fits the action space.
+    assert Dreamer(config.load(preset="debug"), OBS_SPACE, DISCRETE).expl == "epsilon_greedy"
+    assert Dreamer(config.load(preset="debug"), OBS_SPACE, BOX).expl == "additive_gaussian"
     with pytest.raises(ValueError, match="action_dist"):
         Dreamer(config.load(preset="debug", overrides=dict(action_dist="onehot")), OBS_SPACE, BOX)
 
