@@ -223,7 +223,7 @@ class Trainer:
         s = self.state
         write_status(self.logdir, "running", s["step"], c.steps)
         progress = Progress(c.steps, s["step"])
-        start_time, start_step = time.time(), s["step"]
+        start_time, start_step, wall_base = time.time(), s["step"], s["wall_time"]
         train_metrics: dict[str, list[float]] = {}
         train_time = 0.0
         self.collector.reset()
@@ -233,7 +233,7 @@ class Trainer:
                     self._evaluate(progress)
                     s["next_eval"] += c.eval_every
                 if s["step"] >= s["next_ckpt"] and self.collector.at_boundary and s["nonfinite_streak"] == 0:
-                    self._checkpoint(start_time)
+                    self._checkpoint(wall_base + time.time() - start_time)
                     s["next_ckpt"] = s["step"] - s["step"] % c.checkpoint_every + c.checkpoint_every
                 # Act: random during prefill, then the policy with exploration noise.
                 if s["step"] < c.prefill:
@@ -268,6 +268,7 @@ class Trainer:
                     row["env_steps_per_second"] = (s["step"] - start_step) / max(elapsed, 1e-9)
                     row["train_seconds"] = train_time
                     row["train_updates"] = int(self.agent_updates())
+                    row["wall_time"] = wall_base + elapsed  # seconds of training, over resumes
                     self.logger.write(s["step"], row)
                     train_metrics.clear()
                     s["next_log"] = s["step"] - s["step"] % c.log_every + c.log_every
@@ -276,7 +277,7 @@ class Trainer:
             if s["step"] >= s["next_eval"]:
                 self._evaluate(progress)
                 s["next_eval"] += c.eval_every
-            self._checkpoint(start_time)
+            self._checkpoint(wall_base + time.time() - start_time)
             write_status(self.logdir, "finished", s["step"], c.steps)
         except Diverged as e:
             write_status(self.logdir, "failed", s["step"], c.steps, str(e))
@@ -351,8 +352,9 @@ class Trainer:
         frames = np.asarray(self.agent.video_predictions(batch))
         self.logger.video(self.state["step"], "openloop", tile_batch(frames))
 
-    def _checkpoint(self, start_time: float) -> None:
+    def _checkpoint(self, wall_time: float) -> None:
         s = self.state
+        s["wall_time"] = wall_time
         s["rng"] = self.rng.bit_generator.state
         s["replay_rng"] = self.replay.get_state()
         self.checkpointer.save(self.agent, s["step"], _jsonable(s))
