@@ -32,15 +32,16 @@ def _check_task(task: str) -> None:
 
 
 def resolve_config(args: argparse.Namespace) -> configlib.Config:
-    """The run's config: the stored one when resuming with no config flags, else preset + flags."""
+    """The run's config. Resuming without --preset: the stored config plus any --set/--seed/--task
+    (e.g. `--set steps=1e6` extends a run); otherwise the preset (default paper) plus the flags."""
     stored = Path(args.logdir) / "config.yaml"
     overrides = configlib.parse_overrides(args.set or [])
     if args.task is not None:
         overrides["task"] = args.task
     if args.seed is not None:
         overrides["seed"] = args.seed
-    if stored.exists() and args.preset is None and not overrides:
-        return configlib.load_file(stored)
+    if stored.exists() and args.preset is None:
+        return configlib.load_file(stored).replace(**overrides)
     return configlib.load(args.preset or "paper", overrides)
 
 

@@ -185,3 +185,15 @@ def test_representation_variants_run_end_to_end(tmp_path, representation):
     assert ("contrastive_loss" in losses[-1]) == (representation == "contrastive")
     assert sorted(p.name for p in (logdir / "videos").glob("*.gif")) == [
         "episode_000000000.gif", "episode_000000300.gif"]  # no decoder: real frames only
+
+
+def test_extending_a_finished_run_with_set_steps(finished_run):
+    """`train --logdir DIR --set steps=N` resumes with the stored config and a larger budget."""
+    proc = cli("train", "--logdir", str(finished_run), "--no-tensorboard", "--set", "steps=700")
+    assert "resume: restored ckpt-000000000600" in proc.stderr
+    status = json.loads((finished_run / "status.json").read_text())
+    assert status["status"] == "finished" and status["step"] == 700
+    rows = read_metrics(finished_run)
+    assert [r["train_episodes"] for r in rows if "train_return" in r] == list(range(1, 8))
+    from dreamer_tf import config
+    assert config.load_file(finished_run / "config.yaml").steps == 700
