@@ -429,3 +429,14 @@ def aggregate(summaries: Mapping[str, TaskSummary], tasks: Iterable[str] | None 
     if not groups:
         return None
     return {name: stratified_bootstrap_ci(groups, name, reps, confidence, seed) for name in ("mean", "iqm")}
+
+
+def add_selection_args(p) -> None:
+    """The options `dreamer-tf plot` and `dreamer-tf table` share: which runs, and how to score them."""
+    p.add_argument("--tasks", nargs="+", default=None, help="default: the 20 paper tasks")
+    p.add_argument("--methods", nargs="+", default=None, help="default: every method under ROOT")
+    p.add_argument("--window", type=float, default=0.1,
+                   help="final-score window as a fraction of the budget (default 0.1)")
+    p.add_argument("--no-published", action="store_true", help="leave out the published data")
+    p.add_argument("--reps", type=int, default=10000, help="bootstrap replicates (default 10000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")

@@ -198,18 +198,12 @@ def _parser() -> argparse.ArgumentParser:
                    "(default: none, the published data alone)")
     p.add_argument("--out", default=None, help="output prefix: writes PREFIX_curves.png/.pdf and "
                    "PREFIX_aggregate.png/.pdf (default: ROOT/benchmark, or ./published)")
-    p.add_argument("--tasks", nargs="+", default=None, help="default: the 20 paper tasks")
-    p.add_argument("--methods", nargs="+", default=None, help="default: every method under ROOT")
     p.add_argument("--bin-size", type=float, default=1e5, help="env steps per bin (default 1e5, "
                    "the spacing of the published curves' 50 points)")
     p.add_argument("--budget", type=float, default=5e6, help="x-axis extent in env steps (default 5e6)")
     p.add_argument("--spread", choices=["std", "ci"], default="std",
                    help="shaded band: std across seeds (default) or 95%% bootstrap CI of the mean")
-    p.add_argument("--window", type=float, default=0.1,
-                   help="final-score window as a fraction of the budget (default 0.1)")
-    p.add_argument("--no-published", action="store_true", help="leave out the published data")
-    p.add_argument("--reps", type=int, default=10000, help="bootstrap replicates (default 10000)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    analysis.add_selection_args(p)
     return p
 
 

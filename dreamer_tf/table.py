@@ -193,13 +193,7 @@ def _parser() -> argparse.ArgumentParser:
                    "(default: none, the published data alone)")
     p.add_argument("--out", default=None, help="output prefix: writes PREFIX_table.md and "
                    "PREFIX_table.csv (default: ROOT/benchmark, or ./published)")
-    p.add_argument("--tasks", nargs="+", default=None, help="default: the 20 paper tasks")
-    p.add_argument("--methods", nargs="+", default=None, help="default: every method under ROOT")
-    p.add_argument("--window", type=float, default=0.1,
-                   help="final-score window as a fraction of the budget (default 0.1)")
-    p.add_argument("--no-published", action="store_true", help="leave out the published data")
-    p.add_argument("--reps", type=int, default=10000, help="bootstrap replicates (default 10000)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    analysis.add_selection_args(p)
     return p
 
 
