@@ -73,9 +73,9 @@ def _save(figure, prefix: Path) -> list[Path]:
     paths = [Path(f"{prefix}.png"), Path(f"{prefix}.pdf")]
     for path in paths:
         if path.suffix == ".png":
-            figure.savefig(path, dpi=110)
+            figure.savefig(path, dpi=110, bbox_inches="tight")  # narrow grids: keep title and legend
         else:  # no creation date: regenerated figures stay byte-identical
-            figure.savefig(path, metadata={"CreationDate": None})
+            figure.savefig(path, metadata={"CreationDate": None}, bbox_inches="tight")
     return paths
 
 

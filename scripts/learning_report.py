@@ -33,6 +33,7 @@ def main(argv=None) -> int:
     parser.add_argument("--title", required=True)
     parser.add_argument("--command", default="", help="the command that made the runs")
     parser.add_argument("--bin-size", type=float, default=5000)
+    parser.add_argument("--note", default="", help="a paragraph for the report (budgets, machine load)")
     args = parser.parse_args(argv)
 
     rows, budget, tasks = [], 0, set()
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
         tasks.add(cfg.task)
 
     random = json.loads(args.random.read_text()) if args.random else None
-    lines = [f"# {args.title}", ""]
+    lines = [f"# {args.title}", ""] + ([args.note, ""] if args.note else [])
     if args.command:
         lines += ["Made with:", "", "```", args.command, "```", ""]
     if random:
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
     (args.out / "README.md").write_text("\n".join(lines) + "\n")
 
     from dreamer_tf import plotting
-    plotting.main(["--root", str(args.out), "--out", str(args.out / "curves"), "--tasks", *sorted(tasks),
+    plotting.main(["--root", str(args.out), "--out", str(args.out / args.out.name), "--tasks", *sorted(tasks),
                    "--bin-size", str(args.bin_size), "--budget", str(budget)])
     print(f"wrote {args.out / 'README.md'}")
     return 0
