@@ -69,7 +69,7 @@ def main(argv=None) -> int:
         present = [v for v in values if v is not None]
         cells = [f"{v:.1f}" if v is not None else "—" for v in values]
         lines.append(f"| {step} | " + " | ".join(cells) + f" | {np.mean(present):.1f} |")
-    lines += ["", "| run | status | env steps | wall time (h:mm) |", "|---|---|---|---|"]
+    lines += ["", "| run | status | env steps | wall time in metrics.jsonl (h:mm) |", "|---|---|---|---|"]
     for cfg, evals, wall, status in rows:
         lines.append(f"| {method_name(cfg)} seed {cfg.seed} | {status['status']} | {status['step']} | "
                      f"{int(wall // 3600)}:{int(wall % 3600 // 60):02d} |")
