@@ -98,6 +98,16 @@ class EpisodeError(ValueError):
 # Episode files
 # ----------------------------------------------------------------------------------------------
 
+def _check_keys(keys: list[str], where: str) -> None:
+    """Raise `EpisodeError` if required keys are missing or unknown keys are present."""
+    missing = [k for k in REQUIRED_KEYS if k not in keys]
+    if missing:
+        raise EpisodeError(f"{where} is missing key(s) {missing}; it has {sorted(keys)}")
+    unknown = sorted(set(keys) - set(_SPEC))
+    if unknown:
+        raise EpisodeError(f"{where} has unknown key(s) {unknown}; allowed: {list(_SPEC)}")
+
+
 def check_episode(episode: Mapping[str, Any]) -> int:
     """Validate an episode dict against the shared format; return its length T+1.
 
@@ -105,12 +115,7 @@ def check_episode(episode: Mapping[str, Any]) -> int:
     """
     if not isinstance(episode, Mapping):
         raise EpisodeError(f"episode must be a dict of numpy arrays, got {type(episode).__name__}")
-    missing = [k for k in REQUIRED_KEYS if k not in episode]
-    if missing:
-        raise EpisodeError(f"episode is missing key(s) {missing}; it has {sorted(episode)}")
-    unknown = sorted(set(episode) - set(_SPEC))
-    if unknown:
-        raise EpisodeError(f"episode has unknown key(s) {unknown}; allowed: {list(_SPEC)}")
+    _check_keys(list(episode), "episode")
     lengths = {}
     for key, value in episode.items():
         dtype, ndim = _SPEC[key]
@@ -233,12 +238,7 @@ def _load_parts(path: Path, with_images: bool) -> tuple[dict[str, np.ndarray], t
     # Open the file ourselves: np.load leaks the handle when the zip is unreadable.
     with open(path, "rb") as fileobj, _open_npz(path, fileobj) as npz:
         keys = sorted(k for k in npz.files)
-        missing = [k for k in REQUIRED_KEYS if k not in keys]
-        if missing:
-            raise EpisodeError(f"episode file {path} is missing key(s) {missing}; it has {keys}")
-        unknown = sorted(set(keys) - set(_SPEC))
-        if unknown:
-            raise EpisodeError(f"episode file {path} has unknown key(s) {unknown}")
+        _check_keys(keys, f"episode file {path}")
         arrays = {}
         try:
             for key in keys:
