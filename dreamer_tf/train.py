@@ -143,17 +143,13 @@ def evaluate(agent, env, episodes: int, video: bool = False) -> tuple[list[float
     """Run `episodes` episodes with the evaluation policy (mode action); returns returns, episodes."""
     obs_space, act_space = spaces(env)
     collector = Collector(env, act_space, obs_keys(obs_space))
-    returns, finished = [], []
-    while len(finished) < episodes:
-        collector.reset()
-        done = []
-        while not done:
-            action, collector.policy_state = agent.policy(collector.batch_obs(), collector.policy_state, False)
-            done = collector.step(np.asarray(action))
-        finished.extend(done)
-    for episode in finished:
-        returns.append(float(episode["reward"].sum()))
-    return returns, finished
+    finished: list[dict] = []
+    collector.reset()
+    while len(finished) < episodes:  # the collector resets finished envs (and their policy state)
+        action, collector.policy_state = agent.policy(collector.batch_obs(), collector.policy_state, False)
+        finished.extend(collector.step(np.asarray(action)))
+    finished = finished[:episodes]
+    return [float(episode["reward"].sum()) for episode in finished], finished
 
 
 class Trainer:
