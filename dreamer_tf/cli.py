@@ -49,7 +49,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = resolve_config(args)
     _check_task(config.task)
     _quiet_tf()
-    from dreamer_tf.train import Diverged, RunError, Trainer
+    from dreamer_tf.train import Diverged, RunError, Stopped, Trainer
     try:
         trainer = Trainer(config, args.logdir, force=args.force, tensorboard=not args.no_tensorboard)
     except RunError as e:
@@ -61,6 +61,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except Diverged as e:
         print(f"dreamer-tf: run diverged: {e}", file=sys.stderr)
         return 1
+    except Stopped as e:
+        print(f"dreamer-tf: {e}", file=sys.stderr)
+        return 128 + e.signum
     print(f"finished: {state['step']} env steps, {state['episodes']} episodes, logdir {args.logdir}")
     return 0
 

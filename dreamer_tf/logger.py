@@ -1,14 +1,17 @@
 """Run logging: `metrics.jsonl` (the source of truth), TensorBoard scalars/videos, a progress bar.
 
 `metrics.jsonl` holds one JSON object per line, each with an integer `step` (env steps). On resume
-`Logger.truncate(step)` drops rows written after the restored checkpoint, so a resumed run has no
-duplicate or out-of-order rows.
+`Logger.rollback(step)` drops rows and videos written after the restored checkpoint and rewrites
+the TensorBoard events from what is kept, so a resumed run shows no duplicate or out-of-order points
+anywhere.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
+import struct
 import sys
 import time
 from pathlib import Path
@@ -29,7 +32,10 @@ class Logger:
         if tensorboard:
             import tensorflow as tf  # lazy: keeps this module importable without TF
             self._tf = tf
-            self._tb = tf.summary.create_file_writer(str(self.logdir / "tb"), max_queue=100, flush_millis=10000)
+            self._tb = self._open_tensorboard()
+
+    def _open_tensorboard(self):
+        return self._tf.summary.create_file_writer(str(self.logdir / "tb"), max_queue=100, flush_millis=10000)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict:
         """Append one row (non-finite values are written as null) and mirror it to TensorBoard."""
@@ -43,12 +49,15 @@ class Logger:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
+        self._write_tensorboard(row)
+        return row
+
+    def _write_tensorboard(self, row: Mapping[str, Any]) -> None:
         if self._tb is not None:
             with self._tb.as_default():
                 for key, value in row.items():
                     if key != "step" and isinstance(value, (int, float)):
-                        self._tf.summary.scalar(_tb_name(key), value, step=int(step))
-        return row
+                        self._tf.summary.scalar(_tb_name(key), value, step=int(row["step"]))
 
     def video(self, step: int, name: str, frames: np.ndarray, fps: int = 16) -> Path:
         """Save uint8 frames [T, H, W, 3] as `videos/<name>_<step>.gif` and as a TensorBoard GIF."""
@@ -71,6 +80,32 @@ class Logger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+    def rollback(self, step: int) -> int:
+        """Resume at `step`: drop later metric rows and videos, and rewrite TensorBoard's events from
+        what is kept (appending would show the dropped points beside the redone ones). Returns rows kept."""
+        kept = self.truncate(step)
+        videos = []
+        for path in sorted((self.logdir / "videos").glob("*_*.gif")):
+            name, _, video_step = path.stem.rpartition("_")
+            if not video_step.isdigit():
+                continue
+            if int(video_step) > step:
+                path.unlink()
+            else:
+                videos.append((name, int(video_step), path))
+        if self._tb is not None:
+            self._tb.close()
+            shutil.rmtree(self.logdir / "tb", ignore_errors=True)  # derived data: rebuilt below
+            self._tb = self._open_tensorboard()
+            for row in read_metrics(self.path):
+                self._write_tensorboard(row)
+            for name, video_step, path in videos:
+                gif = path.read_bytes()
+                width, height = struct.unpack("<HH", gif[6:10])  # GIF logical screen size
+                _write_gif_summary(self._tf, self._tb, name, gif, (None, height, width, 3), video_step)
+            self._tb.flush()
+        return kept
 
     def truncate(self, step: int) -> int:
         """Drop rows with `step` > step and any partial last line; returns rows kept."""

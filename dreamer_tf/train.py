@@ -9,12 +9,19 @@ Env steps count simulator frames (action repeat included), as in the paper. Chec
 at episode boundaries every `checkpoint_every` env steps; a killed run restarts from the newest
 checkpoint: episodes stored after it are moved to `orphaned_episodes/` and metric rows after it
 are dropped, so the step count and metrics continue without gaps or duplicates.
+
+A first SIGINT (Ctrl-C) or SIGTERM (cluster pre-emption) stops the run gracefully: the episodes in
+progress are finished without training or evaluation (seconds), a checkpoint is taken and the run
+exits with `Stopped`, losing nothing. A second signal stops at once (resume from the newest
+periodic checkpoint, as after SIGKILL).
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,6 +44,15 @@ class Diverged(RuntimeError):
 
 class RunError(RuntimeError):
     """A run that cannot start as asked (config mismatch, bad logdir)."""
+
+
+class Stopped(Exception):
+    """The run stopped on a signal after saving a checkpoint; the same command resumes it."""
+
+    def __init__(self, signum: int, step: int):
+        self.signum, self.step = signum, step
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step} with a checkpoint; "
+                         f"run the same command to resume")
 
 
 def write_status(logdir: Path, status: str, step: int, steps: int, message: str = "") -> None:
@@ -166,10 +182,24 @@ class Trainer:
         self.state: dict[str, Any] = dict(step=0, episodes=0, last_episode="", next_train=0, next_eval=0,
                                           next_log=config.log_every, next_ckpt=0, pretrained=False, evals=0,
                                           nonfinite_streak=0, wall_time=0.0, rng=None, replay_rng=None)
+        self.stop_signal: int | None = None  # set by the first SIGINT/SIGTERM
+
+    # --- graceful stop ------------------------------------------------------------------
+    def _on_signal(self, signum: int, frame) -> None:
+        if self.stop_signal is not None:
+            raise KeyboardInterrupt  # second signal: stop now
+        self.stop_signal = signum
+        print(f"\n{signal.Signals(signum).name}: finishing the episodes in progress, then saving a "
+              f"checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def _install_signal_handlers(self) -> dict:
+        if threading.current_thread() is not threading.main_thread():
+            return {}  # signal handlers can only be set from the main thread
+        return {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     # --- set-up -------------------------------------------------------------------------
     def _rollback(self, saved: dict | None) -> None:
-        """Move episodes newer than the checkpoint aside and drop newer metric rows."""
+        """Move episodes newer than the checkpoint aside; drop newer metric rows and videos."""
         files = sorted(self.episode_dir.glob("*.npz")) if self.episode_dir.exists() else []
         keep = saved["last_episode"] if saved else ""
         newer = [f for f in files if f.name > keep] if keep else files
@@ -180,7 +210,7 @@ class Trainer:
                 os.replace(f, orphan / f.name)
             print(f"resume: moved {len(newer)} episode(s) stored after the checkpoint to {orphan}",
                   file=sys.stderr)
-        self.logger.truncate(saved["step"] if saved else -1)
+        self.logger.rollback(saved["step"] if saved else -1)
 
     def _build(self) -> None:
         import tensorflow as tf
@@ -223,9 +253,15 @@ class Trainer:
         train_metrics: dict[str, list[float]] = {}
         train_time = 0.0
         self.collector.reset()
+        previous_handlers = self._install_signal_handlers()
         try:
+            if s["pretrained"]:  # updates deferred by a graceful stop, before anything else
+                train_time += self._train_due(train_metrics)
             while s["step"] < c.steps:
-                if s["step"] >= s["next_eval"]:
+                if self.stop_signal is not None and self.collector.at_boundary:
+                    break
+                stopping = self.stop_signal is not None  # only finish the episodes: no eval, no training
+                if s["step"] >= s["next_eval"] and not stopping:
                     self._evaluate(progress)
                     s["next_eval"] += c.eval_every
                 if s["step"] >= s["next_ckpt"] and self.collector.at_boundary and s["nonfinite_streak"] == 0:
@@ -247,17 +283,8 @@ class Trainer:
                     progress.set(train_return=ret)
                     self.logger.write(s["step"], {"train_return": ret, "train_episodes": s["episodes"],
                                                   "train_length": (len(episode["reward"]) - 1) * c.action_repeat})
-                # Train: `pretrain` updates once prefill is done, then `train_steps` every `train_every`.
-                if s["step"] >= c.prefill and self.replay.num_episodes > 0:
-                    t0 = time.time()
-                    if not s["pretrained"]:
-                        self._train(c.pretrain, train_metrics)
-                        s["pretrained"] = True
-                        s["next_train"] = s["step"] + c.train_every
-                    while s["step"] >= s["next_train"]:
-                        self._train(c.train_steps, train_metrics)
-                        s["next_train"] += c.train_every
-                    train_time += time.time() - t0
+                if not stopping:  # while stopping, due updates wait: the resumed run does them first
+                    train_time += self._train_due(train_metrics)
                 if s["step"] >= s["next_log"]:
                     elapsed = time.time() - start_time
                     row = {k: float(np.mean(v)) for k, v in train_metrics.items()}
@@ -269,12 +296,20 @@ class Trainer:
                     train_metrics.clear()
                     s["next_log"] = s["step"] - s["step"] % c.log_every + c.log_every
                 progress.update(s["step"])
+            if self.stop_signal is not None and s["step"] < c.steps:
+                if s["nonfinite_streak"] == 0:
+                    self._checkpoint(wall_base + time.time() - start_time)
+                stopped = Stopped(self.stop_signal, s["step"])
+                write_status(self.logdir, "interrupted", s["step"], c.steps, str(stopped))
+                raise stopped
             # The final evaluation and checkpoint (an episode still in progress is not stored).
             if s["step"] >= s["next_eval"]:
                 self._evaluate(progress)
                 s["next_eval"] += c.eval_every
             self._checkpoint(wall_base + time.time() - start_time)
             write_status(self.logdir, "finished", s["step"], c.steps)
+        except Stopped:
+            raise
         except Diverged as e:
             write_status(self.logdir, "failed", s["step"], c.steps, str(e))
             raise
@@ -285,6 +320,8 @@ class Trainer:
             write_status(self.logdir, "failed", s["step"], c.steps, f"{type(e).__name__}: {e}")
             raise
         finally:
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
             progress.close()
             self._close()
         return dict(s)
@@ -297,6 +334,22 @@ class Trainer:
 
     def agent_updates(self) -> int:
         return int(self.agent.train_step_count.numpy())
+
+    def _train_due(self, accumulate: dict) -> float:
+        """`pretrain` updates once prefill is done, then `train_steps` every `train_every` env steps;
+        returns the seconds spent."""
+        c, s = self.config, self.state
+        if s["step"] < c.prefill or self.replay.num_episodes == 0:
+            return 0.0
+        start = time.time()
+        if not s["pretrained"]:
+            self._train(c.pretrain, accumulate)
+            s["pretrained"] = True
+            s["next_train"] = s["step"] + c.train_every
+        while s["step"] >= s["next_train"]:
+            self._train(c.train_steps, accumulate)
+            s["next_train"] += c.train_every
+        return time.time() - start
 
     def _train(self, steps: int, accumulate: dict) -> None:
         # One prefetching iterator per training phase, closed before episodes are added or a

@@ -4,8 +4,9 @@
         --out results/learning --title "cpu preset, dmc_cartpole_balance" --command "..."
 
 Each RUN_DIR is a `dreamer-tf train` logdir; its `metrics.jsonl`, `config.yaml` and `status.json`
-are copied to OUT/<task>/<method>/<seed>/ (the layout `dreamer-tf plot` reads). The random-policy
-return comes from `dreamer-tf eval --random` (its JSON).
+are copied to OUT/<task>/<method>/<seed>/ (the layout `dreamer-tf plot` reads), with the newest
+`eval/eval-<step>.json` of `dreamer-tf eval --logdir RUN_DIR --episodes N` if there is one (the final
+agent scored over N episodes). The random-policy return comes from `dreamer-tf eval --random`.
 """
 from __future__ import annotations
 
@@ -36,13 +37,18 @@ def main(argv=None) -> int:
     parser.add_argument("--note", default="", help="a paragraph for the report (budgets, machine load)")
     args = parser.parse_args(argv)
 
-    rows, budget, tasks = [], 0, set()
+    rows, finals, budget, tasks = [], [], 0, set()
     for run in args.runs:
         cfg = configlib.load_file(run / "config.yaml")
         dest = args.out / cfg.task / method_name(cfg) / str(cfg.seed)
         dest.mkdir(parents=True, exist_ok=True)
         for name in ("metrics.jsonl", "config.yaml", "status.json"):
             shutil.copy(run / name, dest / name)
+        scored = sorted(((json.loads(f.read_text()), f) for f in (run / "eval").glob("eval-[0-9]*.json")),
+                        key=lambda item: item[0]["step"])
+        if scored:
+            shutil.copy(scored[-1][1], dest / scored[-1][1].name)
+            finals.append((cfg, scored[-1][0]))
         metrics = read_metrics(run)
         evals = [(r["step"], r["test_return"]) for r in metrics if "test_return" in r]
         status = json.loads((run / "status.json").read_text())
@@ -54,6 +60,8 @@ def main(argv=None) -> int:
         tasks.add(cfg.task)
 
     random = json.loads(args.random.read_text()) if args.random else None
+    if random:
+        shutil.copy(args.random, args.out / "random_policy.json")
     lines = [f"# {args.title}", ""] + ([args.note, ""] if args.note else [])
     if args.command:
         lines += ["Made with:", "", "```", args.command, "```", ""]
@@ -69,6 +77,17 @@ def main(argv=None) -> int:
         present = [v for v in values if v is not None]
         cells = [f"{v:.1f}" if v is not None else "—" for v in values]
         lines.append(f"| {step} | " + " | ".join(cells) + f" | {np.mean(present):.1f} |")
+    if finals:
+        lines += ["", "The final agents scored with `dreamer-tf eval --logdir RUN --episodes N` (mode action, "
+                  "an environment seed not used in training):", "",
+                  "| run | env steps | episodes | test return | min | max |", "|---|---|---|---|---|---|"]
+        for cfg, result in finals:
+            lines.append(f"| {method_name(cfg)} seed {cfg.seed} | {result['step']} | {result['episodes']} | "
+                         f"**{result['mean']:.1f} ± {result['std']:.1f}** | {min(result['returns']):.1f} | "
+                         f"{max(result['returns']):.1f} |")
+        if random:
+            lines.append(f"| random policy | — | {random['episodes']} | {random['mean']:.1f} ± {random['std']:.1f} | "
+                         f"{min(random['returns']):.1f} | {max(random['returns']):.1f} |")
     lines += ["", "| run | status | env steps | wall time in metrics.jsonl (h:mm) |", "|---|---|---|---|"]
     for cfg, evals, wall, status in rows:
         lines.append(f"| {method_name(cfg)} seed {cfg.seed} | {status['status']} | {status['step']} | "

@@ -81,6 +81,40 @@ def test_tensorboard_scalars_and_gif(tmp_path):
     assert {"train/model_loss", "test/return", "video/openloop"} <= tags
 
 
+def _tensorboard_points(tb_dir):
+    """{(tag, step): count} over all event files, plus the GIF sizes of image summaries."""
+    points, sizes = {}, {}
+    for event_file in tb_dir.glob("events.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(event_file)):
+            for value in event.summary.value:
+                points[value.tag, event.step] = points.get((value.tag, event.step), 0) + 1
+                if value.HasField("image"):
+                    sizes[value.tag, event.step] = (value.image.height, value.image.width)
+    return points, sizes
+
+
+def test_rollback_rewrites_tensorboard_and_drops_later_videos(tmp_path):
+    """A resumed run's TensorBoard shows each kept point once and nothing after the checkpoint."""
+    log = Logger(tmp_path)
+    frames = np.zeros((3, 16, 24, 3), np.uint8)
+    for step in (0, 100, 200, 300):
+        log.write(step, {"model_loss": step / 10, "test_return": float(step)})
+        log.video(step, "openloop", frames)
+    log.close()
+    resumed = Logger(tmp_path)  # a restart from a checkpoint at step 100
+    assert resumed.rollback(100) == 2
+    resumed.write(200, {"model_loss": -1.0})  # the redone step
+    resumed.close()
+    points, sizes = _tensorboard_points(tmp_path / "tb")
+    assert points == {("train/model_loss", 0): 1, ("test/return", 0): 1, ("video/openloop", 0): 1,
+                      ("train/model_loss", 100): 1, ("test/return", 100): 1, ("video/openloop", 100): 1,
+                      ("train/model_loss", 200): 1}
+    assert sizes[("video/openloop", 100)] == (16, 24)
+    assert sorted(p.name for p in (tmp_path / "videos").glob("*.gif")) == [
+        "openloop_000000000.gif", "openloop_000000100.gif"]
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 100, 200]
+
+
 def test_gif_and_tiling_shapes():
     import imageio.v3 as iio
     frames = np.zeros((4, 8, 8, 3), np.uint8)

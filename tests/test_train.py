@@ -143,6 +143,44 @@ def test_sigkill_and_resume_continue_without_gaps_or_duplicates(tmp_path):
     assert json.loads((logdir / "status.json").read_text())["status"] == "finished"
 
 
+def test_sigint_finishes_the_episode_saves_and_resumes_losing_nothing(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, environment workers included): the run finishes
+    the episode in progress without training, checkpoints there and exits 130; resuming continues
+    with the deferred updates, and nothing is orphaned or counted twice."""
+    logdir = tmp_path / "stopped"
+    # Periodic checkpoints only at 0 and 1000; updates every 30 env steps fall inside episodes.
+    args = ["train", "--task", TASK, "--preset", "debug", "--logdir", str(logdir), "--no-tensorboard",
+            "--set", "steps=1000", "checkpoint_every=1000", "eval_every=500", "train_every=30"]
+    proc = subprocess.Popen([sys.executable, "-m", "dreamer_tf", *args], env=ENV, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 400
+    while len(list((logdir / "train_episodes").glob("*.npz"))) < 4:  # past prefill (2 episodes)
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() < deadline, "the run did not store 4 episodes in time"
+        time.sleep(0.2)
+    time.sleep(1.0)  # into the next episode
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "finishing the episodes in progress" in stderr
+    status = json.loads((logdir / "status.json").read_text())
+    stopped_at = status["step"]
+    assert status["status"] == "interrupted" and f"stopped by SIGINT at step {stopped_at}" in stderr
+    assert 400 <= stopped_at < 1000 and stopped_at % 100 == 0  # an episode boundary
+    assert (logdir / "checkpoints" / f"ckpt-{stopped_at:012d}").is_dir()
+    assert len(list((logdir / "train_episodes").glob("*.npz"))) == stopped_at // 100
+
+    done = cli(*args)
+    assert f"resume: restored ckpt-{stopped_at:012d}" in done.stderr
+    assert not (logdir / "orphaned_episodes").exists()  # nothing after the checkpoint was lost
+    rows = read_metrics(logdir)
+    assert [r["train_episodes"] for r in rows if "train_return" in r] == list(range(1, 11))
+    assert [r["step"] for r in rows if "test_return" in r] == [0, 500, 1000]
+    # Every update of an uninterrupted run: pretrain at prefill, then 2 every 30 env steps.
+    assert max(r.get("train_updates", 0) for r in rows) == 2 + 2 * (1 + (1000 - 200 - 30) // 30)
+    assert json.loads((logdir / "status.json").read_text())["status"] == "finished"
+
+
 def test_same_seed_same_first_losses(tmp_path):
     def first_losses(name):
         logdir = tmp_path / name

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import os
+import signal
 import sys
 import traceback
 from multiprocessing.connection import Connection
@@ -75,6 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fd", type=int, required=True, help="inherited socket file descriptor")
     args = parser.parse_args(argv)
+    # Ctrl-C in a terminal reaches the whole process group: the trainer finishes its episodes
+    # before stopping, so its workers must outlive that SIGINT (they exit when the trainer does).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     faulthandler.enable()  # a segfault prints the Python stack to stderr, which the parent reports
     os.environ.setdefault("MUJOCO_GL", "egl")
     _assert_no_tensorflow("at start")
