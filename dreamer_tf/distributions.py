@@ -42,6 +42,39 @@ class ClippedTanh(tfb.Tanh):
         return tf.atanh(tf.clip_by_value(y, -limit, limit))
 
 
+def tanh_normal_mode(loc: tf.Tensor, scale: tf.Tensor, iterations: int = 30) -> tf.Tensor:
+    """The exact mode of tanh(x), x ~ N(loc, scale^2), per dimension (the argmax of its density).
+
+    In x-space the log-density is f(x) = -(x - loc)^2 / (2 scale^2) + 2 log cosh(x) + const, so its
+    maxima are fixed points of x = loc + 2 scale^2 tanh(x). Iterating that increasing map from
+    loc +- 2 scale^2 converges monotonically to the largest and the smallest fixed point, which are
+    the (at most two) local maxima; Newton steps then sharpen slow cases (scale^2 near 1/2) and the
+    higher of the two is returned. For scale^2 <= 1/2 there is one maximum; as the scale grows the
+    mode moves to the bounds +-1 (the Jacobian 1/(1-y^2) piles density there).
+    """
+    return tf.tanh(_tanh_normal_mode_x(to_float32(loc), to_float32(scale), iterations))
+
+
+def _tanh_normal_mode_x(loc: tf.Tensor, scale: tf.Tensor, iterations: int) -> tf.Tensor:
+    """atanh of `tanh_normal_mode` (kept separate: tanh rounds large x to exactly +-1)."""
+    var2 = 2.0 * tf.square(scale)
+
+    def log_density(x):  # f(x) above, with log cosh(x) = |x| + softplus(-2|x|) - log 2
+        return -tf.square(x - loc) / var2 + 2.0 * (tf.abs(x) + tf.math.softplus(-2.0 * tf.abs(x)))
+
+    def refine(x):
+        for _ in range(iterations):
+            x = loc + var2 * tf.tanh(x)
+        for _ in range(iterations):
+            grad = -2.0 * (x - loc) / var2 + 2.0 * tf.tanh(x)
+            curv = -2.0 / var2 + 2.0 * (1.0 - tf.square(tf.tanh(x)))
+            x = tf.where(curv < 0.0, x - grad / tf.where(curv < 0.0, curv, -1.0), x)
+        return x
+
+    upper, lower = refine(loc + var2), refine(loc - var2)
+    return tf.where(log_density(upper) >= log_density(lower), upper, lower)
+
+
 class TanhNormal(tfd.TransformedDistribution):
     """tanh(x) with x ~ Normal(loc, scale) independently per dimension; the event is the last axis.
 
@@ -49,11 +82,11 @@ class TanhNormal(tfd.TransformedDistribution):
     - `log_prob(y)` = sum_i [log N(atanh y_i; mean_i, std_i) - log(1 - y_i^2)], with the
       log-det computed stably from x = atanh(y) and y clipped into (-1, 1) (see `ClippedTanh`).
       For a value returned by `sample` of the same object TFP reuses the cached x, so no atanh.
-    - `mode()` returns tanh(loc). This is the exact per-dimension *median* (tanh is monotone) and
-      the image of the Gaussian's mode. The density's true mode is not tanh(loc) (the Jacobian
-      moves mass to +-1, and for the initial std of 5 the density peaks at the bounds); the
-      reference estimated the mode as the most likely of 100 samples, which is random and costly.
-      tanh(loc) is deterministic, cheap and what the policy is centred on, so evaluation uses it.
+    - `mode()` is the exact mode: the per-dimension argmax of the density (`tanh_normal_mode`). It
+      is tanh(loc) only for small scales; for wide scales the Jacobian 1/(1-y^2) moves it to the
+      bounds +-1. The reference evaluated the most likely of 100 samples, a random estimate of this
+      same point, so evaluation with `mode()` follows the published protocol without the sampling.
+      `median()` is tanh(loc) (tanh is monotone).
     - `entropy(seed=..., sample_count=...)` has no closed form. It is computed as
       H[y] = H[x] + E_x[log|dy/dx|]: the Gaussian entropy exactly plus a Monte-Carlo estimate of
       the expected log-det (`sample_count` samples, default 16, stateless `seed`), which has much
@@ -86,10 +119,13 @@ class TanhNormal(tfd.TransformedDistribution):
         return self._scale
 
     def _mode(self, **kwargs):
+        return tanh_normal_mode(self._loc, self._scale)
+
+    def median(self) -> tf.Tensor:
         return tf.tanh(self._loc)
 
     def _mean(self, **kwargs):
-        raise NotImplementedError("TanhNormal has no closed-form mean; use mode() or samples")
+        raise NotImplementedError("TanhNormal has no closed-form mean; use mode(), median() or samples")
 
     def _entropy(self, seed=None, sample_count: int = 16, **kwargs):
         gaussian = tf.reduce_sum(0.5 * np.log(2.0 * np.pi * np.e) + tf.math.log(self._scale), -1)

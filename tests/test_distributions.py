@@ -57,11 +57,41 @@ def test_sample_and_log_prob_finite_for_saturated_samples():
     assert np.all(np.isfinite(dist.log_prob(y).numpy()))
 
 
-def test_mode_is_tanh_loc_and_shapes():
+def test_median_is_tanh_loc_and_shapes():
     dist = TanhNormal(LOC, SCALE)
-    np.testing.assert_allclose(dist.mode().numpy(), np.tanh(LOC), rtol=1e-6)
+    np.testing.assert_allclose(dist.median().numpy(), np.tanh(LOC), rtol=1e-6)
+    assert dist.mode().shape == (2, 3)
     assert dist.batch_shape == (2,) and dist.event_shape == (3,)
     assert dist.sample(5, seed=(1, 1)).shape == (5, 2, 3)
+
+
+def _log_density_x(x, loc, scale):
+    """ln p(tanh x) in x-space up to a constant: ln N(x; loc, scale) + 2 ln cosh x (float64)."""
+    return -0.5 * ((x - loc) / scale) ** 2 + 2 * (np.abs(x) + np.log1p(np.exp(-2 * np.abs(x))))
+
+
+def test_mode_is_the_argmax_of_the_density():
+    """Against a fine grid, over narrow, wide and near-critical (scale^2 ~ 1/2, two maxima merging)
+    scales; compared in x = atanh(y) because float32 rounds saturated modes to exactly +-1."""
+    from dreamer_tf.distributions import _tanh_normal_mode_x
+    rng = np.random.default_rng(0)
+    loc = np.concatenate([rng.uniform(-6, 6, 300), [0.0, 0.0, 0.01, 0.3, -0.2, 2.0, -1.0]])
+    scale = np.concatenate([np.exp(rng.uniform(np.log(1e-3), np.log(8), 300)),
+                            [0.7071, 0.70, 0.7071, 0.72, 0.69, 3.0, 0.1]])
+    x = _tanh_normal_mode_x(tf.constant(loc, tf.float32), tf.constant(scale, tf.float32), 30).numpy()
+    for l, s, xi in zip(loc, scale, x.astype(np.float64)):
+        grid = np.linspace(min(l - 2 * s * s, -1) - 5, max(l + 2 * s * s, 1) + 5, 200001)
+        density = _log_density_x(grid, l, s)
+        best = grid[np.argmax(density)]
+        assert _log_density_x(xi, l, s) >= density.max() - 1e-3, (l, s, xi, best)
+        assert abs(np.tanh(xi) - np.tanh(best)) < 1e-3, (l, s, xi, best)
+    y = TanhNormal(loc[None].astype(np.float32), scale[None].astype(np.float32)).mode().numpy()[0]
+    np.testing.assert_allclose(y, np.tanh(x), atol=1e-6)
+    # Hand cases: narrow -> tanh(loc); wide -> the bound on loc's side; wide and centred -> a bound.
+    narrow, wide = TanhNormal([[0.5, -0.5]], [[0.01, 0.01]]), TanhNormal([[0.5, -0.5]], [[4.0, 4.0]])
+    np.testing.assert_allclose(narrow.mode().numpy(), np.tanh([[0.5, -0.5]]), atol=1e-4)
+    np.testing.assert_allclose(wide.mode().numpy(), [[1.0, -1.0]], atol=1e-6)
+    assert abs(TanhNormal([[0.0]], [[5.0]]).mode().numpy()[0, 0]) > 0.999999
 
 
 def test_entropy_matches_numerical_integral():
