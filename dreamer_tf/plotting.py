@@ -85,9 +85,15 @@ def _title(task: str) -> str:
 
 def plot_curves(runs: Sequence[Run], out_prefix: str | Path, tasks: Sequence[str] | None = None,
                 published: Sequence[Run] = (), paper: dict | None = None, bin_size: float = 1e5,
-                budget: float = 5e6, spread: str = "std", columns: int = 5) -> list[Path]:
-    """Grid of learning curves, one panel per task; returns the written PNG and PDF paths."""
-    paper = paper or {}
+                budget: float = 5e6, spread: str = "std", columns: int = 5,
+                random_policy: dict[str, float] | None = None) -> list[Path]:
+    """Grid of learning curves, one panel per task; returns the written PNG and PDF paths.
+
+    Bins without data are bridged (the published curves have one point per 1e5 steps);
+    `random_policy` {task: return} adds a dotted line for the random-policy baseline.
+    """
+    from matplotlib.ticker import EngFormatter
+    paper, random_policy = paper or {}, random_policy or {}
     methods = sorted({r.method for r in runs}, key=lambda m: (m != "dreamer", m))
     if tasks is None:
         tasks = list(analysis.BENCHMARK_TASKS) + sorted(
@@ -108,9 +114,15 @@ def plot_curves(runs: Sequence[Run], out_prefix: str | Path, tasks: Sequence[str
             x, mean, low, high = curve_stats(group, bin_size, budget, spread)
             label = ("Dreamer, published curves" if method == PUBLISHED_METHOD
                      else f"{method} (this run)")
-            line, = ax.plot(x, mean, color=color, lw=1.4, label=label)
+            keep = np.isfinite(mean)
+            x, mean, low, high = x[keep], mean[keep], low[keep], high[keep]
+            line, = ax.plot(x, mean, color=color, lw=1.4, label=label, marker="." if x.size < 30 else None,
+                            markersize=4)
             ax.fill_between(x, low, high, color=color, alpha=0.2, lw=0)
             handles.setdefault(label, line)
+        if task in random_policy:
+            line = ax.axhline(random_policy[task], color="black", ls=":", lw=1.2, label="random policy")
+            handles.setdefault("random policy", line)
         for column, color in _BASELINE_STYLE.items():
             value = paper.get(task, {}).get(column)
             if value is not None:
@@ -122,7 +134,7 @@ def plot_curves(runs: Sequence[Run], out_prefix: str | Path, tasks: Sequence[str
         ax.set_xlim(0, budget)
         ax.set_ylim(-20, 1030)
         ax.tick_params(labelsize=7)
-        ax.xaxis.get_offset_text().set_fontsize(7)
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 20k, 1M
         ax.grid(alpha=0.3)
         if index % columns == 0:
             ax.set_ylabel("test return", fontsize=8)
@@ -203,8 +215,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=5e6, help="x-axis extent in env steps (default 5e6)")
     p.add_argument("--spread", choices=["std", "ci"], default="std",
                    help="shaded band: std across seeds (default) or 95%% bootstrap CI of the mean")
+    p.add_argument("--random-policy", nargs="+", default=[], metavar="TASK=RETURN",
+                   help="draw a random-policy baseline, e.g. dmc_cheetah_run=7.4 (dreamer-tf eval --random)")
     analysis.add_selection_args(p)
     return p
+
+
+def _parse_random_policy(items: Sequence[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        task, sep, value = item.partition("=")
+        try:
+            out[task] = float(value)
+        except ValueError:
+            raise ValueError(f"--random-policy expects TASK=RETURN, got {item!r}") from None
+        if not sep or not task:
+            raise ValueError(f"--random-policy expects TASK=RETURN, got {item!r}")
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -225,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prefix = Path(args.out) if args.out else (Path(args.root) / "benchmark" if args.root
                                                   else Path("published"))
         written = plot_curves(runs, f"{prefix}_curves", tasks, published, paper, args.bin_size,
-                              args.budget, args.spread)
+                              args.budget, args.spread, random_policy=_parse_random_policy(args.random_policy))
         summaries = analysis.summarize([r for r in runs + published if r.task in set(tasks)],
                                        window=args.window)
         written += plot_aggregate(summaries, f"{prefix}_aggregate", tasks, paper, args.reps, args.seed)

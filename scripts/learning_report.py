@@ -95,8 +95,10 @@ def main(argv=None) -> int:
     (args.out / "README.md").write_text("\n".join(lines) + "\n")
 
     from dreamer_tf import plotting
+    baseline = [f"{task}={random['mean']}" for task in sorted(tasks)] if random else []
     plotting.main(["--root", str(args.out), "--out", str(args.out / args.out.name), "--tasks", *sorted(tasks),
-                   "--bin-size", str(args.bin_size), "--budget", str(budget)])
+                   "--bin-size", str(args.bin_size), "--budget", str(budget)]
+                  + (["--random-policy", *baseline] if baseline else []))
     print(f"wrote {args.out / 'README.md'}")
     return 0
 

@@ -70,3 +70,16 @@ def test_plot_rejects_bad_options(tmp_path, capsys):
     assert "--bin-size" in capsys.readouterr().err
     assert plotting.main(["--root", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_random_policy_baseline_option(tmp_path, capsys):
+    root = tmp_path / "runs"
+    _write_run(root, "dmc_cheetah_run", 0, [(0, 5.0), (5_000, 2.0), (60_000, 80.0)])
+    out = tmp_path / "learning"
+    args = ["--root", str(root), "--out", str(out), "--tasks", "dmc_cheetah_run", "--bin-size", "5000",
+            "--budget", "60000", "--reps", "100"]
+    assert plotting.main(args + ["--random-policy", "dmc_cheetah_run=7.4"]) == 0
+    _check_images([Path(f"{out}_curves.png"), Path(f"{out}_curves.pdf")], Path(f"{out}_curves"))
+    capsys.readouterr()
+    assert plotting.main(args + ["--random-policy", "dmc_cheetah_run:7.4"]) == 2
+    assert "TASK=RETURN, got 'dmc_cheetah_run:7.4'" in capsys.readouterr().err
