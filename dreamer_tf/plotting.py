@@ -86,11 +86,12 @@ def _title(task: str) -> str:
 def plot_curves(runs: Sequence[Run], out_prefix: str | Path, tasks: Sequence[str] | None = None,
                 published: Sequence[Run] = (), paper: dict | None = None, bin_size: float = 1e5,
                 budget: float = 5e6, spread: str = "std", columns: int = 5,
-                random_policy: dict[str, float] | None = None) -> list[Path]:
+                random_policy: dict[str, float] | None = None, ymax: float = 1030.0) -> list[Path]:
     """Grid of learning curves, one panel per task; returns the written PNG and PDF paths.
 
     Bins without data are bridged (the published curves have one point per 1e5 steps);
-    `random_policy` {task: return} adds a dotted line for the random-policy baseline.
+    `random_policy` {task: return} adds a dotted line for the random-policy baseline; `ymax` zooms
+    the y-axis for short runs (lines above it are cut off).
     """
     from matplotlib.ticker import EngFormatter
     paper, random_policy = paper or {}, random_policy or {}
@@ -132,7 +133,7 @@ def plot_curves(runs: Sequence[Run], out_prefix: str | Path, tasks: Sequence[str
         note = ", ".join(f"{n} seeds" for n in seeds.values() if n)
         ax.set_title(_title(task) + (f" ({note})" if note else ""), fontsize=9)
         ax.set_xlim(0, budget)
-        ax.set_ylim(-20, 1030)
+        ax.set_ylim(-0.02 * ymax, ymax)
         ax.tick_params(labelsize=7)
         ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 20k, 1M
         ax.grid(alpha=0.3)
@@ -215,6 +216,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=5e6, help="x-axis extent in env steps (default 5e6)")
     p.add_argument("--spread", choices=["std", "ci"], default="std",
                    help="shaded band: std across seeds (default) or 95%% bootstrap CI of the mean")
+    p.add_argument("--ymax", type=float, default=1030.0, help="top of the curves' y-axis (default 1030; "
+                   "lower it to zoom into short runs)")
     p.add_argument("--random-policy", nargs="+", default=[], metavar="TASK=RETURN",
                    help="draw a random-policy baseline, e.g. dmc_cheetah_run=7.4 (dreamer-tf eval --random)")
     analysis.add_selection_args(p)
@@ -239,9 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.root is None and args.no_published:
         print("error: nothing to plot: give --root or drop --no-published", file=sys.stderr)
         return 2
-    if args.bin_size <= 0 or args.budget <= 0:
-        print(f"error: --bin-size and --budget must be positive, got {args.bin_size} and "
-              f"{args.budget}", file=sys.stderr)
+    if args.bin_size <= 0 or args.budget <= 0 or args.ymax <= 0:
+        print(f"error: --bin-size, --budget and --ymax must be positive, got {args.bin_size}, "
+              f"{args.budget} and {args.ymax}", file=sys.stderr)
         return 2
     try:
         runs = analysis.find_runs(args.root, args.tasks, args.methods) if args.root else []
@@ -252,7 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prefix = Path(args.out) if args.out else (Path(args.root) / "benchmark" if args.root
                                                   else Path("published"))
         written = plot_curves(runs, f"{prefix}_curves", tasks, published, paper, args.bin_size,
-                              args.budget, args.spread, random_policy=_parse_random_policy(args.random_policy))
+                              args.budget, args.spread, random_policy=_parse_random_policy(args.random_policy),
+                              ymax=args.ymax)
         summaries = analysis.summarize([r for r in runs + published if r.task in set(tasks)],
                                        window=args.window)
         written += plot_aggregate(summaries, f"{prefix}_aggregate", tasks, paper, args.reps, args.seed)

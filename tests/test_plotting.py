@@ -78,8 +78,10 @@ def test_random_policy_baseline_option(tmp_path, capsys):
     out = tmp_path / "learning"
     args = ["--root", str(root), "--out", str(out), "--tasks", "dmc_cheetah_run", "--bin-size", "5000",
             "--budget", "60000", "--reps", "100"]
-    assert plotting.main(args + ["--random-policy", "dmc_cheetah_run=7.4"]) == 0
+    assert plotting.main(args + ["--random-policy", "dmc_cheetah_run=7.4", "--ymax", "150"]) == 0
     _check_images([Path(f"{out}_curves.png"), Path(f"{out}_curves.pdf")], Path(f"{out}_curves"))
     capsys.readouterr()
     assert plotting.main(args + ["--random-policy", "dmc_cheetah_run:7.4"]) == 2
     assert "TASK=RETURN, got 'dmc_cheetah_run:7.4'" in capsys.readouterr().err
+    assert plotting.main(args + ["--ymax", "0"]) == 2
+    assert "--ymax must be positive, got" in capsys.readouterr().err
