@@ -62,16 +62,16 @@ def _tanh_normal_mode_x(loc: tf.Tensor, scale: tf.Tensor, iterations: int) -> tf
     def log_density(x):  # f(x) above, with log cosh(x) = |x| + softplus(-2|x|) - log 2
         return -tf.square(x - loc) / var2 + 2.0 * (tf.abs(x) + tf.math.softplus(-2.0 * tf.abs(x)))
 
-    def refine(x):
-        for _ in range(iterations):
-            x = loc + var2 * tf.tanh(x)
-        for _ in range(iterations):
-            grad = -2.0 * (x - loc) / var2 + 2.0 * tf.tanh(x)
-            curv = -2.0 / var2 + 2.0 * (1.0 - tf.square(tf.tanh(x)))
-            x = tf.where(curv < 0.0, x - grad / tf.where(curv < 0.0, curv, -1.0), x)
-        return x
-
-    upper, lower = refine(loc + var2), refine(loc - var2)
+    # Both starting points in one tensor [2, ...]: the upper and the lower fixed point at once.
+    x = tf.stack([loc + var2, loc - var2])
+    for _ in range(iterations):
+        x = loc + var2 * tf.tanh(x)
+    for _ in range(iterations):
+        tanh = tf.tanh(x)
+        grad = -2.0 * (x - loc) / var2 + 2.0 * tanh
+        curv = -2.0 / var2 + 2.0 * (1.0 - tf.square(tanh))
+        x = tf.where(curv < 0.0, x - grad / tf.where(curv < 0.0, curv, -1.0), x)
+    upper, lower = x[0], x[1]
     return tf.where(log_density(upper) >= log_density(lower), upper, lower)
 
 

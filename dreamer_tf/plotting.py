@@ -227,13 +227,13 @@ def _parser() -> argparse.ArgumentParser:
 def _parse_random_policy(items: Sequence[str]) -> dict[str, float]:
     out = {}
     for item in items:
-        task, sep, value = item.partition("=")
+        task, _, value = item.partition("=")  # no "=": value is "" and float() refuses it
         try:
+            if not task:
+                raise ValueError
             out[task] = float(value)
         except ValueError:
             raise ValueError(f"--random-policy expects TASK=RETURN, got {item!r}") from None
-        if not sep or not task:
-            raise ValueError(f"--random-policy expects TASK=RETURN, got {item!r}")
     return out
 
 
