@@ -63,9 +63,7 @@ class Dreamer(tf.Module):
         self.config = config
         c = config
         self._check_spaces(obs_space, act_space)
-        self.discrete = self._is_discrete(c, act_space)
-        # `auto`: Gaussian noise for continuous actions (DMC), epsilon-greedy for discrete (Atari).
-        self.expl = c.expl if c.expl != "auto" else ("epsilon_greedy" if self.discrete else "additive_gaussian")
+        self.discrete, self.expl = self._action_kind(c, act_space)
         self.action_size = int(act_space.n) if self.discrete else int(act_space.shape[0])
         self.precision = int(c.precision)
         policy = dtype_policy(self.precision)
@@ -126,7 +124,9 @@ class Dreamer(tf.Module):
                                  f"got low={low.tolist()} high={high.tolist()}")
 
     @staticmethod
-    def _is_discrete(c: Mapping[str, Any], act_space: Any) -> bool:
+    def _action_kind(c: Mapping[str, Any], act_space: Any) -> tuple[bool, str]:
+        """(discrete?, exploration kind), checked against the action space. `expl: auto` means
+        Gaussian noise for continuous actions (DMC) and epsilon-greedy for discrete ones (Atari)."""
         has_n = getattr(act_space, "n", None) is not None
         if c.action_dist == "auto":
             discrete = has_n
@@ -142,7 +142,7 @@ class Dreamer(tf.Module):
         if not discrete and expl == "epsilon_greedy":
             raise ValueError("expl 'epsilon_greedy' is for discrete actions; use expl=additive_gaussian "
                              "(or none) with continuous actions")
-        return discrete
+        return discrete, expl
 
     def _build_modules(self) -> None:
         """Create every variable now (eagerly) so optimisers and checkpoints see them all."""
