@@ -433,6 +433,8 @@ def aggregate(summaries: Mapping[str, TaskSummary], tasks: Iterable[str] | None 
 
 def add_selection_args(p) -> None:
     """The options `dreamer-tf plot` and `dreamer-tf table` share: which runs, and how to score them."""
+    p.add_argument("--root", default=None, help="benchmark root ROOT/<task>/<method>/<seed>/ "
+                   "(default: none, the published data alone)")
     p.add_argument("--tasks", nargs="+", default=None, help="default: the 20 paper tasks")
     p.add_argument("--methods", nargs="+", default=None, help="default: every method under ROOT")
     p.add_argument("--window", type=float, default=0.1,
@@ -440,3 +442,17 @@ def add_selection_args(p) -> None:
     p.add_argument("--no-published", action="store_true", help="leave out the published data")
     p.add_argument("--reps", type=int, default=10000, help="bootstrap replicates (default 10000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+
+
+def selection_error(args, verb: str) -> str | None:
+    """The message for a selection with nothing to `verb` (no --root and --no-published), else None."""
+    if args.root is None and args.no_published:
+        return f"nothing to {verb}: give --root or drop --no-published"
+    return None
+
+
+def output_prefix(args) -> Path:
+    """--out, else ROOT/benchmark, else ./published."""
+    if args.out:
+        return Path(args.out)
+    return Path(args.root) / "benchmark" if args.root else Path("published")

@@ -207,8 +207,6 @@ def plot_aggregate(summaries: dict[str, dict[str, analysis.TaskSummary]], out_pr
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dreamer-tf plot", description=__doc__.split("\n\n")[0])
-    p.add_argument("--root", default=None, help="benchmark root ROOT/<task>/<method>/<seed>/ "
-                   "(default: none, the published data alone)")
     p.add_argument("--out", default=None, help="output prefix: writes PREFIX_curves.png/.pdf and "
                    "PREFIX_aggregate.png/.pdf (default: ROOT/benchmark, or ./published)")
     p.add_argument("--bin-size", type=float, default=1e5, help="env steps per bin (default 1e5, "
@@ -239,8 +237,9 @@ def _parse_random_policy(items: Sequence[str]) -> dict[str, float]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.root is None and args.no_published:
-        print("error: nothing to plot: give --root or drop --no-published", file=sys.stderr)
+    error = analysis.selection_error(args, "plot")
+    if error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     if args.bin_size <= 0 or args.budget <= 0 or args.ymax <= 0:
         print(f"error: --bin-size, --budget and --ymax must be positive, got {args.bin_size}, "
@@ -252,8 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         paper = {} if args.no_published else analysis.load_paper_table()
         tasks = args.tasks or (list(analysis.BENCHMARK_TASKS) + sorted(
             {r.task for r in runs} - set(analysis.BENCHMARK_TASKS)))
-        prefix = Path(args.out) if args.out else (Path(args.root) / "benchmark" if args.root
-                                                  else Path("published"))
+        prefix = analysis.output_prefix(args)
         written = plot_curves(runs, f"{prefix}_curves", tasks, published, paper, args.bin_size,
                               args.budget, args.spread, random_policy=_parse_random_policy(args.random_policy),
                               ymax=args.ymax)

@@ -189,8 +189,6 @@ def to_csv(table: Table) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dreamer-tf table", description=__doc__.split("\n\n")[0])
-    p.add_argument("--root", default=None, help="benchmark root ROOT/<task>/<method>/<seed>/ "
-                   "(default: none, the published data alone)")
     p.add_argument("--out", default=None, help="output prefix: writes PREFIX_table.md and "
                    "PREFIX_table.csv (default: ROOT/benchmark, or ./published)")
     analysis.add_selection_args(p)
@@ -199,8 +197,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.root is None and args.no_published:
-        print("error: nothing to tabulate: give --root or drop --no-published", file=sys.stderr)
+    error = analysis.selection_error(args, "tabulate")
+    if error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     try:
         table = build_table(args.root, args.tasks, args.methods, args.window,
@@ -208,8 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    prefix = Path(args.out) if args.out else (Path(args.root) / "benchmark" if args.root
-                                              else Path("published"))
+    prefix = analysis.output_prefix(args)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     markdown = to_markdown(table)
     Path(f"{prefix}_table.md").write_text(markdown)
