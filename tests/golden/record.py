@@ -1,0 +1,108 @@
+"""Record (or recompute) the golden metrics that pin the agent's and the loop's behaviour.
+
+    python tests/golden/record.py            # writes tests/golden/debug_seed0.json
+    python tests/golden/record.py --print    # prints the values without writing
+
+Two parts, both through public entry points only, so the file written before a refactor checks
+the code after it (tests/test_golden.py):
+  agent: 20 train steps of a seeded `debug`-sized agent on seeded synthetic batches (every
+         metric of every step), then 5 policy steps (training and evaluation mode);
+  run:   a seeded `dreamer-tf train --preset debug` run: every row of metrics.jsonl and, per
+         stored episode, its length and the sums of reward, action and image.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+GOLDEN = HERE / "debug_seed0.json"
+TASK = "dmc_cartpole_balance"
+RUN_ARGS = ["--task", TASK, "--preset", "debug", "--no-tensorboard", "--seed", "0",
+            "--set", "steps=500", "eval_every=250", "video_every=0"]
+WALL_CLOCK_KEYS = ("env_steps_per_second", "train_seconds", "wall_time")
+
+
+class _Box:
+    def __init__(self, shape, low=-1.0, high=1.0, dtype=np.float32):
+        self.shape, self.dtype = tuple(shape), dtype
+        self.low, self.high = np.full(shape, low, np.float32), np.full(shape, high, np.float32)
+
+
+def agent_metrics(steps: int = 20) -> dict:
+    from dreamer_tf import config as configlib
+    from dreamer_tf.agent import Dreamer
+    config = configlib.load("debug", {"seed": 0})
+    agent = Dreamer(config, {"image": _Box((64, 64, 3), 0, 255, np.uint8)}, _Box((2,)))
+    rng = np.random.default_rng(0)
+    shape = (config.batch_size, config.batch_length)
+    train = []
+    for _ in range(steps):
+        batch = {"image": rng.integers(0, 256, shape + (64, 64, 3), dtype=np.uint8),
+                 "action": rng.uniform(-1, 1, shape + (2,)).astype(np.float32),
+                 "reward": rng.normal(size=shape).astype(np.float32)}
+        train.append({k: float(v) for k, v in sorted(agent.train(batch).items())})
+    actions, state = [], None
+    for t in range(5):
+        obs = {"image": rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8), "reset": np.array([t == 0] * 2)}
+        action, state = agent.policy(obs, state, training=t % 2 == 0)
+        actions.append(np.asarray(action).tolist())
+    return {"train": train, "policy_actions": actions}
+
+
+def run_metrics() -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        logdir = Path(tmp) / "run"
+        cmd = [sys.executable, "-m", "dreamer_tf", "train", "--logdir", str(logdir), *RUN_ARGS]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                              env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+        if proc.returncode != 0:
+            raise RuntimeError(f"golden run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        rows = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
+        rows = [{k: v for k, v in row.items() if k not in WALL_CLOCK_KEYS} for row in rows]
+        episodes = []
+        prefill = 200 // 100  # episodes (100 frames each) that end within the 200 prefill frames
+        for index, path in enumerate(sorted((logdir / "train_episodes").glob("*.npz"))):
+            with np.load(path) as data:
+                episodes.append({"length": int(len(data["reward"])), "reward": float(data["reward"].sum()),
+                                 "action": float(data["action"].astype(np.float64).sum()),
+                                 "image": int(data["image"].astype(np.int64).sum()),
+                                 "prefill": index < prefill})
+    return {"metrics": rows, "episodes": episodes}
+
+
+def fingerprint() -> dict:
+    """What decides float rounding: TF version, the CPU's widest vector ISA, oneDNN on or off."""
+    from importlib.metadata import version
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return {"tensorflow": version("tensorflow"), "avx512f": " avx512f " in flags.replace("\n", " "),
+            "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default")}
+
+
+def compute() -> dict:
+    return {"agent": agent_metrics(), "run": run_metrics(), "fingerprint": fingerprint()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--print", action="store_true", help="print instead of writing the golden file")
+    args = parser.parse_args()
+    values = compute()
+    text = json.dumps(values, indent=1, sort_keys=True) + "\n"
+    if args.print:
+        print(text)
+    else:
+        GOLDEN.write_text(text)
+        print(f"wrote {GOLDEN}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
