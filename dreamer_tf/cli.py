@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -49,13 +48,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = resolve_config(args)
     _check_task(config.task)
     _quiet_tf()
-    from dreamer_tf.train import Diverged, RunError, Stopped, Trainer
+    from dreamer_tf.run.logdir import Diverged, RunError, Stopped
+    from dreamer_tf.run.loop import Trainer
     try:
-        trainer = Trainer(config, args.logdir, force=args.force, tensorboard=not args.no_tensorboard)
-    except RunError as e:
-        raise UsageError(str(e)) from None
-    try:
-        state = trainer.run()
+        state = Trainer(config, args.logdir, force=args.force, tensorboard=not args.no_tensorboard).run()
     except RunError as e:
         raise UsageError(str(e)) from None
     except Diverged as e:
@@ -69,68 +65,26 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import numpy as np
-    logdir = Path(args.logdir)
-    if not (logdir / "config.yaml").exists():
-        raise UsageError(f"{logdir} is not a run directory (no config.yaml)")
-    config = configlib.load_file(logdir / "config.yaml")
+    if not (Path(args.logdir) / "config.yaml").exists():
+        raise UsageError(f"{args.logdir} is not a run directory (no config.yaml)")
     _quiet_tf()
-    from dreamer_tf.checkpoint import CheckpointError, Checkpointer
-    from dreamer_tf.train import evaluate, make_envs, spaces
-    env = make_envs(config, 1, seed=args.seed if args.seed is not None else config.seed * 1000 + 777)
+    from dreamer_tf.run.logdir import RunError
+    from dreamer_tf.run.score import score
     try:
-        obs_space, act_space = spaces(env)
-        if args.random:
-            agent, step = RandomAgent(act_space, args.seed or 0), 0
-        else:
-            from dreamer_tf.agent import Dreamer
-            agent = Dreamer(config, obs_space, act_space)
-            checkpointer = Checkpointer(logdir / "checkpoints")
-            path = Path(args.checkpoint) if args.checkpoint else checkpointer.latest()
-            if path is None or not path.exists():
-                raise UsageError(f"no checkpoint found in {checkpointer.directory} (train first, or pass --checkpoint)")
-            try:
-                step = checkpointer.restore(agent, path)["step"]
-            except CheckpointError as e:
-                raise UsageError(str(e)) from None
-        start = time.time()
-        returns, episodes = evaluate(agent, env, args.episodes)
-    finally:
-        env.close()
-    result = {"step": step, "episodes": args.episodes, "returns": returns, "mean": float(np.mean(returns)),
-              "std": float(np.std(returns)), "policy": "random" if args.random else "mode",
-              "seconds": time.time() - start}
-    out = logdir / "eval"
-    out.mkdir(exist_ok=True)
-    name = f"eval-{'random' if args.random else step}"
-    from dreamer_tf.utils import atomic_write_json
-    atomic_write_json(out / f"{name}.json", result)
-    if args.video:
-        from dreamer_tf.video import encode_gif
-        (out / f"{name}.gif").write_bytes(encode_gif(episodes[0]["image"]))
-    print(f"{result['policy']} policy at step {step}: return {result['mean']:.1f} +- {result['std']:.1f} "
-          f"over {args.episodes} episodes -> {out / (name + '.json')}")
+        result, path = score(args.logdir, args.episodes, args.checkpoint, args.seed, args.random, args.video)
+    except RunError as e:
+        raise UsageError(str(e)) from None
+    print(f"{result['policy']} policy at step {result['step']}: return {result['mean']:.1f} +- {result['std']:.1f} "
+          f"over {args.episodes} episodes -> {path}")
     return 0
-
-
-class RandomAgent:
-    """Uniform random actions with the agent's policy interface (for the random baseline)."""
-
-    def __init__(self, act_space, seed: int):
-        import numpy as np
-        self.act_space, self.rng = act_space, np.random.default_rng(seed)
-
-    def policy(self, obs, state, training):
-        from dreamer_tf.train import random_actions
-        return random_actions(self.act_space, len(obs["reset"]), self.rng), None
 
 
 # Subcommands with their own argument parsers: `dreamer-tf NAME ...` is `python scripts/NAME.py ...`.
 DELEGATED = {
-    "bench": ("dreamer_tf.bench", "time the train step, policy and environments"),
-    "benchmark": ("dreamer_tf.benchmark", "run tasks x seeds locally or on Ray"),
-    "plot": ("dreamer_tf.plotting", "plot runs against the published curves"),
-    "table": ("dreamer_tf.table", "table of final scores against the baselines"),
+    "bench": ("dreamer_tf.study.bench", "time the train step, policy and environments"),
+    "benchmark": ("dreamer_tf.study.benchmark", "run tasks x seeds locally or on Ray"),
+    "plot": ("dreamer_tf.study.plotting", "plot runs against the published curves"),
+    "table": ("dreamer_tf.study.table", "table of final scores against the baselines"),
 }
 
 

@@ -56,7 +56,7 @@ def du(path: Path, pattern: str) -> float:
 
 
 def child(args) -> None:
-    from dreamer_tf.replay import Replay
+    from dreamer_tf.data import Replay
 
     before = status()
     start = time.perf_counter()
@@ -82,7 +82,7 @@ def child(args) -> None:
 
 
 def fill(directory: Path, frames: int, rng: np.random.Generator) -> None:
-    from dreamer_tf.replay import Replay
+    from dreamer_tf.data import Replay
 
     replay = Replay(directory, store="frames")
     while replay.num_steps + replay.num_episodes < frames:

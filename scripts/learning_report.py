@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from dreamer_tf import config as configlib
-from dreamer_tf.logger import read_metrics
+from dreamer_tf.run.logger import read_metrics
 
 
 def method_name(cfg) -> str:
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
                      f"{int(wall // 3600)}:{int(wall % 3600 // 60):02d} |")
     (args.out / "README.md").write_text("\n".join(lines) + "\n")
 
-    from dreamer_tf import plotting
+    from dreamer_tf.study import plotting
     baseline = [f"{task}={random['mean']}" for task in sorted(tasks)] if random else []
     top = max((v for _, evals, _, _ in rows for _, v in evals), default=1000.0)
     ymax = min(1030.0, 50.0 * np.ceil(1.2 * top / 50.0))  # zoomed to the runs

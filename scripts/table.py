@@ -2,7 +2,7 @@
 """Thin wrapper: `python scripts/table.py --help` (same as `dreamer-tf table`)."""
 import sys
 
-from dreamer_tf.table import main
+from dreamer_tf.study.table import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

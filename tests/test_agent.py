@@ -6,12 +6,20 @@ import pytest
 import tensorflow as tf
 
 from dreamer_tf import config
-from dreamer_tf.agent import METRIC_KEYS, Dreamer
+from dreamer_tf.agent import METRIC_KEYS, Dreamer, behavior, inputs
+from dreamer_tf.agent.world_model import world_model_loss
+from dreamer_tf.run.checkpoint import Checkpointer
 
 OBS_SPACE = {"image": NS(shape=(64, 64, 3), dtype=np.uint8)}
 ACT_SPACE = NS(shape=(2,), low=-np.ones(2, np.float32), high=np.ones(2, np.float32))
 KL_ONLY = ["transition_hidden/kernel", "transition_hidden/bias", "transition_out/kernel", "transition_out/bias"]
 PIXEL_CONST = 64 * 64 * 3 * 0.5 * np.log(2 * np.pi)  # image NLL of a perfect mean prediction
+
+
+def wm_loss(agent, data):
+    c = agent.config
+    return world_model_loss(agent.world_model, data, kl_scale=c.kl_scale, free_nats=c.free_nats,
+                            discount=c.discount, pcont_scale=c.pcont_scale, clip_rewards=c.clip_rewards)
 
 
 def make_config(**overrides):
@@ -99,14 +107,16 @@ def test_each_optimiser_changes_only_its_variables(agent):
 
 
 def test_actor_gradient_flows_through_dynamics_value_loss_does_not(agent):
-    data = agent._convert_batch(make_batch(agent.config, seed=1))
-    _, post, _ = agent.world_model_loss(data)
+    data = inputs.convert_batch(make_batch(agent.config, seed=1), agent.batch_spec)
+    _, post, _ = wm_loss(agent, data)
     transition = agent.rssm.transition_gru.trainable_variables + agent.rssm.transition_out.trainable_variables
     others = agent.actor_variables + transition + agent.reward.trainable_variables + agent.value_variables
     with tf.GradientTape(persistent=True) as tape:
-        feat, _ = agent.imagine_ahead(post)
-        actor_loss, returns, weights = agent.actor_loss(feat)
-        value_loss = agent.value_loss(feat, returns, weights)
+        feat, _ = behavior.imagine_ahead(agent.actor, agent.rssm, post, agent.config.horizon, agent.rng)
+        returns, weights = behavior.imagined_returns(agent.reward, agent.value, None, feat,
+                                                     agent.config.discount, agent.config.disclam)
+        actor_loss = behavior.actor_loss(returns, weights)
+        value_loss = behavior.value_loss(agent.value, feat, returns, weights)
     grads = tape.gradient(actor_loss, others)
     for v, g in zip(others, grads):
         assert g is not None and np.any(g.numpy() != 0), f"actor loss has no gradient for {v.path}"
@@ -121,13 +131,13 @@ def test_actor_gradient_flows_through_dynamics_value_loss_does_not(agent):
 
 
 def test_free_nats_clip_kl_gradient(agent):
-    data = agent._convert_batch(make_batch(agent.config, seed=2))
+    data = inputs.convert_batch(make_batch(agent.config, seed=2), agent.batch_spec)
     prior_vars = agent.rssm.transition_hidden.trainable_variables + agent.rssm.transition_out.trainable_variables
     for free_nats, expect_zero in ((1e6, True), (0.0, False)):
         agent.config = agent.config.replace(free_nats=free_nats)
         try:
             with tf.GradientTape() as tape:
-                loss, _, metrics = agent.world_model_loss(data)
+                loss, _, metrics = wm_loss(agent, data)
         finally:
             agent.config = agent.config.replace(free_nats=3.0)
         grads = tape.gradient(loss, prior_vars)  # the prior's output layers are reached only through the KL
@@ -221,7 +231,7 @@ def test_exploration_amount_decays_linearly():
     agent = Dreamer(make_config(expl_decay=10, expl_amount=0.3, expl_min=0.1), OBS_SPACE, ACT_SPACE)
     for step, want in ((0, 0.3), (5, 0.2), (10, 0.1), (50, 0.1)):
         agent.train_step_count.assign(step)
-        assert float(agent._expl_amount()) == pytest.approx(want, abs=1e-6)
+        assert float(agent.expl_amount()) == pytest.approx(want, abs=1e-6)
 
 
 def test_seeded_construction_is_reproducible():
@@ -239,9 +249,9 @@ def test_checkpoint_round_trip_gives_identical_next_step(tmp_path):
     for seed in range(2):
         original.train(make_batch(cfg, seed))
     original.policy({"image": np.zeros((1, 64, 64, 3), np.uint8), "reset": np.ones(1, bool)}, None, True)
-    path = original.save(tmp_path / "ckpt")
+    path = Checkpointer(tmp_path).save(original, 2, {})
     restored = Dreamer(cfg, OBS_SPACE, ACT_SPACE)
-    restored.load(path)
+    Checkpointer(tmp_path).restore(restored, path)
     assert int(restored.train_step_count.numpy()) == 2
     assert int(restored.model_opt.iterations.numpy()) == int(original.model_opt.iterations.numpy())
     batch = make_batch(cfg, seed=9)

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dreamer_tf import analysis, table
-from dreamer_tf.analysis import PUBLISHED_METHOD
+from dreamer_tf.study import analysis, table
+from dreamer_tf.study.analysis import PUBLISHED_METHOD
 
 
 def write_run(root: Path, task: str, method: str, seed: int, evals: list[tuple[int, float]],

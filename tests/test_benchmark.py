@@ -1,4 +1,4 @@
-"""Tests of the benchmark launcher (dreamer_tf.benchmark) with a fake trainer and the real one."""
+"""Tests of the benchmark launcher (dreamer_tf.study.benchmark) with a fake trainer and the real one."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from dreamer_tf import benchmark
-from dreamer_tf.analysis import BENCHMARK_TASKS, load_run
+from dreamer_tf.study import benchmark
+from dreamer_tf.study.analysis import BENCHMARK_TASKS, load_run
 from dreamer_tf.config import ConfigError
 
 # A stand-in for `python -m dreamer_tf.train` with the same arguments and run-directory format.
@@ -256,7 +256,7 @@ def test_exit_zero_without_finished_status_is_a_failure(tmp_path, capsys):
 def test_busy_run_is_not_started_twice(tmp_path, fake_train, capsys, monkeypatch):
     monkeypatch.setenv("FAKE_SLEEP", "0.2")
     argv = _argv(tmp_path, fake_train, "--tasks", "dmc_cup_catch", "--seeds", "0")
-    first = subprocess.Popen([sys.executable, "-m", "dreamer_tf.benchmark", *argv],
+    first = subprocess.Popen([sys.executable, "-m", "dreamer_tf.study.benchmark", *argv],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         logdir = tmp_path / "dmc_cup_catch/dreamer/0"
@@ -284,7 +284,7 @@ def test_interrupted_launcher_stops_trainers_and_resumes(tmp_path, fake_train, m
     monkeypatch.setenv("FAKE_SLEEP", "0.1")
     argv = _argv(tmp_path, fake_train, "--tasks", "dmc_cup_catch", "dmc_reacher_easy",
                  "--seeds", "0", "--jobs", "2")
-    launcher = subprocess.Popen([sys.executable, "-m", "dreamer_tf.benchmark", *argv],
+    launcher = subprocess.Popen([sys.executable, "-m", "dreamer_tf.study.benchmark", *argv],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     cup = tmp_path / "dmc_cup_catch/dreamer/0"
     _wait_for(lambda: (cup / "metrics.jsonl").exists() and len(_rows(cup)) >= 2, launcher)
@@ -297,7 +297,7 @@ def test_interrupted_launcher_stops_trainers_and_resumes(tmp_path, fake_train, m
     time.sleep(0.5)
     assert load_run(cup).step == step  # the trainer really stopped
     monkeypatch.setenv("FAKE_SLEEP", "0")
-    result = subprocess.run([sys.executable, "-m", "dreamer_tf.benchmark", *argv],
+    result = subprocess.run([sys.executable, "-m", "dreamer_tf.study.benchmark", *argv],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "start     dmc_cup_catch/dreamer/0 (resume" in result.stdout
@@ -309,7 +309,7 @@ def test_interrupted_launcher_stops_trainers_and_resumes(tmp_path, fake_train, m
 def test_killed_launcher_takes_its_trainer_down(tmp_path, fake_train, monkeypatch):
     monkeypatch.setenv("FAKE_SLEEP", "0.1")
     argv = _argv(tmp_path, fake_train, "--tasks", "dmc_cup_catch", "--seeds", "0")
-    launcher = subprocess.Popen([sys.executable, "-m", "dreamer_tf.benchmark", *argv],
+    launcher = subprocess.Popen([sys.executable, "-m", "dreamer_tf.study.benchmark", *argv],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     cup = tmp_path / "dmc_cup_catch/dreamer/0"
     _wait_for(lambda: (cup / "metrics.jsonl").exists() and len(_rows(cup)) >= 2, launcher)
@@ -331,7 +331,7 @@ REAL_TRAIN = importlib.util.find_spec("dreamer_tf.train") is not None
 def test_real_debug_run_is_interrupted_resumed_and_then_skipped(tmp_path):
     """The real `python -m dreamer_tf.train --preset debug`: interrupt the launcher after the first
     checkpoint, rerun it (the run resumes and finishes), rerun again (skipped)."""
-    argv = [sys.executable, "-m", "dreamer_tf.benchmark", "--root", str(tmp_path), "--preset", "debug",
+    argv = [sys.executable, "-m", "dreamer_tf.study.benchmark", "--root", str(tmp_path), "--preset", "debug",
             "--tasks", "dmc_cartpole_balance", "--seeds", "0", "--retries", "0"]
     logdir = tmp_path / "dmc_cartpole_balance/dreamer/0"
     launcher = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -2,7 +2,9 @@
 import pytest
 import tensorflow as tf
 
-from dreamer_tf import config, flops, networks
+from dreamer_tf import config
+from dreamer_tf.models import networks
+from dreamer_tf.study import flops
 
 
 def profiled_flops(function, *specs) -> int:

@@ -66,3 +66,23 @@ def test_seeded_debug_run_matches_golden(golden, same_machine):
         problems += _mismatches([r["step"] for r in golden["run"]["metrics"]],
                                 [r["step"] for r in actual["metrics"]], 0.0)
     assert not problems, "\n".join(problems[:20])
+
+
+def test_run_directory_written_before_the_restructuring_resumes(tmp_path):
+    """tests/golden/run_v0 was written by the flat-package code (checkpoint at step 200 of 400)."""
+    import shutil
+    import subprocess
+    import sys
+    logdir = tmp_path / "run"
+    shutil.copytree(HERE / "run_v0", logdir)
+    proc = subprocess.run([sys.executable, "-m", "dreamer_tf.train", "--logdir", str(logdir), "--no-tensorboard"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resume: restored ckpt-000000000200 at step 200" in proc.stderr
+    rows = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
+    episodes = [r["train_episodes"] for r in rows if "train_episodes" in r]
+    assert episodes == [1, 2, 3, 4]
+    assert [r["step"] for r in rows if "test_return" in r] == [0, 400]
+    losses = [r["model_loss"] for r in rows if "model_loss" in r and r["step"] > 200]
+    assert losses and all(math.isfinite(x) for x in losses)
+    assert json.loads((logdir / "status.json").read_text())["status"] == "finished"

@@ -1,4 +1,4 @@
-"""Tests of the learning-curve grid and the aggregate figure (dreamer_tf.plotting)."""
+"""Tests of the learning-curve grid and the aggregate figure (dreamer_tf.study.plotting)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dreamer_tf import analysis, plotting
+from dreamer_tf.study import analysis, plotting
 
 
 def _write_run(root: Path, task: str, seed: int, evals: list[tuple[int, float]], status: str = "finished"):

@@ -1,5 +1,6 @@
-"""Tests of dreamer_tf.replay: storage, reload, corruption, sampling, capacity, cache, state, tf.data."""
+"""Tests of dreamer_tf.data: storage, reload, corruption, samplers, capacity, cache, state, tf.data."""
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -10,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dreamer_tf import replay as R
-from dreamer_tf.replay import EpisodeError, Replay
+from dreamer_tf.data import EpisodeError, Replay, episode_paths, load_episode, save_episode
+from dreamer_tf.data import sampler as S
 
 STORES = ["frames", "cache"]
 
@@ -70,14 +71,14 @@ def test_round_trip_reload(tmp_path, store):
 
 def test_save_and_load_episode_functions(tmp_path):
     episode = make_episode(3, 7)
-    first = R.save_episode(tmp_path / "eval", episode)
-    second = R.save_episode(tmp_path / "eval", episode)
+    first = save_episode(tmp_path / "eval", episode)
+    second = save_episode(tmp_path / "eval", episode)
     assert first.name.startswith("00000000-") and first.name.endswith("-6.npz")
     assert second.name.startswith("00000001-")
-    loaded = R.load_episode(first)
+    loaded = load_episode(first)
     for key in episode:
         np.testing.assert_array_equal(loaded[key], episode[key])
-    assert R.episode_paths(tmp_path / "eval") == [first, second]
+    assert episode_paths(tmp_path / "eval") == [first, second]
 
 
 def test_crash_between_temp_write_and_rename_leaves_no_episode(tmp_path):
@@ -86,20 +87,32 @@ def test_crash_between_temp_write_and_rename_leaves_no_episode(tmp_path):
         import os, sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_replay import make_episode
-        from dreamer_tf import replay
-        replay.os.replace = lambda src, dst: os._exit(17)
-        replay.Replay({str(tmp_path)!r}).add(make_episode(0, 10))
+        from dreamer_tf.data import Replay
+        os.replace = lambda src, dst: os._exit(17)
+        Replay({str(tmp_path)!r}).add(make_episode(0, 10))
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 17, result.stderr
     assert list(tmp_path.glob("*.npz")) == []
     leftovers = [p.name for p in tmp_path.iterdir() if p.is_file()]
-    assert len(leftovers) == 1 and leftovers[0].startswith(".") and leftovers[0].endswith(".tmp")
+    assert len(leftovers) == 1 and leftovers[0].startswith(".") and ".npz.tmp" in leftovers[0]
     replay = Replay(tmp_path)
     assert replay.num_episodes == 0
     assert [p for p in tmp_path.iterdir() if p.is_file()] == []  # stale temp file removed
     replay.add(make_episode(1, 10))
     assert Replay(tmp_path).num_episodes == 1
+
+
+def test_temp_files_of_old_and_new_writers_are_removed(tmp_path):
+    Replay(tmp_path).add(make_episode(0, 10))
+    stale = [tmp_path / ".00000001-0123abcd-9.npz.89abcdef.tmp",  # written by earlier versions
+             tmp_path / ".00000001-0123abcd-9.npz.tmp4242",  # by dreamer_tf.utils.atomic_write_bytes
+             tmp_path / "frames" / ".00000001-0123abcd-9.npy.tmp4242"]
+    for path in stale:
+        path.write_bytes(b"partial")
+    replay = Replay(tmp_path)
+    assert not any(path.exists() for path in stale)
+    assert replay.num_episodes == 1 and len(list((tmp_path / "frames").iterdir())) == 1
 
 
 def test_failed_write_removes_temp_file(tmp_path, monkeypatch):
@@ -108,7 +121,7 @@ def test_failed_write_removes_temp_file(tmp_path, monkeypatch):
     def failing_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(R.os, "replace", failing_replace)
+    monkeypatch.setattr(os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
         replay.add(make_episode(0, 10))
     assert list(tmp_path.iterdir()) == []
@@ -335,6 +348,120 @@ def test_short_episodes_are_never_sampled(tmp_path, balance):
 
 
 # ---------------------------------------------------------------------------------------------
+# The sampler module as a unit
+# ---------------------------------------------------------------------------------------------
+
+LENGTHS = [10, 5, 20, 40, 8]  # entries; windows of 8: 3 + 0 + 13 + 33 + 1 = 50 in 4 episodes
+
+
+@pytest.mark.parametrize("name", ["uniform", "episode"])
+def test_each_sampler_returns_valid_windows_and_reaches_all_of_them(name):
+    windows = S.Windows.of(LENGTHS, 8)
+    assert windows.eligible.tolist() == [0, 2, 3, 4] and windows.total == 50
+    episodes, starts = S.SAMPLERS[name](windows, 4000, np.random.default_rng(0))
+    assert episodes.shape == starts.shape == (4000,)
+    assert np.issubdtype(episodes.dtype, np.integer) and np.issubdtype(starts.dtype, np.integer)
+    assert set(episodes.tolist()) == {0, 2, 3, 4}  # never the 5-entry episode
+    assert np.all(starts >= 0) and np.all(starts <= np.array(LENGTHS)[episodes] - 8)
+    assert len(set(zip(episodes.tolist(), starts.tolist()))) == 50  # every window, incl. the last
+    again = S.SAMPLERS[name](windows, 4000, np.random.default_rng(0))
+    assert np.array_equal(again[0], episodes) and np.array_equal(again[1], starts)
+
+
+def test_samplers_draw_the_pinned_stream():
+    # The exact draws of the pre-restructuring replay for PCG64(2024): seeded runs and resumed
+    # runs depend on the samplers making the same rng calls in the same order.
+    windows = S.Windows.of([10, 5, 20, 40], 8)
+    episodes, starts = S.uniform_windows(windows, 6, np.random.Generator(np.random.PCG64(2024)))
+    assert (episodes.tolist(), starts.tolist()) == ([2, 3, 2, 2, 2, 2], [8, 17, 1, 7, 12, 12])
+    episodes, starts = S.uniform_episodes(windows, 6, np.random.Generator(np.random.PCG64(2024)))
+    assert (episodes.tolist(), starts.tolist()) == ([0, 3, 0, 0, 0, 0], [2, 26, 2, 2, 0, 0])
+
+
+def _window_chi2(episodes, starts) -> float:
+    """Chi-square of window counts against uniform over the 49 windows of length 8 in 10, 20, 40."""
+    keys = [(e, s) for e, n in enumerate([10, 20, 40]) for s in range(n - 8 + 1)]
+    index = {k: i for i, k in enumerate(keys)}
+    counts = np.bincount([index[k] for k in zip(episodes.tolist(), starts.tolist())], minlength=len(keys))
+    return _chi_square(counts, np.full(len(keys), len(episodes) / len(keys)))
+
+
+def _episode_chi2(episodes, starts) -> tuple[float, float]:
+    """Chi-square of episode counts (uniform over 3) and of the starts in the 40-entry episode."""
+    per_episode = np.bincount(episodes, minlength=3)
+    chi2_episodes = _chi_square(per_episode, np.full(3, len(episodes) / 3))
+    within = np.bincount(starts[episodes == 2], minlength=33)
+    return chi2_episodes, _chi_square(within, np.full(33, within.sum() / 33))
+
+
+# 99.9% quantiles of chi-square with 2 and 32 degrees of freedom.
+CHI2_2_999, CHI2_32_999 = 13.8, 62.5
+
+
+def test_uniform_windows_is_uniform_over_windows():
+    windows = S.Windows.of([10, 20, 40], 8)
+    draws = S.uniform_windows(windows, 20_000, np.random.default_rng(1))
+    assert _window_chi2(*draws) < CHI2_48_999
+    # Power: the check rejects the episode-uniform sampler, and episode-uniformity fails here.
+    assert _window_chi2(*S.uniform_episodes(windows, 20_000, np.random.default_rng(1))) > CHI2_48_999
+    assert _episode_chi2(*draws)[0] > CHI2_2_999
+
+
+def test_uniform_episodes_is_uniform_over_episodes_then_starts():
+    windows = S.Windows.of([10, 20, 40], 8)
+    draws = S.uniform_episodes(windows, 20_000, np.random.default_rng(2))
+    chi2_episodes, chi2_starts = _episode_chi2(*draws)
+    assert chi2_episodes < CHI2_2_999 and chi2_starts < CHI2_32_999
+    # Power: the check rejects the window-uniform sampler (long episodes too often).
+    assert _episode_chi2(*S.uniform_windows(windows, 20_000, np.random.default_rng(2)))[0] > CHI2_2_999
+
+
+def newest_episode(windows, batch_size, rng):
+    """A custom sampler: windows of the newest long-enough episode only."""
+    episodes = np.full(batch_size, windows.eligible[-1])
+    return episodes, rng.integers(0, windows.counts[-1], size=batch_size)
+
+
+@pytest.mark.parametrize("how", ["function", "registered"])
+def test_replay_samples_with_a_custom_sampler(tmp_path, monkeypatch, how):
+    monkeypatch.setitem(S.SAMPLERS, "newest", newest_episode)
+    replay = Replay(tmp_path, seed=3, sampler=newest_episode if how == "function" else "newest")
+    assert replay.sampler is newest_episode and "newest_episode" in repr(replay)
+    replay.add(make_episode(0, 30))
+    replay.add(make_episode(1, 12))
+    replay.add(make_episode(2, 5))  # too short for windows of 8
+    draws = [w for _ in range(20) for w in windows_of(replay.sample(10, 8))]
+    assert {e for e, _ in draws} == {1} and {s for _, s in draws} == set(range(5))
+    replay.add(make_episode(3, 9))  # the cached windows are refreshed on add
+    assert set(windows_of(replay.sample(10, 8))) <= {(3, 0), (3, 1)}
+    reference = Replay(tmp_path / "ref", seed=3, sampler=newest_episode)
+    reference.add(make_episode(7, 12))
+    rng = np.random.Generator(np.random.PCG64(3))
+    assert windows_of(reference.sample(6, 8)) == [(7, int(s)) for s in rng.integers(0, 5, size=6)]
+
+
+def test_invalid_sampler_choices_and_draws_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="unknown sampler 'nope'.*episode.*uniform"):
+        Replay(tmp_path, sampler="nope")
+    with pytest.raises(ValueError, match="balance=True"):
+        Replay(tmp_path, balance=True, sampler=newest_episode)
+    assert Replay(tmp_path, balance=True).sampler is S.uniform_episodes
+    assert Replay(tmp_path, sampler="episode").balance and not Replay(tmp_path).balance
+    bad = {
+        "shape": lambda w, b, rng: (w.eligible[:1], np.zeros(1, int)),
+        "dtype": lambda w, b, rng: (np.zeros(b), np.zeros(b)),
+        "episode": lambda w, b, rng: (np.full(b, len(w.lengths)), np.zeros(b, int)),
+        "start": lambda w, b, rng: (np.zeros(b, int), np.full(b, w.lengths[0] - w.length + 1)),
+        "negative": lambda w, b, rng: (np.zeros(b, int), np.full(b, -1)),
+    }
+    for what, sampler in bad.items():
+        replay = Replay(tmp_path / what, sampler=sampler)
+        replay.add(make_episode(0, 10))
+        with pytest.raises(ValueError, match="sampler"):
+            replay.sample(3, 8)
+
+
+# ---------------------------------------------------------------------------------------------
 # Capacity and cache
 # ---------------------------------------------------------------------------------------------
 
@@ -438,7 +565,7 @@ def test_get_state_set_state_reproduces_the_batches(tmp_path, balance):
 # ---------------------------------------------------------------------------------------------
 
 def test_import_does_not_import_tensorflow():
-    code = "import sys, dreamer_tf.replay; assert 'tensorflow' not in sys.modules"
+    code = "import sys, dreamer_tf.data; assert 'tensorflow' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -6,8 +6,8 @@ import pytest
 import tensorflow as tf
 
 from dreamer_tf import config
-from dreamer_tf.agent import Dreamer
-from dreamer_tf.losses import contrastive_term, gaussian_log_prob_matrix
+from dreamer_tf.agent import Dreamer, behavior, inputs
+from dreamer_tf.agent.world_model import contrastive_term, gaussian_log_prob_matrix, world_model_loss
 
 OBS_SPACE = {"image": NS(shape=(64, 64, 3), dtype=np.uint8)}
 BOX = NS(shape=(2,), low=-np.ones(2, np.float32), high=np.ones(2, np.float32))
@@ -69,9 +69,9 @@ def test_representation_variants_build_and_train(representation, has_decoder, ha
 def test_contrastive_term_trains_state_model_and_encoder():
     cfg = config.load(preset="debug", overrides=dict(representation="contrastive", free_nats=1e6))
     agent = Dreamer(cfg, OBS_SPACE, BOX)
-    data = agent._convert_batch(make_batch(cfg))
+    data = inputs.convert_batch(make_batch(cfg), agent.batch_spec)
     with tf.GradientTape() as tape:
-        loss, _, metrics = agent.world_model_loss(data)
+        loss, _, metrics = world_model_loss(agent.world_model, data, kl_scale=cfg.kl_scale, free_nats=cfg.free_nats)
     variables = agent.state_model.trainable_variables + agent.encoder.trainable_variables
     grads = tape.gradient(loss, variables)
     assert all(g is not None and np.any(g.numpy() != 0) for g in grads)
@@ -112,7 +112,7 @@ def test_pcont_head_soft_labels_and_training():
     agent = Dreamer(cfg, OBS_SPACE, BOX)
     assert agent.pcont is not None and agent.pcont in agent.model_modules
     batch = make_batch(cfg)
-    data = agent._convert_batch(batch)
+    data = inputs.convert_batch(batch, agent.batch_spec)
     feat = tf.random.normal([cfg.batch_size, cfg.batch_length, cfg.stoch_size + cfg.deter_size], seed=1)
     logits = agent.pcont(feat).distribution.logits.numpy()
     label = batch["discount"] * 0.9  # 0 at terminals, gamma elsewhere
@@ -122,14 +122,15 @@ def test_pcont_head_soft_labels_and_training():
     # Trains: the (scaled) continuation loss falls on a fixed batch.
     losses = [agent.train(batch)["pcont_loss"] for _ in range(25)]
     assert losses[-1] < 0.8 * losses[0]
-    assert "discount" in agent._batch_spec() and data["discount"].shape == (cfg.batch_size, cfg.batch_length)
+    assert "discount" in agent.batch_spec and data["discount"].shape == (cfg.batch_size, cfg.batch_length)
 
 
 def test_pcont_weights_imagined_returns():
     cfg = config.load(preset="debug", overrides=dict(pcont=True))
     agent = Dreamer(cfg, OBS_SPACE, BOX)
     feat = tf.random.normal([cfg.horizon, 6, cfg.stoch_size + cfg.deter_size], seed=2)
-    _, returns, weights = agent.actor_loss(feat)
+    returns, weights = behavior.imagined_returns(agent.reward, agent.value, agent.pcont, feat, cfg.discount,
+                                                 cfg.disclam)
     pcont = agent.pcont(feat).mean().numpy()
     np.testing.assert_allclose(weights.numpy()[1], pcont[0], rtol=1e-6)  # w_1 = predicted continuation of s_0
     np.testing.assert_allclose(weights.numpy()[2], pcont[0] * pcont[1], rtol=1e-6)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dreamer_tf.returns import lambda_return
+from dreamer_tf.agent.behavior import lambda_return
 
 REWARD = np.array([[1.0, -2.0], [0.5, 3.0], [2.0, 0.0]], np.float32)  # [H=3, B=2]
 VALUE = np.array([[10.0, 20.0], [4.0, -1.0], [6.0, 2.0]], np.float32)

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dreamer_tf.networks import ConvDecoder, ConvEncoder, DenseHead, Initializers
-from dreamer_tf.rssm import RSSM
+from dreamer_tf.models.networks import ConvDecoder, ConvEncoder, DenseHead, Initializers
+from dreamer_tf.models.rssm import RSSM
 
 B, T, E, A, S, D = 3, 5, 12, 2, 4, 6
 

@@ -6,10 +6,11 @@ import pytest
 import tensorflow as tf
 
 from dreamer_tf import config
-from dreamer_tf.checkpoint import CheckpointError, Checkpointer
-from dreamer_tf.logger import Logger, read_metrics
-from dreamer_tf.train import Diverged, Trainer
-from dreamer_tf.video import encode_gif, tile_batch
+from dreamer_tf.run.checkpoint import CheckpointError, Checkpointer
+from dreamer_tf.run.logger import Logger, read_metrics
+from dreamer_tf.run.logdir import Diverged
+from dreamer_tf.run.loop import Trainer
+from dreamer_tf.run.video import encode_gif, tile_batch
 
 
 class Tiny(tf.Module):
@@ -146,10 +147,12 @@ def test_divergence_guard_counts_skips_and_stops(tmp_path):
     trainer = Trainer(config.load("debug", {"max_nonfinite": 3}), tmp_path, tensorboard=False)
     batches = itertools.repeat({})
     trainer.agent = _NonFiniteAgent(bad=2)
-    metrics = {}
-    trainer._train_batches(batches, 3, metrics)  # two skipped, then a good update resets the streak
-    assert metrics["skipped_updates"] == [1.0, 1.0, 0.0] and trainer.state["nonfinite_streak"] == 0
+    trainer._train_metrics = metrics = {}
+    for _ in range(3):  # two skipped, then a good update resets the streak
+        trainer._record(trainer.agent.train(next(batches)))
+    assert metrics["skipped_updates"] == [1.0, 1.0, 0.0] and trainer.state.nonfinite_streak == 0
     trainer.agent = _NonFiniteAgent(bad=10)
     with pytest.raises(Diverged, match=r"3 consecutive non-finite updates .*model_loss=nan"):
-        trainer._train_batches(batches, 5, metrics)
+        for _ in range(5):
+            trainer._record(trainer.agent.train(next(batches)))
     assert trainer.agent.calls == 3

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from dreamer_tf.logger import read_metrics
+from dreamer_tf.run.logger import read_metrics
 
 TASK = "dmc_cartpole_balance"
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
@@ -205,7 +205,7 @@ def test_atari_debug_run_with_discrete_actions_and_pcont(tmp_path):
     losses = [r for r in rows if "model_loss" in r]
     assert losses and all(np.isfinite(r["pcont_loss"]) for r in losses)
     assert [r["step"] for r in rows if "test_return" in r] == [0, 800]
-    from dreamer_tf.replay import load_episode
+    from dreamer_tf.data import load_episode
     episode = load_episode(sorted((logdir / "train_episodes").glob("*.npz"))[-1])
     actions = episode["action"][1:]
     assert actions.shape == (50, 6)  # 200 frames / repeat 4; Pong's minimal action set has 6 actions

@@ -17,8 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
-from dreamer_tf import analysis
-from dreamer_tf.analysis import PAPER_COLUMNS, PUBLISHED_METHOD, Run
+from dreamer_tf.study import analysis
+from dreamer_tf.study.analysis import PAPER_COLUMNS, PUBLISHED_METHOD, Run
 
 __all__ = ["curve_stats", "plot_curves", "plot_aggregate", "main"]
 
@@ -96,9 +96,7 @@ def plot_curves(runs: Sequence[Run], out_prefix: str | Path, tasks: Sequence[str
     from matplotlib.ticker import EngFormatter
     paper, random_policy = paper or {}, random_policy or {}
     methods = sorted({r.method for r in runs}, key=lambda m: (m != "dreamer", m))
-    if tasks is None:
-        tasks = list(analysis.BENCHMARK_TASKS) + sorted(
-            {r.task for r in runs} - set(analysis.BENCHMARK_TASKS))
+    tasks = analysis.task_order(tasks, runs)
     columns = max(1, min(columns, len(tasks)))
     rows = max(1, math.ceil(len(tasks) / columns))
     figure = _figure(3.2 * columns, 2.6 * rows + 0.9)
@@ -237,20 +235,15 @@ def _parse_random_policy(items: Sequence[str]) -> dict[str, float]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    error = analysis.selection_error(args, "plot")
-    if error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if args.bin_size <= 0 or args.budget <= 0 or args.ymax <= 0:
-        print(f"error: --bin-size, --budget and --ymax must be positive, got {args.bin_size}, "
-              f"{args.budget} and {args.ymax}", file=sys.stderr)
-        return 2
-    try:
+
+    def plot() -> int:
+        if args.bin_size <= 0 or args.budget <= 0 or args.ymax <= 0:
+            raise ValueError(f"--bin-size, --budget and --ymax must be positive, got {args.bin_size}, "
+                             f"{args.budget} and {args.ymax}")
         runs = analysis.find_runs(args.root, args.tasks, args.methods) if args.root else []
         published = [] if args.no_published else analysis.load_published_curves()
         paper = {} if args.no_published else analysis.load_paper_table()
-        tasks = args.tasks or (list(analysis.BENCHMARK_TASKS) + sorted(
-            {r.task for r in runs} - set(analysis.BENCHMARK_TASKS)))
+        tasks = analysis.task_order(args.tasks, runs)
         prefix = analysis.output_prefix(args)
         written = plot_curves(runs, f"{prefix}_curves", tasks, published, paper, args.bin_size,
                               args.budget, args.spread, random_policy=_parse_random_policy(args.random_policy),
@@ -258,11 +251,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         summaries = analysis.summarize([r for r in runs + published if r.task in set(tasks)],
                                        window=args.window)
         written += plot_aggregate(summaries, f"{prefix}_aggregate", tasks, paper, args.reps, args.seed)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print("wrote " + ", ".join(str(p) for p in written))
-    return 0
+        print("wrote " + ", ".join(str(p) for p in written))
+        return 0
+
+    return analysis.tool_main(args, "plot", plot)
 
 
 if __name__ == "__main__":

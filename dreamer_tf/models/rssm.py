@@ -20,8 +20,8 @@ import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from dreamer_tf.networks import Initializers
-from dreamer_tf.distributions import to_float32
+from dreamer_tf.models.distributions import to_float32
+from dreamer_tf.models.networks import Initializers
 
 tfd = tfp.distributions
 

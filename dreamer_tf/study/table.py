@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from dreamer_tf import analysis
-from dreamer_tf.analysis import PAPER_COLUMNS, PUBLISHED_METHOD, TaskSummary
+from dreamer_tf.study import analysis
+from dreamer_tf.study.analysis import PAPER_COLUMNS, PUBLISHED_METHOD, TaskSummary
 
 __all__ = ["Table", "build_table", "to_markdown", "to_csv", "main"]
 
@@ -51,10 +51,7 @@ def build_table(root: str | Path | None = None, tasks: Sequence[str] | None = No
     """Collect runs under `root` (optional) and the published data into a Table."""
     runs = analysis.find_runs(root, methods=methods) if root is not None else []
     found = sorted({r.method for r in runs}, key=lambda m: (m != "dreamer", m))
-    if tasks is None:
-        extra = sorted({r.task for r in runs} - set(analysis.BENCHMARK_TASKS))
-        tasks = list(analysis.BENCHMARK_TASKS) + extra
-    tasks = list(tasks)
+    tasks = analysis.task_order(tasks, runs)
     if published:
         runs = runs + analysis.load_published_curves()
         found.append(PUBLISHED_METHOD)
@@ -197,24 +194,20 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    error = analysis.selection_error(args, "tabulate")
-    if error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    try:
+
+    def tabulate() -> int:
         table = build_table(args.root, args.tasks, args.methods, args.window,
                             not args.no_published, args.reps, args.seed)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    prefix = analysis.output_prefix(args)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    markdown = to_markdown(table)
-    Path(f"{prefix}_table.md").write_text(markdown)
-    Path(f"{prefix}_table.csv").write_text(to_csv(table))
-    print(markdown)
-    print(f"wrote {prefix}_table.md and {prefix}_table.csv")
-    return 0
+        prefix = analysis.output_prefix(args)
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        markdown = to_markdown(table)
+        Path(f"{prefix}_table.md").write_text(markdown)
+        Path(f"{prefix}_table.csv").write_text(to_csv(table))
+        print(markdown)
+        print(f"wrote {prefix}_table.md and {prefix}_table.csv")
+        return 0
+
+    return analysis.tool_main(args, "tabulate", tabulate)
 
 
 if __name__ == "__main__":

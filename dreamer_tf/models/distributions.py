@@ -86,7 +86,6 @@ class TanhNormal(tfd.TransformedDistribution):
       is tanh(loc) only for small scales; for wide scales the Jacobian 1/(1-y^2) moves it to the
       bounds +-1. The reference evaluated the most likely of 100 samples, a random estimate of this
       same point, so evaluation with `mode()` follows the published protocol without the sampling.
-      `median()` is tanh(loc) (tanh is monotone).
     - `entropy(seed=..., sample_count=...)` has no closed form. It is computed as
       H[y] = H[x] + E_x[log|dy/dx|]: the Gaussian entropy exactly plus a Monte-Carlo estimate of
       the expected log-det (`sample_count` samples, default 16, stateless `seed`), which has much
@@ -120,9 +119,6 @@ class TanhNormal(tfd.TransformedDistribution):
 
     def _mode(self, **kwargs):
         return tanh_normal_mode(self._loc, self._scale)
-
-    def median(self) -> tf.Tensor:
-        return tf.tanh(self._loc)
 
     def _mean(self, **kwargs):
         raise NotImplementedError("TanhNormal has no closed-form mean; use mode(), median() or samples")

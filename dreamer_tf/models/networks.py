@@ -16,12 +16,12 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from dreamer_tf.distributions import OneHotDist, TanhNormal, to_float32
+from dreamer_tf.models.distributions import OneHotDist, TanhNormal, to_float32
 
 tfd = tfp.distributions
 
 __all__ = ["Initializers", "dtype_policy", "preprocess_image", "ConvEncoder", "ConvDecoder",
-           "DenseHead", "ActionHead", "StateModel", "IMAGE_SHAPE"]
+           "MLP", "DenseHead", "ActionHead", "StateModel", "IMAGE_SHAPE"]
 
 IMAGE_SHAPE = (64, 64, 3)
 
@@ -119,38 +119,51 @@ class ConvDecoder(keras.layers.Layer):
         return tfd.Independent(tfd.Normal(self.mean(feat), 1.0), reinterpreted_batch_ndims=3)
 
 
-class DenseHead(keras.layers.Layer):
-    """MLP head: features -> Normal(mean, 1) (reward, value) or Bernoulli(logits) (continuation).
+class MLP(keras.layers.Layer):
+    """The one dense stack of the agent: `layers` hidden layers of `units`, then a linear layer of
+    `outputs` units. `trunk` returns the output in float32 (distributions and losses run in float32)."""
+
+    def __init__(self, outputs: int, layers: int, units: int, act: str, init: Initializers, dtype=None,
+                 name: str = "mlp"):
+        super().__init__(name=name, dtype=dtype)
+        self.hidden = [keras.layers.Dense(units, activation=act, kernel_initializer=init.glorot(),
+                                          dtype=self.dtype_policy, name=f"hidden{i + 1}")
+                       for i in range(layers)]
+        self.out = keras.layers.Dense(outputs, kernel_initializer=init.glorot(), dtype=self.dtype_policy, name="out")
+
+    def trunk(self, x: tf.Tensor) -> tf.Tensor:
+        x = tf.cast(x, self.compute_dtype)
+        for layer in self.hidden:
+            x = layer(x)
+        return to_float32(self.out(x))
+
+    def call(self, x: tf.Tensor) -> tf.Tensor:
+        return self.trunk(x)
+
+
+class DenseHead(MLP):
+    """Prediction head: features -> Normal(mean, 1) (reward, value) or Bernoulli(logits) (continuation).
 
     `shape` is the event shape (() for scalars).
     """
 
     def __init__(self, shape: Sequence[int], layers: int, units: int, act: str, init: Initializers,
                  dist: str = "normal", dtype=None, name: str = "head"):
-        super().__init__(name=name, dtype=dtype)
         if dist not in ("normal", "binary"):
             raise ValueError(f"DenseHead dist must be 'normal' or 'binary', got {dist!r}")
         self.event_shape = tuple(shape)
         self.dist_type = dist
-        self.hidden = [keras.layers.Dense(units, activation=act, kernel_initializer=init.glorot(),
-                                          dtype=self.dtype_policy, name=f"hidden{i + 1}")
-                       for i in range(layers)]
-        self.out = keras.layers.Dense(int(np.prod(self.event_shape, dtype=int)), kernel_initializer=init.glorot(),
-                                      dtype=self.dtype_policy, name="out")
+        super().__init__(int(np.prod(self.event_shape, dtype=int)), layers, units, act, init, dtype, name)
 
     def call(self, feat: tf.Tensor) -> tfd.Distribution:
-        x = tf.cast(feat, self.compute_dtype)
-        for layer in self.hidden:
-            x = layer(x)
-        x = to_float32(self.out(x))
-        x = tf.reshape(x, tf.concat([_leading(feat, 1), self.event_shape], 0))
+        x = tf.reshape(self.trunk(feat), tf.concat([_leading(feat, 1), self.event_shape], 0))
         if self.dist_type == "normal":
             return tfd.Independent(tfd.Normal(x, 1.0), reinterpreted_batch_ndims=len(self.event_shape))
         return tfd.Independent(tfd.Bernoulli(logits=x, dtype=tf.float32),
                                reinterpreted_batch_ndims=len(self.event_shape))
 
 
-class ActionHead(keras.layers.Layer):
+class ActionHead(MLP):
     """Action model q(a_t | s_t): 4 dense layers, then TanhNormal or straight-through OneHotDist.
 
     tanh_normal: mean = mean_scale * tanh(x / mean_scale), std = softplus(x + raw_init) + min_std,
@@ -160,7 +173,6 @@ class ActionHead(keras.layers.Layer):
     def __init__(self, size: int, layers: int, units: int, act: str, init: Initializers,
                  dist: str = "tanh_normal", init_std: float = 5.0, min_std: float = 1e-4,
                  mean_scale: float = 5.0, dtype=None, name: str = "actor"):
-        super().__init__(name=name, dtype=dtype)
         if dist not in ("tanh_normal", "onehot"):
             raise ValueError(f"ActionHead dist must be 'tanh_normal' or 'onehot', got {dist!r}")
         if init_std <= 0:
@@ -170,17 +182,10 @@ class ActionHead(keras.layers.Layer):
         self.min_std = min_std
         self.mean_scale = mean_scale
         self.raw_init_std = float(np.log(np.expm1(init_std)))
-        self.hidden = [keras.layers.Dense(units, activation=act, kernel_initializer=init.glorot(),
-                                          dtype=self.dtype_policy, name=f"hidden{i + 1}")
-                       for i in range(layers)]
-        outputs = 2 * size if dist == "tanh_normal" else size
-        self.out = keras.layers.Dense(outputs, kernel_initializer=init.glorot(), dtype=self.dtype_policy, name="out")
+        super().__init__(2 * size if dist == "tanh_normal" else size, layers, units, act, init, dtype, name)
 
     def call(self, feat: tf.Tensor) -> tfd.Distribution:
-        x = tf.cast(feat, self.compute_dtype)
-        for layer in self.hidden:
-            x = layer(x)
-        x = to_float32(self.out(x))
+        x = self.trunk(feat)
         if self.dist_type == "onehot":
             return OneHotDist(logits=x)
         mean, std = tf.split(x, 2, -1)
@@ -189,7 +194,7 @@ class ActionHead(keras.layers.Layer):
         return TanhNormal(mean, std)
 
 
-class StateModel(keras.layers.Layer):
+class StateModel(MLP):
     """Contrastive state model q(s_t | o_t) (paper Sec. 6): image embedding -> diagonal Gaussian.
 
     Two dense layers, then mean and std = softplus(x) + min_std like the RSSM's Gaussians.
@@ -198,17 +203,9 @@ class StateModel(keras.layers.Layer):
 
     def __init__(self, stoch_size: int, layers: int, units: int, act: str, init: Initializers,
                  min_std: float = 0.1, dtype=None, name: str = "state_model"):
-        super().__init__(name=name, dtype=dtype)
         self.min_std = min_std
-        self.hidden = [keras.layers.Dense(units, activation=act, kernel_initializer=init.glorot(),
-                                          dtype=self.dtype_policy, name=f"hidden{i + 1}")
-                       for i in range(layers)]
-        self.out = keras.layers.Dense(2 * stoch_size, kernel_initializer=init.glorot(), dtype=self.dtype_policy,
-                                      name="out")
+        super().__init__(2 * stoch_size, layers, units, act, init, dtype, name)
 
     def call(self, embed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        x = tf.cast(embed, self.compute_dtype)
-        for layer in self.hidden:
-            x = layer(x)
-        mean, std = tf.split(to_float32(self.out(x)), 2, -1)
+        mean, std = tf.split(self.trunk(embed), 2, -1)
         return mean, tf.nn.softplus(std) + self.min_std

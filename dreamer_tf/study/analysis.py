@@ -27,6 +27,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from dreamer_tf.envs.tasks import TASKS
+
 __all__ = [
     "BENCHMARK_TASKS", "DMC_MAX_RETURN", "PUBLISHED_BUDGET", "PUBLISHED_METHOD", "PAPER_COLUMNS",
     "Run", "SeedResult", "TaskSummary", "published_dir", "load_run", "find_runs",
@@ -35,13 +37,7 @@ __all__ = [
 ]
 
 # The 20 DeepMind Control Suite tasks of the paper (Hafner et al., 2020, Fig. 2 and appendix).
-BENCHMARK_TASKS: tuple[str, ...] = (
-    "dmc_acrobot_swingup", "dmc_cartpole_balance", "dmc_cartpole_balance_sparse",
-    "dmc_cartpole_swingup", "dmc_cartpole_swingup_sparse", "dmc_cheetah_run", "dmc_cup_catch",
-    "dmc_finger_spin", "dmc_finger_turn_easy", "dmc_finger_turn_hard", "dmc_hopper_hop",
-    "dmc_hopper_stand", "dmc_pendulum_swingup", "dmc_quadruped_run", "dmc_quadruped_walk",
-    "dmc_reacher_easy", "dmc_reacher_hard", "dmc_walker_run", "dmc_walker_stand", "dmc_walker_walk",
-)
+BENCHMARK_TASKS: tuple[str, ...] = TASKS  # the paper's 20 DMC tasks, listed once in dreamer_tf.envs.tasks
 DMC_MAX_RETURN = 1000.0  # 1000 steps with reward in [0, 1]
 PUBLISHED_BUDGET = 5_000_000  # env steps of the published Dreamer curves
 PUBLISHED_METHOD = "dreamer (published curves)"
@@ -136,7 +132,7 @@ class TaskSummary:
 def published_dir() -> Path:
     """`results/published/` of the source tree, or its installed copy under `share/dreamer_tf/`."""
     candidates = [
-        Path(__file__).resolve().parent.parent / "results" / "published",
+        Path(__file__).resolve().parents[2] / "results" / "published",
         Path(sys.prefix) / "share" / "dreamer_tf" / "published",
     ]
     for path in candidates:
@@ -449,6 +445,26 @@ def selection_error(args, verb: str) -> str | None:
     if args.root is None and args.no_published:
         return f"nothing to {verb}: give --root or drop --no-published"
     return None
+
+
+def task_order(tasks: Iterable[str] | None, runs: Iterable[Run]) -> list[str]:
+    """`tasks` as given, else the paper's 20 tasks followed by any other task the runs have."""
+    if tasks is not None:
+        return list(tasks)
+    return list(BENCHMARK_TASKS) + sorted({r.task for r in runs} - set(BENCHMARK_TASKS))
+
+
+def tool_main(args, verb: str, body: Callable[[], int]) -> int:
+    """The frame `dreamer-tf plot` and `table` share: check the selection, run `body`, and turn a
+    missing file or a bad value into one line on stderr and exit status 2."""
+    error = selection_error(args, verb)
+    if error is None:
+        try:
+            return body()
+        except (FileNotFoundError, ValueError) as e:
+            error = str(e)
+    print(f"error: {error}", file=sys.stderr)
+    return 2
 
 
 def output_prefix(args) -> Path:

@@ -1,4 +1,4 @@
-"""Plan and launch the DMC benchmark: tasks x seeds training runs, locally or on a Ray cluster.
+"""Plan and launch the DMC benchmark runs: tasks x seeds training processes on this machine.
 
 Each run trains into `ROOT/<task>/<method>/<seed>/` with
 `python -m dreamer_tf.train --task T --logdir DIR --seed S --preset P [--set k=v ...]`,
@@ -16,7 +16,6 @@ This module does not import TensorFlow (nor Ray, until the Ray backend is asked 
 """
 from __future__ import annotations
 
-import argparse
 import ctypes
 import fcntl
 import json
@@ -33,10 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from dreamer_tf.analysis import BENCHMARK_TASKS
+from dreamer_tf.study.analysis import BENCHMARK_TASKS
 
-__all__ = ["RunSpec", "RunResult", "BenchmarkError", "RAY_INSTALL_HINT", "plan", "run_state",
-           "run_local", "run_ray", "summary_table", "main"]
+__all__ = ["RunSpec", "RunResult", "BenchmarkError", "RAY_INSTALL_HINT", "plan", "run_state", "run_local"]
 
 RAY_INSTALL_HINT = ('the ray backend needs Ray, which is not installed. Install it with\n'
                     '    pip install "dreamer_tf[cluster]"\n'
@@ -401,167 +399,3 @@ class _Interrupted(Exception):
     def __init__(self, results: list[RunResult]):
         super().__init__("interrupted")
         self.results = results
-
-
-def _import_ray():
-    try:
-        import ray
-    except ImportError:
-        raise BenchmarkError(RAY_INSTALL_HINT) from None
-    return ray
-
-
-def run_ray(specs: Sequence[RunSpec], address: str | None = None, gpus_per_run: float = 1.0,
-            cpus_per_run: float = 2.0, retries: int = 1, out=None) -> list[RunResult]:
-    """Run the unfinished specs as Ray tasks, one per run with the given resources.
-
-    `address`: None or "local" starts a Ray instance on this machine; "auto" or "host:port"
-    joins a running cluster. ROOT must be on a filesystem every node sees, and dreamer_tf must
-    be installed on every node.
-    """
-    ray = _import_ray()
-    out = out or sys.stdout
-    if gpus_per_run < 0 or cpus_per_run < 0:
-        raise BenchmarkError(f"--gpus-per-run and --cpus-per-run must be >= 0, got "
-                             f"{gpus_per_run} and {cpus_per_run}")
-    results = _initial(specs)
-    pending = [r for r in results if r.outcome == "pending"]
-    if not pending:
-        return results
-    started = False
-    if not ray.is_initialized():
-        if address in (None, "", "local"):
-            ray.init(include_dashboard=False, log_to_driver=False)
-        else:
-            ray.init(address=address, log_to_driver=False)
-        started = True
-    try:
-        available = ray.cluster_resources()
-        for key, need in (("GPU", gpus_per_run), ("CPU", cpus_per_run)):
-            if need > available.get(key, 0):
-                raise BenchmarkError(
-                    f"each run asks for {need:g} {key}(s) but the Ray cluster has "
-                    f"{available.get(key, 0):g} in total; lower --{key.lower()}s-per-run "
-                    f"(e.g. --gpus-per-run 0 on a CPU-only cluster)")
-        remote = ray.remote(_execute).options(num_gpus=gpus_per_run, num_cpus=cpus_per_run,
-                                              max_retries=0)
-        inflight = {}
-        for result in pending:
-            result.attempts += 1
-            inflight[remote.remote(result.spec, result.attempts)] = result
-            print(f"submit    {result.spec.name} ({result.before})", file=out, flush=True)
-        try:
-            while inflight:
-                done, _ = ray.wait(list(inflight), num_returns=1)
-                result = inflight.pop(done[0])
-                try:
-                    code, seconds, outcome, step, message, tail = ray.get(done[0])
-                except Exception as e:  # the worker died (node lost, OOM kill)
-                    code, seconds, outcome, step = None, 0.0, "failed", 0
-                    message, tail = f"Ray task error: {type(e).__name__}: {e}".splitlines()[0], []
-                result.returncode, result.outcome, result.step = code, outcome, step
-                result.seconds += seconds
-                result.message, result.log_tail = message, tail
-                _report(result, out)
-                if outcome == "failed" and result.attempts <= retries:
-                    result.attempts += 1
-                    print(f"retry     {result.spec.name} (resuming)", file=out, flush=True)
-                    inflight[remote.remote(result.spec, result.attempts)] = result
-        except KeyboardInterrupt:
-            print(f"interrupted: cancelling {len(inflight)} Ray task(s)", file=out, flush=True)
-            for ref, result in inflight.items():
-                ray.cancel(ref, force=True)  # kills the worker; the trainer gets its death signal
-                result.outcome = "interrupted"
-            raise _Interrupted(results) from None
-    finally:
-        if started:
-            ray.shutdown()
-    return results
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line
-
-
-def summary_table(results: Sequence[RunResult]) -> str:
-    """Plain-text table: one line per run with its state before, outcome, attempts and time."""
-    header = ("run", "before", "outcome", "exit", "attempts", "step", "minutes")
-    rows = [(r.spec.name, r.before, r.outcome, "" if r.returncode is None else str(r.returncode),
-             str(r.attempts), f"{r.step}/{r.spec.steps}", f"{r.seconds / 60:.1f}") for r in results]
-    widths = [max(len(x) for x in column) for column in zip(header, *rows)]
-    lines = ["  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in [header, *rows]]
-    counts: dict[str, int] = {}
-    for r in results:
-        counts[r.outcome] = counts.get(r.outcome, 0) + 1
-    lines.append("total: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
-    return "\n".join(lines)
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="dreamer-tf benchmark",
-        description="Train tasks x seeds into ROOT/<task>/<method>/<seed>/; rerunning skips finished "
-                    "runs and resumes the others. Exit code 0 only if every planned run is finished.")
-    p.add_argument("--root", required=True, help="benchmark directory (shared storage for Ray)")
-    p.add_argument("--tasks", nargs="+", default=list(BENCHMARK_TASKS),
-                   help="tasks (default: the paper's 20 DMC tasks)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="default: 0 1 2 3 4")
-    p.add_argument("--preset", default="paper", help="config preset (default: paper)")
-    p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="config overrides passed to every run, e.g. --set precision=16")
-    p.add_argument("--steps", type=float, default=None,
-                   help="env steps per run (default: the preset's, 5e6 for paper)")
-    p.add_argument("--method", default="dreamer", help="method directory name (default: dreamer)")
-    p.add_argument("--backend", choices=["local", "ray"], default="local")
-    p.add_argument("--jobs", type=int, default=1, help="local backend: concurrent runs (default 1)")
-    p.add_argument("--address", default=None,
-                   help="ray backend: cluster address ('auto', 'host:port'); 'local' or none "
-                        "starts a Ray instance on this machine")
-    p.add_argument("--gpus-per-run", type=float, default=1.0, help="ray backend (default 1)")
-    p.add_argument("--cpus-per-run", type=float, default=2.0, help="ray backend (default 2)")
-    p.add_argument("--retries", type=int, default=1,
-                   help="resume a failed run up to this many times (default 1)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the plan, one line per run with its state, and exit")
-    p.add_argument("--train-cmd", default=None,
-                   help="command that starts training, default '<python> -m dreamer_tf.train' "
-                        "(e.g. a container or srun wrapper); the run's arguments are appended")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    from dreamer_tf.config import ConfigError
-
-    try:
-        if args.retries < 0:
-            raise BenchmarkError(f"--retries must be >= 0, got {args.retries}")
-        if args.steps is not None and not float(args.steps).is_integer():
-            raise BenchmarkError(f"--steps must be a whole number of env steps, got {args.steps}")
-        specs = plan(args.root, args.tasks, args.seeds, args.method, args.preset, args.overrides,
-                     None if args.steps is None else int(args.steps),
-                     shlex.split(args.train_cmd) if args.train_cmd else None)
-        if args.dry_run:
-            print(f"# {len(specs)} runs under {Path(args.root).absolute()}; command of the first:")
-            print(f"# {shlex.join(specs[0].command)}")
-            for spec in specs:
-                status = _read_status(spec.logdir)
-                print(f"{run_state(spec):<9} {spec.name:<45} {spec.logdir}  "
-                      f"(step {int(status.get('step', 0) or 0)}/{spec.steps})")
-            return 0
-        if args.backend == "ray":
-            results = run_ray(specs, args.address, args.gpus_per_run, args.cpus_per_run, args.retries)
-        else:
-            results = run_local(specs, args.jobs, args.retries)
-    except (BenchmarkError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except _Interrupted as e:
-        print(summary_table(e.results))
-        return 130
-    print(summary_table(results))
-    return 0 if all(r.outcome in ("finished", "skipped") for r in results) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -61,7 +61,7 @@ class Logger:
 
     def video(self, step: int, name: str, frames: np.ndarray, fps: int = 16) -> Path:
         """Save uint8 frames [T, H, W, 3] as `videos/<name>_<step>.gif` and as a TensorBoard GIF."""
-        from dreamer_tf.video import encode_gif
+        from dreamer_tf.run.video import encode_gif
         gif = encode_gif(frames, fps)
         path = self.logdir / "videos" / f"{name}_{int(step):09d}.gif"
         path.parent.mkdir(parents=True, exist_ok=True)

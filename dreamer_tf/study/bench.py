@@ -114,7 +114,7 @@ def run(presets: Sequence[str], variants: Sequence[str], repeats: int, envs: boo
     from dreamer_tf.utils import import_tensorflow_quietly
     tf = import_tensorflow_quietly()
     from dreamer_tf import config as configlib
-    from dreamer_tf.flops import train_step_flops
+    from dreamer_tf.study.flops import train_step_flops
     has_gpu = bool(tf.config.list_physical_devices("GPU"))
     results = {"machine": machine_info(), "matmul_gflops": matmul_peak(), "train_step": [], "policy": []}
     print(f"matmul peak: {results['matmul_gflops']:.1f} GFLOP/s", flush=True)

@@ -1,0 +1,205 @@
+"""The Dreamer agent: the glue between the modules, their optimisers, one compiled train step and the policy.
+
+`train(batch)` runs ONE tf.function that computes, on the same pre-update weights,
+  1. the world-model loss (`world_model.world_model_loss`), minimised by Adam(model_lr) over the
+     encoder, RSSM, decoder and heads;
+  2. the actor loss on `horizon` imagined steps from every posterior state
+     (`behavior.imagine_ahead`, `behavior.actor_loss`): its gradient flows through the transition
+     and reward models into the action model, but only the actor optimiser applies it;
+  3. the value loss on the same imagined trajectories (`behavior.value_loss`);
+then applies the three updates, each skipped inside the graph when non-finite (`optim`).
+All randomness comes from `self.rng`, a tf.random.Generator seeded by config.seed.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import tensorflow as tf
+
+from dreamer_tf.agent import behavior, explore, inputs, openloop, optim
+from dreamer_tf.agent.world_model import WorldModel, world_model_loss
+from dreamer_tf.models import (IMAGE_SHAPE, RSSM, STATE_KEYS, ActionHead, ConvDecoder, ConvEncoder, DenseHead, Initializers,
+                               StateModel, dtype_policy)
+
+__all__ = ["Dreamer", "METRIC_KEYS"]
+
+METRIC_KEYS = (
+    "model_loss", "image_loss", "reward_loss", "kl", "prior_ent", "post_ent", "actor_loss", "value_loss",
+    "actor_entropy", "model_grad_norm", "actor_grad_norm", "value_grad_norm", "imag_return",
+    "model_nonfinite", "actor_nonfinite", "value_nonfinite", "expl_amount")
+
+
+class Dreamer(tf.Module):
+    """Dreamer v1 agent.
+
+    Modules: encoder, rssm, decoder (representation 'reconstruction', else None), state_model
+    ('contrastive', else None), reward, pcont (config.pcont, else None), value, actor.
+    Optimisers: model_opt, actor_opt, value_opt. `unroll` unrolls the observe and imagine loops
+    in the graph instead of tf.scan (same math; see results/bench.md for the timings).
+    """
+
+    def __init__(self, config: Mapping[str, Any], obs_space: Mapping[str, Any], act_space: Any,
+                 unroll: bool = False):
+        super().__init__(name="dreamer")
+        self.config = c = config
+        inputs.check_spaces(obs_space, act_space)
+        self.discrete, self.expl = explore.action_kind(c, act_space)
+        self.action_size = int(act_space.n) if self.discrete else int(act_space.shape[0])
+        self.precision = int(c.precision)
+        policy = dtype_policy(self.precision)
+        init = Initializers(c.seed)
+        # One generator for all sampling; a counter for the exploration schedule and checkpoints.
+        self.rng = tf.random.Generator.from_seed(int(c.seed))
+        self.train_step_count = tf.Variable(0, dtype=tf.int64, trainable=False, name="train_step_count")
+
+        # Creation order fixes each layer's initialiser seed: keep it.
+        self.encoder = ConvEncoder(c.cnn_depth, c.cnn_act, init, dtype=policy)
+        self.rssm = RSSM(c.stoch_size, c.deter_size, c.deter_size, c.dense_act, init=init, rng=self.rng,
+                         unroll=unroll, dtype=policy)
+        self.decoder = (ConvDecoder(c.cnn_depth, c.cnn_act, init, dtype=policy)
+                        if c.representation == "reconstruction" else None)
+        self.state_model = (StateModel(c.stoch_size, 2, c.num_units, c.dense_act, init, dtype=policy)
+                            if c.representation == "contrastive" else None)
+        self.reward = DenseHead((), 2, c.num_units, c.dense_act, init, dtype=policy, name="reward")
+        self.pcont = (DenseHead((), 3, c.num_units, c.dense_act, init, dist="binary", dtype=policy, name="pcont")
+                      if c.pcont else None)
+        self.value = DenseHead((), 3, c.num_units, c.dense_act, init, dtype=policy, name="value")
+        self.actor = ActionHead(self.action_size, 4, c.num_units, c.dense_act, init,
+                                dist="onehot" if self.discrete else "tanh_normal",
+                                init_std=c.action_init_std, dtype=policy, name="actor")
+        self.world_model = WorldModel(encoder=self.encoder, rssm=self.rssm, reward=self.reward,
+                                      decoder=self.decoder, state_model=self.state_model, pcont=self.pcont)
+        self._build_modules()
+
+        self.model_modules = [m for m in (self.encoder, self.rssm, self.decoder, self.state_model, self.reward,
+                                          self.pcont) if m is not None]
+        make = lambda lr, variables, name: optim.make_optimizer(  # noqa: E731
+            lr, variables, name, eps=c.adam_eps, clip=c.grad_clip, weight_decay=c.weight_decay,
+            precision=self.precision)
+        self.model_opt = make(c.model_lr, self.model_variables, "model_opt")
+        self.actor_opt = make(c.actor_lr, self.actor_variables, "actor_opt")
+        self.value_opt = make(c.value_lr, self.value_variables, "value_opt")
+
+        self.batch_spec = inputs.batch_spec(c, self.action_size)
+        self._train_fn = tf.function(self._train, input_signature=[self.batch_spec], jit_compile=bool(c.jit))
+        specs = [inputs.policy_obs_spec(), inputs.policy_state_spec(c, self.action_size)]
+        self._policy_train = tf.function(lambda obs, state: self._policy(obs, state, True),
+                                         input_signature=specs, jit_compile=bool(c.jit))
+        self._policy_eval = tf.function(lambda obs, state: self._policy(obs, state, False),
+                                        input_signature=specs, jit_compile=bool(c.jit))
+        self.compiled_openloop = tf.function(lambda image, action: openloop.openloop_frames(
+            self.world_model, image, action))
+
+    def _build_modules(self) -> None:
+        """Create every variable now (eagerly) so optimisers and checkpoints see them all."""
+        action = tf.zeros([1, 1, self.action_size])
+        embed = self.encoder(tf.zeros([1, 1, *IMAGE_SHAPE], tf.uint8))
+        zeros = tf.zeros([1, 1, self.config.stoch_size])
+        post, _ = self.rssm.observe(embed, action, noise=zeros, prior_noise=zeros)
+        feat = self.rssm.get_feat(post)
+        for head in (self.decoder, self.reward, self.pcont, self.value, self.actor):
+            if head is not None:
+                head(feat)
+        if self.state_model is not None:
+            self.state_model(embed)
+
+    @property
+    def model_variables(self) -> list:
+        return [v for m in self.model_modules for v in m.trainable_variables]
+
+    @property
+    def actor_variables(self) -> list:
+        return list(self.actor.trainable_variables)
+
+    @property
+    def value_variables(self) -> list:
+        return list(self.value.trainable_variables)
+
+    # --- learning ------------------------------------------------------------------------
+    def _train(self, data: dict) -> dict:
+        c, precision = self.config, self.precision
+        with tf.GradientTape() as model_tape:
+            model_loss, post, metrics = world_model_loss(
+                self.world_model, data, kl_scale=c.kl_scale, free_nats=c.free_nats, discount=c.discount,
+                pcont_scale=c.pcont_scale, clip_rewards=c.clip_rewards)
+            scaled = optim.scale_loss(model_loss, self.model_opt, precision)
+        model_grads = optim.gradients(model_tape, scaled, self.model_variables)
+
+        with tf.GradientTape() as actor_tape:
+            imag_feat, neg_log_prob = behavior.imagine_ahead(
+                self.actor, self.rssm, post, c.horizon, self.rng, drop_last=self.pcont is not None)
+            returns, weights = behavior.imagined_returns(self.reward, self.value, self.pcont, imag_feat,
+                                                         c.discount, c.disclam)
+            actor_loss = behavior.actor_loss(returns, weights)
+            scaled = optim.scale_loss(actor_loss, self.actor_opt, precision)
+        actor_grads = optim.gradients(actor_tape, scaled, self.actor_variables)
+
+        with tf.GradientTape() as value_tape:
+            value_loss = behavior.value_loss(self.value, imag_feat, returns, weights)
+            scaled = optim.scale_loss(value_loss, self.value_opt, precision)
+        value_grads = optim.gradients(value_tape, scaled, self.value_variables)
+
+        # All losses above read the pre-update weights; apply the three updates now.
+        for name, opt, loss, grads, variables in (
+                ("model", self.model_opt, model_loss, model_grads, self.model_variables),
+                ("actor", self.actor_opt, actor_loss, actor_grads, self.actor_variables),
+                ("value", self.value_opt, value_loss, value_grads, self.value_variables)):
+            metrics[f"{name}_grad_norm"], metrics[f"{name}_nonfinite"] = optim.apply_gradients(
+                opt, loss, grads, variables, precision)
+        metrics.update(model_loss=model_loss, actor_loss=actor_loss, value_loss=value_loss,
+                       actor_entropy=tf.reduce_mean(neg_log_prob), imag_return=tf.reduce_mean(returns),
+                       expl_amount=self.expl_amount())
+        self.train_step_count.assign_add(1)
+        return {k: tf.cast(v, tf.float32) for k, v in metrics.items()}
+
+    def train(self, batch: Mapping[str, Any]) -> dict[str, float]:
+        """One gradient step on each model; batch: image uint8 [B, L, 64, 64, 3], action [B, L, A],
+        reward [B, L] (+ discount [B, L] with pcont). Returns python-float metrics."""
+        metrics = self._train_fn(inputs.convert_batch(batch, self.batch_spec))
+        return {k: float(v) for k, v in metrics.items()}
+
+    # --- acting --------------------------------------------------------------------------
+    def expl_amount(self) -> tf.Tensor:
+        c = self.config
+        return explore.expl_amount(self.train_step_count, c.expl_amount, c.expl_decay, c.expl_min)
+
+    def _policy(self, obs: dict, state: dict, training: bool) -> tuple[tf.Tensor, dict]:
+        c = self.config
+        keep = 1.0 - tf.cast(obs["reset"], tf.float32)[:, None]  # zero latent and action on reset
+        state = {k: v * keep for k, v in state.items()}
+        embed = self.encoder(obs["image"])
+        latent, _ = self.rssm.obs_step({k: state[k] for k in STATE_KEYS}, state["action"], embed)
+        dist = self.actor(self.rssm.get_feat(latent))
+        if training:
+            action = dist.sample(seed=tf.cast(self.rng.make_seeds(1)[:, 0], tf.int32))
+            action = explore.explore(action, self.expl, self.expl_amount(), self.rng, self.action_size)
+        else:
+            action = dist.mode()
+            if c.eval_noise > 0:
+                kind = "epsilon_greedy" if self.discrete else "additive_gaussian"
+                action = explore.explore(action, kind, tf.constant(c.eval_noise, tf.float32), self.rng,
+                                         self.action_size)
+        action = tf.stop_gradient(tf.cast(action, tf.float32))
+        return action, {**latent, "action": action}
+
+    def initial_state(self, num_envs: int) -> dict:
+        """The zero policy state for `num_envs` environments."""
+        return {**self.rssm.initial(num_envs), "action": tf.zeros([num_envs, self.action_size])}
+
+    def policy(self, obs: Mapping[str, Any], state: dict | None, training: bool) -> tuple[np.ndarray, dict]:
+        """Act in N environments: obs image uint8 [N, 64, 64, 3], reset bool [N] (True at an episode's
+        first observation). Returns (action float32 [N, A] numpy, state for the next call)."""
+        obs = inputs.check_policy_obs(obs)
+        n = obs["image"].shape[0]
+        if state is None:
+            state = self.initial_state(n)
+        elif int(state["deter"].shape[0]) != n:
+            raise ValueError(f"policy state is for {state['deter'].shape[0]} environments, obs for {n}")
+        fn = self._policy_train if training else self._policy_eval
+        action, state = fn(obs, dict(state))
+        return action.numpy(), state
+
+    def video_predictions(self, batch: Mapping[str, Any], max_sequences: int = 6) -> np.ndarray:
+        """See `openloop.video_predictions`."""
+        return openloop.video_predictions(self, batch, max_sequences)

@@ -1,0 +1,133 @@
+"""The world-model objective (paper Sec. 4 and 6), one function per term, assembled by `world_model_loss`.
+
+    J_REC = E[ sum_t ln q(o_t | s_t) + ln q(r_t | s_t) - beta * KL(p(s_t | s_{t-1}, a_{t-1}, o_t) || q(s_t | s_{t-1}, a_{t-1})) ]
+
+maximised, i.e. the returned loss is its negative. Each log-likelihood is averaged over batch and
+time (the sums over the paper's t become means, as the reference); the KL is summed over the
+stochastic dimensions, averaged, then clipped from below at `free_nats`. `representation`
+chooses the observation term: reconstruction ln q(o_t | s_t), the contrastive bound
+ln q(s_t | o_t) - ln sum_o' q(s_t | o') (Sec. 6), or none (reward only).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from dreamer_tf.models import RSSM, preprocess_image
+
+tfd = tfp.distributions
+
+__all__ = ["WorldModel", "world_model_loss", "kl_loss", "image_log_likelihood", "reward_log_likelihood",
+           "continuation_log_likelihood", "contrastive_log_likelihood", "gaussian_log_prob_matrix",
+           "contrastive_term", "flatten_bt"]
+
+
+@dataclass(frozen=True)
+class WorldModel:
+    """The modules the objective uses; decoder, state_model and pcont are None when unused."""
+    encoder: Any
+    rssm: RSSM
+    reward: Any
+    decoder: Any = None
+    state_model: Any = None
+    pcont: Any = None
+
+
+def flatten_bt(x: tf.Tensor) -> tf.Tensor:
+    """[B, T, ...] -> [B*T, ...]."""
+    return tf.reshape(x, tf.concat([[-1], tf.shape(x)[2:]], 0))
+
+
+def kl_loss(post: Mapping[str, tf.Tensor], prior: Mapping[str, tf.Tensor], free_nats: float
+            ) -> tuple[tf.Tensor, tf.Tensor, tfd.Distribution, tfd.Distribution]:
+    """(KL, max(KL, free_nats), posterior and prior distributions). KL(p || q) between the
+    representation (posterior) and transition (prior) Gaussians, summed over dims, averaged over
+    batch and time, then clipped (the reference clips after averaging)."""
+    prior_dist, post_dist = RSSM.get_dist(prior), RSSM.get_dist(post)
+    kl = tf.reduce_mean(tfd.kl_divergence(post_dist, prior_dist))
+    return kl, tf.maximum(kl, free_nats), post_dist, prior_dist
+
+
+def image_log_likelihood(decoder, feat: tf.Tensor, image: tf.Tensor) -> tf.Tensor:
+    """mean ln q(o_t | s_t): unit-variance Gaussian over the pixels in [-0.5, 0.5]."""
+    return tf.reduce_mean(decoder(feat).log_prob(preprocess_image(image)))
+
+
+def reward_log_likelihood(reward_head, feat: tf.Tensor, reward: tf.Tensor) -> tf.Tensor:
+    """mean ln q(r_t | s_t): unit-variance Gaussian."""
+    return tf.reduce_mean(reward_head(feat).log_prob(reward))
+
+
+def continuation_log_likelihood(pcont_head, feat: tf.Tensor, discount: tf.Tensor, gamma: float) -> tf.Tensor:
+    """mean ln q(gamma_t | s_t), Bernoulli with soft labels: 0 at terminals, gamma elsewhere."""
+    return tf.reduce_mean(pcont_head(feat).log_prob(discount * gamma))
+
+
+def gaussian_log_prob_matrix(sample: tf.Tensor, mean: tf.Tensor, std: tf.Tensor) -> tf.Tensor:
+    """M[i, j] = ln N(sample_i; mean_j, diag(std_j^2)) for sample [N, D], mean/std [M, D] -> [N, M].
+
+    Expanded into matrix products so the [N, M, D] difference tensor is never formed
+    (N = M = B*T = 2500 starts would need 750 MB).
+    """
+    sample, mean, std = (tf.cast(x, tf.float32) for x in (sample, mean, std))
+    precision = 1.0 / tf.square(std)  # [M, D]
+    quad = (tf.matmul(tf.square(sample), precision, transpose_b=True)
+            - 2.0 * tf.matmul(sample, mean * precision, transpose_b=True)
+            + tf.reduce_sum(tf.square(mean) * precision, -1)[None, :])
+    norm = tf.reduce_sum(tf.math.log(std), -1)[None, :] + 0.5 * sample.shape[-1] * np.log(2.0 * np.pi)
+    return -0.5 * quad - norm
+
+
+def contrastive_term(stoch: tf.Tensor, mean: tf.Tensor, std: tf.Tensor) -> tf.Tensor:
+    """Noise-contrastive state term per sample: ln q(s_i | o_i) - ln sum_j q(s_i | o_j) -> [N].
+
+    stoch [N, D]: the model states s_i (posterior samples); mean, std [N, D]: the state model
+    q(s | o_j) for every observation of the batch (the sum includes o_i itself, InfoNCE).
+    """
+    if stoch.shape.rank != 2 or mean.shape.rank != 2 or std.shape.rank != 2:
+        raise ValueError(f"contrastive_term expects [N, D] inputs, got shapes {stoch.shape}, {mean.shape}, "
+                         f"{std.shape}")
+    logits = gaussian_log_prob_matrix(stoch, mean, std)
+    return tf.linalg.diag_part(logits) - tf.reduce_logsumexp(logits, -1)
+
+
+def contrastive_log_likelihood(state_model, embed: tf.Tensor, stoch: tf.Tensor) -> tf.Tensor:
+    """mean [ln q(s_t | o_t) - ln sum_o' q(s_t | o')] over all B*T observations (paper Sec. 6)."""
+    mean, std = state_model(embed)
+    return tf.reduce_mean(contrastive_term(flatten_bt(stoch), flatten_bt(mean), flatten_bt(std)))
+
+
+def world_model_loss(model: WorldModel, data: Mapping[str, tf.Tensor], *, kl_scale: float, free_nats: float,
+                     discount: float = 0.99, pcont_scale: float = 10.0, clip_rewards: str = "none"
+                     ) -> tuple[tf.Tensor, dict, dict]:
+    """(loss = -J_REC, posterior states [B, T, ...], metrics) for a batch of sequences.
+
+    data: image uint8 [B, T, 64, 64, 3], action [B, T, A] (action[t] led to image[t]),
+    reward [B, T], and discount [B, T] when the model has a continuation head.
+    """
+    embed = model.encoder(data["image"])
+    post, prior = model.rssm.observe(embed, data["action"])
+    feat = model.rssm.get_feat(post)
+    reward = tf.tanh(data["reward"]) if clip_rewards == "tanh" else data["reward"]
+    likes = {}
+    if model.decoder is not None:
+        likes["image"] = image_log_likelihood(model.decoder, feat, data["image"])
+    if model.state_model is not None:
+        likes["contrastive"] = contrastive_log_likelihood(model.state_model, embed, post["stoch"])
+    likes["reward"] = reward_log_likelihood(model.reward, feat, reward)
+    if model.pcont is not None:
+        likes["pcont"] = pcont_scale * continuation_log_likelihood(model.pcont, feat, data["discount"], discount)
+    kl, kl_clipped, post_dist, prior_dist = kl_loss(post, prior, free_nats)
+    loss = kl_scale * kl_clipped - tf.add_n(list(likes.values()))
+    metrics = dict(kl=kl, prior_ent=tf.reduce_mean(prior_dist.entropy()),
+                   post_ent=tf.reduce_mean(post_dist.entropy()),
+                   image_loss=-likes.get("image", tf.constant(0.0)), reward_loss=-likes["reward"])
+    if "pcont" in likes:
+        metrics["pcont_loss"] = -likes["pcont"]
+    if "contrastive" in likes:
+        metrics["contrastive_loss"] = -likes["contrastive"]
+    return loss, post, metrics

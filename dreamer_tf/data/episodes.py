@@ -1,0 +1,238 @@
+"""The episode format and its files.
+
+An episode is a dict of numpy arrays with T+1 entries along the first axis (the reset entry plus
+T transitions): ``image`` uint8 [T+1, H, W, C], ``action`` float32 [T+1, A], ``reward`` and
+``discount`` float32 [T+1], and optionally ``state`` float32 [T+1, S] (`check_episode`).
+
+Every episode is one compressed ``.npz`` file named ``{index:08d}-{uuid8}-{T}.npz`` (index =
+insertion order, so file name order is insertion order). Files are written atomically by
+`dreamer_tf.utils.atomic_write_bytes`: a hidden temp file ``.{name}.tmp*`` beside the target is
+written, fsynced and renamed into place, so a crash never leaves a partial ``*.npz``. A crash
+between write and rename leaves the hidden temp file; `remove_temp_files` deletes those (the
+replay does it when it opens a directory).
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+import uuid
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from dreamer_tf.utils import atomic_write_bytes
+
+__all__ = [
+    "EpisodeError", "REQUIRED_KEYS", "OPTIONAL_KEYS", "check_episode", "episode_length",
+    "episode_paths", "save_episode", "load_episode",
+]
+
+REQUIRED_KEYS = ("image", "action", "reward", "discount")
+OPTIONAL_KEYS = ("state",)
+# Expected dtype and rank (including the time axis) of every episode key.
+SPEC = {
+    "image": (np.uint8, 4),
+    "action": (np.float32, 2),
+    "reward": (np.float32, 1),
+    "discount": (np.float32, 1),
+    "state": (np.float32, 2),
+}
+NAME_RE = re.compile(r"^(\d{8,})-([0-9a-f]{8})-(\d+)\.npz$")
+# Hidden temp files of interrupted writes: ".{name}.tmp{pid}" (utils) and ".{name}.{uuid}.tmp"
+# (written by earlier versions; old run directories may hold them).
+_TEMP_GLOB = ".*.tmp*"
+
+
+class EpisodeError(ValueError):
+    """An episode (in memory or on disk) that does not follow the episode format."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+
+def check_keys(keys: list[str], where: str) -> None:
+    """Raise `EpisodeError` if required keys are missing or unknown keys are present."""
+    missing = [k for k in REQUIRED_KEYS if k not in keys]
+    if missing:
+        raise EpisodeError(f"{where} is missing key(s) {missing}; it has {sorted(keys)}")
+    unknown = sorted(set(keys) - set(SPEC))
+    if unknown:
+        raise EpisodeError(f"{where} has unknown key(s) {unknown}; allowed: {list(SPEC)}")
+
+
+def check_episode(episode: Mapping[str, Any]) -> int:
+    """Validate an episode dict against the shared format; return its length T+1.
+
+    Raises `EpisodeError` naming the offending key, its dtype/shape and what is expected.
+    """
+    if not isinstance(episode, Mapping):
+        raise EpisodeError(f"episode must be a dict of numpy arrays, got {type(episode).__name__}")
+    check_keys(list(episode), "episode")
+    lengths = {}
+    for key, value in episode.items():
+        dtype, ndim = SPEC[key]
+        if not isinstance(value, np.ndarray):
+            raise EpisodeError(f"episode key {key!r} must be a numpy array, got {type(value).__name__}")
+        if value.dtype != dtype:
+            raise EpisodeError(f"episode key {key!r} has dtype {value.dtype}, expected {np.dtype(dtype)}")
+        if value.ndim != ndim:
+            raise EpisodeError(
+                f"episode key {key!r} has shape {value.shape} ({value.ndim} dims), expected {ndim} dims")
+        lengths[key] = len(value)
+    if len(set(lengths.values())) != 1:
+        raise EpisodeError(f"episode keys have inconsistent lengths {lengths}")
+    length = lengths["image"]
+    if length < 2:
+        raise EpisodeError(f"episode has length {length}; it needs the reset entry plus >= 1 step")
+    image = episode["image"]
+    if min(image.shape[1:]) < 1:
+        raise EpisodeError(f"episode key 'image' has empty frames of shape {image.shape[1:]}")
+    for key in ("action", "reward", "state"):
+        if key in episode and not np.all(np.isfinite(episode[key])):
+            raise EpisodeError(f"episode key {key!r} contains NaN or inf")
+    discount = episode["discount"]
+    if np.any((discount < 0) | (discount > 1)) or not np.all(np.isfinite(discount)):
+        raise EpisodeError("episode key 'discount' has values outside [0, 1]")
+    return length
+
+
+def episode_signature(arrays: Mapping[str, np.ndarray], image_shape: tuple[int, ...]) -> dict:
+    """Per-step shape of every key (`image_shape` given apart: images may not be loaded)."""
+    signature = {k: tuple(v.shape[1:]) for k, v in arrays.items() if k != "image"}
+    signature["image"] = tuple(image_shape[1:])
+    return signature
+
+
+def episode_length(episode: Mapping[str, np.ndarray]) -> int:
+    """Number of transitions T of an episode (its arrays hold T+1 entries)."""
+    return len(episode["reward"]) - 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------
+
+def episode_paths(directory: str | os.PathLike) -> list[Path]:
+    """All episode files of `directory` in insertion (file name) order; temp files excluded."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.glob("*.npz") if not p.name.startswith("."))
+
+
+def remove_temp_files(directory: Path) -> None:
+    """Delete the hidden temp files that interrupted writes left in `directory`."""
+    for tmp in directory.glob(_TEMP_GLOB):
+        tmp.unlink(missing_ok=True)
+
+
+def write_npz(path: Path, episode: Mapping[str, np.ndarray]) -> None:
+    # Compressed in memory: an episode is a few MB, and the write stays one atomic call.
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **episode)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def next_index(directory: Path) -> int:
+    """One past the largest episode index in `directory` (0 if it holds none)."""
+    indices = [int(m.group(1)) for p in episode_paths(directory) if (m := NAME_RE.match(p.name))]
+    return max(indices, default=-1) + 1
+
+
+def episode_name(index: int, length: int) -> str:
+    """File name of the episode number `index` with `length` transitions."""
+    return f"{index:08d}-{uuid.uuid4().hex[:8]}-{length}.npz"
+
+
+def save_episode(directory: str | os.PathLike, episode: Mapping[str, np.ndarray],
+                 index: int | None = None) -> Path:
+    """Validate and atomically save `episode` as `{index:08d}-{uuid8}-{T}.npz` in `directory`.
+
+    `index` defaults to one past the largest index already in the directory.
+    """
+    check_episode(episode)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if index is None:
+        index = next_index(directory)
+    path = directory / episode_name(index, episode_length(episode))
+    write_npz(path, episode)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------
+
+def read_npy_header(fileobj) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, header_size) of a `.npy` stream positioned at its start."""
+    version = np.lib.format.read_magic(fileobj)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(fileobj)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(fileobj)
+    else:
+        raise EpisodeError(f"unsupported .npy format version {version}")
+    if fortran:
+        raise EpisodeError("Fortran-ordered arrays are not supported")
+    return shape, dtype, fileobj.tell()
+
+
+def _open_npz(path: Path, fileobj) -> "np.lib.npyio.NpzFile":
+    try:
+        npz = np.load(fileobj, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise EpisodeError(f"episode file {path} cannot be opened: {e}") from e
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise EpisodeError(f"episode file {path} is not an .npz archive")
+    return npz
+
+
+def load_parts(path: Path, with_images: bool) -> tuple[dict[str, np.ndarray], tuple[int, ...]]:
+    """Read and validate an episode file.
+
+    Returns the arrays (images only if `with_images`) and the image array shape (from the
+    `.npy` header, so the images need not be decompressed).
+    """
+    path = Path(path)
+    # Open the file ourselves: np.load leaks the handle when the zip is unreadable.
+    with open(path, "rb") as fileobj, _open_npz(path, fileobj) as npz:
+        keys = sorted(k for k in npz.files)
+        check_keys(keys, f"episode file {path}")
+        arrays = {}
+        try:
+            for key in keys:
+                if key != "image" or with_images:
+                    arrays[key] = npz[key]
+            with npz.zip.open("image.npy") as f:
+                image_shape, image_dtype, _ = read_npy_header(f)
+        except EpisodeError:
+            raise
+        except Exception as e:  # zlib.error, BadZipFile (CRC), ValueError, EOFError, ...
+            raise EpisodeError(f"episode file {path} is corrupt: {type(e).__name__}: {e}") from e
+    if image_dtype != np.uint8:
+        raise EpisodeError(f"episode file {path}: key 'image' has dtype {image_dtype}, expected uint8")
+    # Validate with a placeholder for skipped images: only its dtype/shape are checked.
+    placeholder = arrays.get("image")
+    if placeholder is None:
+        placeholder = np.lib.stride_tricks.as_strided(
+            np.zeros((), np.uint8), shape=image_shape, strides=(0,) * len(image_shape))
+    try:
+        check_episode({**arrays, "image": placeholder})
+    except EpisodeError as e:
+        raise EpisodeError(f"episode file {path}: {e}") from None
+    m = NAME_RE.match(path.name)
+    if m and int(m.group(3)) != image_shape[0] - 1:
+        raise EpisodeError(
+            f"episode file {path}: name says length {m.group(3)} but it holds {image_shape[0] - 1} steps")
+    return arrays, tuple(image_shape)
+
+
+def load_episode(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Load and validate one episode file; raises `EpisodeError` naming the file if it is bad."""
+    arrays, _ = load_parts(Path(path), with_images=True)
+    return arrays

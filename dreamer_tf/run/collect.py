@@ -1,0 +1,118 @@
+"""The actor role: step a batch of environments with a policy and assemble finished episodes.
+
+Episode format: entry t holds the observation o_t, the action a_{t-1} that led to it, the reward
+r_t received with it and the discount (0 after a true terminal); entry 0 has a zero action and
+reward. So an episode of T agent steps has T+1 entries.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["Collector", "random_actions", "evaluate", "RandomAgent", "make_envs", "spaces", "obs_keys"]
+
+
+class Collector:
+    """Steps a batch of environments with a policy and assembles finished episodes."""
+
+    def __init__(self, envs, act_space, obs_keys: Sequence[str]):
+        self.envs = envs
+        self.act_space = act_space
+        self.obs_keys = list(obs_keys)
+        self.num = len(envs)
+        self.obs: list[dict] | None = None
+        self.reset_flags = np.ones(self.num, bool)
+        self.buffers: list[list[dict]] = [[] for _ in range(self.num)]
+        self.policy_state = None
+
+    def reset(self) -> None:
+        self.obs = self.envs.reset()
+        self.reset_flags[:] = True
+        zero = np.zeros(self.act_space.shape, np.float32)
+        self.buffers = [[self._transition(o, zero, 0.0, 1.0)] for o in self.obs]
+        self.policy_state = None
+
+    def _transition(self, obs: dict, action, reward: float, discount: float) -> dict:
+        step = {k: obs[k] for k in self.obs_keys}
+        step.update(action=np.asarray(action, np.float32), reward=np.float32(reward),
+                    discount=np.float32(discount))
+        return step
+
+    def batch_obs(self) -> dict:
+        obs = {k: np.stack([o[k] for o in self.obs]) for k in self.obs_keys}
+        obs["reset"] = self.reset_flags.copy()
+        return obs
+
+    def step(self, actions: np.ndarray) -> list[dict]:
+        """One agent step in every env; returns the episodes that finished (envs are reset)."""
+        obs, rewards, dones, infos = self.envs.step(actions)
+        self.reset_flags[:] = False
+        finished = []
+        for i in range(self.num):
+            self.buffers[i].append(self._transition(obs[i], actions[i], rewards[i],
+                                                    infos[i].get("discount", 1.0)))
+            if dones[i]:
+                episode = {k: np.stack([s[k] for s in self.buffers[i]]) for k in self.buffers[i][0]}
+                finished.append(episode)
+                obs[i] = self.envs.reset_at(i)
+                self.buffers[i] = [self._transition(obs[i], np.zeros(self.act_space.shape, np.float32), 0.0, 1.0)]
+                self.reset_flags[i] = True
+        self.obs = obs
+        return finished
+
+    @property
+    def at_boundary(self) -> bool:
+        """True when no env has an episode in progress (a safe point for a checkpoint)."""
+        return all(len(b) == 1 for b in self.buffers)
+
+
+def random_actions(act_space, num: int, rng: np.random.Generator) -> np.ndarray:
+    if hasattr(act_space, "n"):
+        return np.eye(act_space.n, dtype=np.float32)[rng.integers(0, act_space.n, num)]
+    return rng.uniform(act_space.low, act_space.high, (num,) + tuple(act_space.shape)).astype(np.float32)
+
+
+class RandomAgent:
+    """Uniform random actions with the agent's policy interface (for the random baseline)."""
+
+    def __init__(self, act_space, seed: int):
+        self.act_space, self.rng = act_space, np.random.default_rng(seed)
+
+    def policy(self, obs, state, training):
+        return random_actions(self.act_space, len(obs["reset"]), self.rng), None
+
+
+def make_envs(config, num: int, seed: int):
+    """`num` environment worker processes for the config's task, seeded seed, seed+1, ..."""
+    from dreamer_tf import envs as envlib
+    if config.task.startswith("atari_"):
+        options = dict(repeat_action_probability=config.atari_sticky,
+                       terminal_on_life_loss=config.atari_life_done, noops=config.atari_noops)
+    elif config.task.startswith("dmc_"):
+        options = dict(msaa=config.render_msaa)
+    else:
+        options = {}
+    return envlib.make_config_batch(config, num, seed, **options)
+
+
+def spaces(envs) -> tuple[dict, Any]:
+    """(observation_space, action_space) of a batch of environments."""
+    return envs.observation_space, envs.action_space
+
+
+def obs_keys(obs_space: dict) -> list[str]:
+    return [k for k in ("image", "state") if k in obs_space]
+
+
+def evaluate(agent, env, episodes: int) -> tuple[list[float], list[dict]]:
+    """Run `episodes` episodes with the evaluation policy (mode action); returns returns, episodes."""
+    obs_space, act_space = spaces(env)
+    collector = Collector(env, act_space, obs_keys(obs_space))
+    finished: list[dict] = []
+    collector.reset()
+    while len(finished) < episodes:  # the collector resets finished envs (and their policy state)
+        action, collector.policy_state = agent.policy(collector.batch_obs(), collector.policy_state, False)
+        finished.extend(collector.step(np.asarray(action)))
+    finished = finished[:episodes]
+    return [float(episode["reward"].sum()) for episode in finished], finished

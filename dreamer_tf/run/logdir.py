@@ -1,0 +1,68 @@
+"""The run directory: its config, its status file, and the roll-back to a checkpoint on resume."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from dreamer_tf import config as configlib
+from dreamer_tf.utils import atomic_write_json
+
+__all__ = ["RESUMABLE_KEYS", "Diverged", "RunError", "Stopped", "write_status", "prepare_logdir",
+           "move_newer_episodes"]
+
+# Keys that may change when a run is resumed (extending the budget, logging cadence).
+RESUMABLE_KEYS = ("steps", "eval_every", "log_every", "checkpoint_every", "video_every", "eval_episodes",
+                  "max_nonfinite", "envs")
+
+
+class Diverged(RuntimeError):
+    """Too many consecutive non-finite updates."""
+
+
+class RunError(RuntimeError):
+    """A run that cannot start as asked (config mismatch, bad logdir)."""
+
+
+class Stopped(Exception):
+    """The run stopped on a signal after saving a checkpoint; the same command resumes it."""
+
+    def __init__(self, signum: int, step: int):
+        self.signum, self.step = signum, step
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step} with a checkpoint; "
+                         f"run the same command to resume")
+
+
+def write_status(logdir: Path, status: str, step: int, steps: int, message: str = "") -> None:
+    atomic_write_json(logdir / "status.json", {"status": status, "step": int(step), "steps": int(steps),
+                                               "message": message, "time": time.time()})
+
+
+def prepare_logdir(config: configlib.Config, logdir: Path, force: bool = False) -> configlib.Config:
+    """Write `config.yaml`, or check it against the stored one when resuming."""
+    logdir.mkdir(parents=True, exist_ok=True)
+    path = logdir / "config.yaml"
+    if path.exists():
+        stored = configlib.load_file(path)
+        differ = configlib.diff(stored, config, ignore=RESUMABLE_KEYS)
+        if differ and not force:
+            lines = ", ".join(f"{k}: stored {a!r} vs new {b!r}" for k, (a, b) in differ.items())
+            raise RunError(f"logdir {logdir} was written with a different config ({lines}); "
+                           f"use another logdir, or --force to resume with the new config")
+    configlib.save(config, path)
+    return config
+
+
+def move_newer_episodes(logdir: Path, episode_dir: Path, last_episode: str) -> None:
+    """Move the episodes stored after the checkpoint (named after `last_episode`) to
+    `orphaned_episodes/`: the resumed run collects them anew."""
+    files = sorted(episode_dir.glob("*.npz")) if episode_dir.exists() else []
+    newer = [f for f in files if f.name > last_episode] if last_episode else files
+    if newer:
+        orphan = logdir / "orphaned_episodes"
+        orphan.mkdir(exist_ok=True)
+        for f in newer:
+            os.replace(f, orphan / f.name)
+        print(f"resume: moved {len(newer)} episode(s) stored after the checkpoint to {orphan}", file=sys.stderr)

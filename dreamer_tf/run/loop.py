@@ -1,0 +1,316 @@
+"""The Dreamer training loop (paper Algorithm 1): prefill, then alternate collection and training.
+
+    prefill `prefill` env steps with uniform random actions; `pretrain` gradient steps;
+    every `train_every` env steps: `train_steps` gradient steps (world model + behaviour);
+    act with the policy plus exploration noise; store finished episodes in the replay;
+    every `eval_every` env steps: evaluation episodes with the mode action and a video.
+
+Env steps count simulator frames (action repeat included), as in the paper. Checkpoints are taken
+at episode boundaries every `checkpoint_every` env steps; a killed run restarts from the newest
+checkpoint: episodes stored after it are moved to `orphaned_episodes/` and metric rows after it
+are dropped, so the step count and metrics continue without gaps or duplicates.
+
+A first SIGINT (Ctrl-C) or SIGTERM (cluster pre-emption) stops the run gracefully: the episodes in
+progress are finished without training or evaluation, a checkpoint is taken and the run exits with
+`Stopped`, losing nothing. A second signal stops at once (resume from the newest periodic
+checkpoint, as after SIGKILL).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dreamer_tf import config as configlib
+from dreamer_tf.run.checkpoint import Checkpointer
+from dreamer_tf.run.collect import Collector, evaluate, make_envs, obs_keys, random_actions, spaces
+from dreamer_tf.run.logdir import (Diverged, RunError, Stopped, move_newer_episodes, prepare_logdir,
+                                   write_status)
+from dreamer_tf.run.logger import Logger, Progress
+
+__all__ = ["LoopState", "Trainer", "train"]
+
+
+@dataclasses.dataclass
+class LoopState:
+    """Everything the loop needs to continue exactly where a checkpoint left it (state.json)."""
+    step: int = 0                 # env steps (frames) so far
+    episodes: int = 0             # training episodes stored
+    last_episode: str = ""        # file name of the newest stored episode
+    next_train: int = 0           # env step of the next training phase
+    next_eval: int = 0            # ... of the next evaluation
+    next_log: int = 0             # ... of the next scalar row
+    next_ckpt: int = 0            # ... of the next checkpoint (taken at an episode boundary)
+    pretrained: bool = False      # the `pretrain` updates after prefill are done
+    evals: int = 0                # evaluations so far (videos every `video_every`)
+    nonfinite_streak: int = 0     # consecutive skipped updates
+    wall_time: float = 0.0        # seconds of training over all resumes
+    rng: dict | None = None       # prefill action generator state
+    replay_rng: dict | None = None  # replay sampler state
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "LoopState":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class Trainer:
+    """Owns the run: agent, replay, environments, schedule, logging and checkpoints."""
+
+    def __init__(self, config: configlib.Config, logdir: str | os.PathLike, force: bool = False,
+                 tensorboard: bool = True):
+        self.config = config
+        self.logdir = Path(logdir)
+        prepare_logdir(config, self.logdir, force)
+        self.checkpointer = Checkpointer(self.logdir / "checkpoints")
+        self.episode_dir = self.logdir / "train_episodes"
+        self.logger = Logger(self.logdir, tensorboard=tensorboard)
+        self.state = LoopState(next_log=config.log_every)
+        self.stop_signal: int | None = None  # set by the first SIGINT/SIGTERM
+
+    # --- graceful stop ------------------------------------------------------------------
+    def _on_signal(self, signum: int, frame) -> None:
+        if self.stop_signal is not None:
+            raise KeyboardInterrupt  # second signal: stop now
+        self.stop_signal = signum
+        print(f"\n{signal.Signals(signum).name}: finishing the episodes in progress, then saving a "
+              f"checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def _install_signal_handlers(self) -> dict:
+        if threading.current_thread() is not threading.main_thread():
+            return {}  # signal handlers can only be set from the main thread
+        return {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    # --- set-up -------------------------------------------------------------------------
+    def _build(self) -> None:
+        import tensorflow as tf
+        from dreamer_tf.agent import Dreamer
+        from dreamer_tf.data import Replay
+        c = self.config
+        tf.keras.utils.set_random_seed(c.seed)
+        latest = self.checkpointer.latest()
+        saved = json.loads((latest / "state.json").read_text()) if latest else None
+        move_newer_episodes(self.logdir, self.episode_dir, saved["last_episode"] if saved else "")
+        self.logger.rollback(saved["step"] if saved else -1)
+        self.replay = Replay(self.episode_dir, capacity=c.replay_capacity, cache=c.replay_cache,
+                             seed=c.seed, balance=c.dataset_balance, store=c.replay_store,
+                             action_repeat=c.action_repeat)
+        self.envs = make_envs(c, c.envs, seed=c.seed * 1000)
+        self.eval_env = make_envs(c, 1, seed=c.seed * 1000 + 500)
+        obs_space, self.act_space = spaces(self.envs)
+        self.agent = Dreamer(c, obs_space, self.act_space)
+        self.rng = np.random.default_rng(c.seed)
+        if latest:
+            self.state = LoopState.from_dict(self.checkpointer.restore(self.agent, latest))
+            self.rng.bit_generator.state = self.state.rng
+            if self.state.replay_rng is not None:
+                self.replay.set_state(self.state.replay_rng)
+            print(f"resume: restored {latest.name} at step {self.state.step}", file=sys.stderr)
+        self.collector = Collector(self.envs, self.act_space, obs_keys(obs_space))
+
+    # --- the loop -----------------------------------------------------------------------
+    def run(self) -> dict:
+        c = self.config
+        try:
+            self._build()
+        except ValueError as e:  # a config that does not fit the task (e.g. action_dist vs. space)
+            self._close()
+            write_status(self.logdir, "failed", self.state.step, c.steps, str(e))
+            raise RunError(str(e)) from None
+        s = self.state
+        write_status(self.logdir, "running", s.step, c.steps)
+        self._progress = Progress(c.steps, s.step)
+        self._clock = (time.time(), s.step, s.wall_time)  # start time, start step, wall time before
+        self._train_metrics: dict[str, list[float]] = {}
+        self._train_time = 0.0
+        self.collector.reset()
+        previous_handlers = self._install_signal_handlers()
+        try:
+            if s.pretrained:  # updates deferred by a graceful stop, before anything else
+                self._train_due()
+            while s.step < c.steps:
+                if self.stop_signal is not None and self.collector.at_boundary:
+                    break
+                self._iteration(stopping=self.stop_signal is not None)
+            if self.stop_signal is not None and s.step < c.steps:
+                if s.nonfinite_streak == 0:
+                    self._checkpoint()
+                stopped = Stopped(self.stop_signal, s.step)
+                write_status(self.logdir, "interrupted", s.step, c.steps, str(stopped))
+                raise stopped
+            # The final evaluation and checkpoint (an episode still in progress is not stored).
+            if s.step >= s.next_eval:
+                self._evaluate()
+            self._checkpoint()
+            write_status(self.logdir, "finished", s.step, c.steps)
+        except (Stopped, Diverged) as e:
+            if isinstance(e, Diverged):
+                write_status(self.logdir, "failed", s.step, c.steps, str(e))
+            raise
+        except KeyboardInterrupt:
+            write_status(self.logdir, "interrupted", s.step, c.steps, "interrupted by the user")
+            raise
+        except BaseException as e:
+            write_status(self.logdir, "failed", s.step, c.steps, f"{type(e).__name__}: {e}")
+            raise
+        finally:
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
+            self._progress.close()
+            self._close()
+        return s.to_dict()
+
+    def _iteration(self, stopping: bool) -> None:
+        """Evaluate and checkpoint when due, act in every env, store finished episodes, train when
+        due, log. While `stopping` only the episodes in progress are finished."""
+        c, s = self.config, self.state
+        if s.step >= s.next_eval and not stopping:
+            self._evaluate()
+        if s.step >= s.next_ckpt and self.collector.at_boundary and s.nonfinite_streak == 0:
+            self._checkpoint()
+            s.next_ckpt = s.step - s.step % c.checkpoint_every + c.checkpoint_every
+        # Act: random during prefill, then the policy with exploration noise.
+        if s.step < c.prefill:
+            actions = random_actions(self.act_space, self.collector.num, self.rng)
+        else:
+            actions, self.collector.policy_state = self.agent.policy(
+                self.collector.batch_obs(), self.collector.policy_state, True)
+            actions = np.asarray(actions)
+        finished = self.collector.step(actions)
+        s.step += c.action_repeat * self.collector.num
+        for episode in finished:
+            s.last_episode = Path(self.replay.add(episode)).name
+            s.episodes += 1
+            ret = float(episode["reward"].sum())
+            self._progress.set(train_return=ret)
+            self.logger.write(s.step, {"train_return": ret, "train_episodes": s.episodes,
+                                       "train_length": (len(episode["reward"]) - 1) * c.action_repeat})
+        if not stopping:  # while stopping, due updates wait: the resumed run does them first
+            self._train_due()
+        if s.step >= s.next_log:
+            self._log_scalars()
+        self._progress.update(s.step)
+
+    def _log_scalars(self) -> None:
+        c, s = self.config, self.state
+        start_time, start_step, _ = self._clock
+        elapsed = time.time() - start_time
+        row = {k: float(np.mean(v)) for k, v in self._train_metrics.items()}
+        row["env_steps_per_second"] = (s.step - start_step) / max(elapsed, 1e-9)
+        row["train_seconds"] = self._train_time
+        row["train_updates"] = self.agent_updates()
+        row["wall_time"] = self._wall_time()  # seconds of training, over resumes
+        self.logger.write(s.step, row)
+        self._train_metrics.clear()
+        s.next_log = s.step - s.step % c.log_every + c.log_every
+
+    def _wall_time(self) -> float:
+        start_time, _, before = self._clock
+        return before + time.time() - start_time
+
+    def _close(self) -> None:
+        self.logger.close()
+        for envs in (getattr(self, "envs", None), getattr(self, "eval_env", None)):
+            if envs is not None:
+                envs.close()
+
+    def agent_updates(self) -> int:
+        return int(self.agent.train_step_count.numpy())
+
+    # --- the learner --------------------------------------------------------------------
+    def _train_due(self) -> None:
+        """`pretrain` updates once prefill is done, then `train_steps` every `train_every` env steps."""
+        c, s = self.config, self.state
+        if s.step < c.prefill or self.replay.num_episodes == 0:
+            return
+        start = time.time()
+        if not s.pretrained:
+            self._train(c.pretrain)
+            s.pretrained = True
+            s.next_train = s.step + c.train_every
+        while s.step >= s.next_train:
+            self._train(c.train_steps)
+            s.next_train += c.train_every
+        self._train_time += time.time() - start
+
+    def _train(self, steps: int) -> None:
+        # One prefetching iterator per training phase, closed before episodes are added or a
+        # checkpoint is taken: the replay's sampler state is then exact, so a resumed run draws
+        # the same batches (see dreamer_tf.data.pipeline).
+        with self.replay.iterator(self.config.batch_size, self.config.batch_length) as batches:
+            for _ in range(steps):
+                self._record(self.agent.train(next(batches)))
+
+    def _record(self, metrics: dict[str, float]) -> None:
+        """Accumulate an update's metrics; stop the run after `max_nonfinite` skipped updates in a row."""
+        s, accumulate = self.state, self._train_metrics
+        bad = [k[: -len("_nonfinite")] for k, v in metrics.items() if k.endswith("_nonfinite") and v > 0]
+        s.nonfinite_streak = s.nonfinite_streak + 1 if bad else 0
+        accumulate.setdefault("skipped_updates", []).append(1.0 if bad else 0.0)
+        if bad and s.nonfinite_streak >= self.config.max_nonfinite:
+            losses = ", ".join(f"{k}_loss={metrics.get(k + '_loss', float('nan'))}" for k in bad)
+            raise Diverged(f"{s.nonfinite_streak} consecutive non-finite updates at step {s.step} ({losses}); "
+                           f"the last good checkpoint is kept in {self.checkpointer.directory}")
+        for key, value in metrics.items():
+            accumulate.setdefault(key, []).append(value)
+
+    # --- evaluation and checkpoints -----------------------------------------------------
+    def _evaluate(self) -> None:
+        c, s = self.config, self.state
+        returns, episodes = evaluate(self.agent, self.eval_env, c.eval_episodes)
+        s.evals += 1
+        s.next_eval += c.eval_every
+        row = {"test_return": float(np.mean(returns)), "test_return_std": float(np.std(returns)),
+               "test_length": (len(episodes[0]["reward"]) - 1) * c.action_repeat}
+        self.logger.write(s.step, row)
+        self._progress.set(test_return=row["test_return"])
+        if c.video_every and (s.evals - 1) % c.video_every == 0:
+            self._video(episodes)
+        self.logger.flush()
+
+    def _video(self, episodes: list[dict]) -> None:
+        """Real frames | open-loop predictions | error for the first eval episodes; without a
+        decoder (contrastive / reward-only representations) the real frames alone."""
+        from dreamer_tf.run.video import tile_batch
+        length = min(len(episodes[0]["reward"]), 100)
+        batch = {k: np.stack([e[k][:length] for e in episodes[:4]]) for k in episodes[0]}
+        if self.agent.decoder is None:
+            self.logger.video(self.state.step, "episode", tile_batch(batch["image"]))
+            return
+        self.logger.video(self.state.step, "openloop", tile_batch(self.agent.video_predictions(batch)))
+
+    def _checkpoint(self) -> None:
+        s = self.state
+        s.wall_time = self._wall_time()
+        s.rng = self.rng.bit_generator.state
+        s.replay_rng = self.replay.get_state()
+        self.checkpointer.save(self.agent, s.step, _jsonable(s.to_dict()))
+        write_status(self.logdir, "running", s.step, self.config.steps)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return obj
+
+
+def train(config: configlib.Config, logdir: str | os.PathLike, force: bool = False) -> dict:
+    """Train (or resume) a run in `logdir`; returns the final loop state."""
+    return Trainer(config, logdir, force=force).run()

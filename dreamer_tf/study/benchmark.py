@@ -1,0 +1,107 @@
+"""`dreamer-tf benchmark`: train tasks x seeds into ROOT/<task>/<method>/<seed>/, locally
+(`dreamer_tf.study.launch`) or on a Ray cluster (`dreamer_tf.study.ray_backend`); see launch.py for
+the run directory, resume and lock rules. Imports neither TensorFlow nor (until asked) Ray."""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from dreamer_tf.study.analysis import BENCHMARK_TASKS
+from dreamer_tf.study.launch import (RAY_INSTALL_HINT, BenchmarkError, RunResult, RunSpec, _Interrupted,  # noqa: F401
+                                     _is_locked, _read_status, plan, run_local, run_state)
+
+__all__ = ["RunSpec", "RunResult", "BenchmarkError", "RAY_INSTALL_HINT", "plan", "run_state", "run_local",
+           "run_ray", "summary_table", "main"]
+
+
+def run_ray(*args, **kwargs):
+    """See `dreamer_tf.study.ray_backend.run_ray` (imported on use: it imports Ray)."""
+    from dreamer_tf.study.ray_backend import run_ray as run
+    return run(*args, **kwargs)
+
+
+def summary_table(results: Sequence[RunResult]) -> str:
+    """Plain-text table: one line per run with its state before, outcome, attempts and time."""
+    header = ("run", "before", "outcome", "exit", "attempts", "step", "minutes")
+    rows = [(r.spec.name, r.before, r.outcome, "" if r.returncode is None else str(r.returncode),
+             str(r.attempts), f"{r.step}/{r.spec.steps}", f"{r.seconds / 60:.1f}") for r in results]
+    widths = [max(len(x) for x in column) for column in zip(header, *rows)]
+    lines = ["  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.outcome] = counts.get(r.outcome, 0) + 1
+    lines.append("total: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dreamer-tf benchmark",
+        description="Train tasks x seeds into ROOT/<task>/<method>/<seed>/; rerunning skips finished "
+                    "runs and resumes the others. Exit code 0 only if every planned run is finished.")
+    p.add_argument("--root", required=True, help="benchmark directory (shared storage for Ray)")
+    p.add_argument("--tasks", nargs="+", default=list(BENCHMARK_TASKS),
+                   help="tasks (default: the paper's 20 DMC tasks)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="default: 0 1 2 3 4")
+    p.add_argument("--preset", default="paper", help="config preset (default: paper)")
+    p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config overrides passed to every run, e.g. --set precision=16")
+    p.add_argument("--steps", type=float, default=None,
+                   help="env steps per run (default: the preset's, 5e6 for paper)")
+    p.add_argument("--method", default="dreamer", help="method directory name (default: dreamer)")
+    p.add_argument("--backend", choices=["local", "ray"], default="local")
+    p.add_argument("--jobs", type=int, default=1, help="local backend: concurrent runs (default 1)")
+    p.add_argument("--address", default=None,
+                   help="ray backend: cluster address ('auto', 'host:port'); 'local' or none "
+                        "starts a Ray instance on this machine")
+    p.add_argument("--gpus-per-run", type=float, default=1.0, help="ray backend (default 1)")
+    p.add_argument("--cpus-per-run", type=float, default=2.0, help="ray backend (default 2)")
+    p.add_argument("--retries", type=int, default=1,
+                   help="resume a failed run up to this many times (default 1)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan, one line per run with its state, and exit")
+    p.add_argument("--train-cmd", default=None,
+                   help="command that starts training, default '<python> -m dreamer_tf.train' "
+                        "(e.g. a container or srun wrapper); the run's arguments are appended")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from dreamer_tf.config import ConfigError
+
+    try:
+        if args.retries < 0:
+            raise BenchmarkError(f"--retries must be >= 0, got {args.retries}")
+        if args.steps is not None and not float(args.steps).is_integer():
+            raise BenchmarkError(f"--steps must be a whole number of env steps, got {args.steps}")
+        specs = plan(args.root, args.tasks, args.seeds, args.method, args.preset, args.overrides,
+                     None if args.steps is None else int(args.steps),
+                     shlex.split(args.train_cmd) if args.train_cmd else None)
+        if args.dry_run:
+            print(f"# {len(specs)} runs under {Path(args.root).absolute()}; command of the first:")
+            print(f"# {shlex.join(specs[0].command)}")
+            for spec in specs:
+                status = _read_status(spec.logdir)
+                print(f"{run_state(spec):<9} {spec.name:<45} {spec.logdir}  "
+                      f"(step {int(status.get('step', 0) or 0)}/{spec.steps})")
+            return 0
+        if args.backend == "ray":
+            results = run_ray(specs, args.address, args.gpus_per_run, args.cpus_per_run, args.retries)
+        else:
+            results = run_local(specs, args.jobs, args.retries)
+    except (BenchmarkError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except _Interrupted as e:
+        print(summary_table(e.results))
+        return 130
+    print(summary_table(results))
+    return 0 if all(r.outcome in ("finished", "skipped") for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
