@@ -31,8 +31,10 @@ setup(
     extras_require={
         "gpu": ["tensorflow[and-cuda]==2.21.0"],
         "atari": ["ale-py==0.12.1"],
+        "gym": ["gymnasium[classic-control]==1.4.0"],  # classic-control: pygame for rgb_array
         "cluster": ["ray[default]>=2.40"],
-        "dev": ["pytest>=8", "ale-py==0.12.1", "ray[default]>=2.40"],
+        "dev": ["pytest>=8", "ale-py==0.12.1", "ray[default]>=2.40",
+                "gymnasium[classic-control]==1.4.0"],
     },
     entry_points={"console_scripts": ["dreamer-tf=dreamer_tf.cli:main"]},
 )

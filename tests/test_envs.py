@@ -149,6 +149,9 @@ def test_unknown_task_lists_valid_names():
     ({"sticky": 0.1}, r"unknown option\(s\) \['sticky'\]"),
     ({"timeout": 0}, "timeout must be a positive number of seconds, got 0"),
     ({"process": "no"}, "process must be True or False"),
+    ({"pixels": False}, "pixels=False needs proprio=True for 'dmc_walker_walk'"),
+    ({"pixels": "no", "proprio": True}, "pixels must be True or False, got 'no'"),
+    ({"video": 1}, "video must be True or False, got 1"),
 ])
 def test_bad_option_values_raise_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -326,3 +329,76 @@ def test_closed_env_refuses_calls():
     env.close()  # idempotent
     with pytest.raises(WorkerError, match="closed"):
         env.reset()
+
+
+# --- state-only DMC (pixels=False) ---------------------------------------------------------------
+
+def _mean_step_seconds(env, steps: int = 100) -> float:
+    env.reset()
+    env.step(np.zeros(env.action_space.shape))  # warm-up (first render creates GL state)
+    start = time.perf_counter()
+    for _ in range(steps):
+        env.step(np.zeros(env.action_space.shape))
+    return (time.perf_counter() - start) / steps
+
+
+def test_state_only_dmc_returns_the_same_states_without_an_image():
+    actions = np.random.default_rng(0).uniform(-1, 1, (20, 6)).astype(np.float32)
+    with envs.make("dmc_walker_walk", seed=2, pixels=False, proprio=True) as state_env, \
+            envs.make("dmc_walker_walk", seed=2, proprio=True) as pixel_env, \
+            envs.make("dmc_walker_walk", seed=2, pixels=False, proprio=True,
+                      video=True) as video_env:
+        assert state_env.observation_space == {"state": spaces.Box(-np.inf, np.inf, (24,))}
+        assert video_env.observation_space == pixel_env.observation_space
+        assert video_env.observation_space.keys() == {"image", "state"}
+        first = state_env.reset()
+        assert first.keys() == {"state"} and first["state"].dtype == np.float32
+        reference, video = pixel_env.reset(), video_env.reset()
+        np.testing.assert_array_equal(first["state"], reference["state"])
+        np.testing.assert_array_equal(video["image"], reference["image"])  # eval videos
+        for action in actions:  # the same simulation, only the rendering is skipped
+            obs, reward, done, info = state_env.step(action)
+            ref, ref_reward, ref_done, ref_info = pixel_env.step(action)
+            assert obs.keys() == {"state"}
+            np.testing.assert_array_equal(obs["state"], ref["state"])
+            assert (reward, done, info) == (ref_reward, ref_done, ref_info)
+        state_time, pixel_time = _mean_step_seconds(state_env), _mean_step_seconds(pixel_env)
+    # Informational (no timed assert on a shared machine); run with -s to see it.
+    print(f"\ndmc_walker_walk step (repeat 2): pixels=False {state_time * 1e3:.2f} ms, "
+          f"pixels=True {pixel_time * 1e3:.2f} ms ({pixel_time / state_time:.0f}x)")
+
+
+def test_state_only_dmc_never_creates_a_camera_or_renders(tmp_path):
+    # In a fresh TF-free interpreter, in-process, with every way to render made to fail.
+    script = tmp_path / "no_render.py"
+    script.write_text(textwrap.dedent("""
+        import numpy as np
+        from dreamer_tf.envs.dmc import DMC
+        from dreamer_tf.envs.tasks import build_local, resolve
+        from dm_control.mujoco import engine
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("rendered")
+        engine.Camera.__init__ = refuse
+        engine.Physics.render = refuse
+        env = build_local(resolve("dmc_cheetah_run", pixels=False, proprio=True))
+        assert isinstance(env, DMC) and env._camera is None
+        obs = env.reset()
+        for _ in range(5):
+            obs, *_ = env.step(np.zeros(6))
+        assert env._env.physics._contexts is None, "a GL context was created"
+        print(sorted(obs), obs["state"].shape)
+        env.close()
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[0] == "['state'] (17,)"
+
+
+def test_state_only_dmc_still_checks_the_camera_and_atari_needs_pixels():
+    with pytest.raises(WorkerValueError, match="camera_id=9 is invalid"):
+        envs.make("dmc_walker_walk", pixels=False, proprio=True, camera=9)
+    pytest.importorskip("ale_py")
+    with pytest.raises(ValueError, match="pixels=False is not available for Atari"):
+        envs.make("atari_pong", pixels=False)

@@ -1,8 +1,11 @@
-"""Environments for Dreamer: the paper's 20 DeepMind Control tasks and Atari, in worker processes.
+"""Environments for Dreamer: the paper's 20 DeepMind Control tasks, Atari and gymnasium envs, in
+worker processes.
 
     env = make("dmc_walker_walk", seed=0)          # worker process, action repeat 2, 1000 frames
     obs = env.reset()                              # {"image": uint8 [64, 64, 3]}
     obs, reward, done, info = env.step(action)     # info["discount"], info["frames"]
+    make("dmc_walker_walk", pixels=False, proprio=True)   # {"state": float32 [24]}, no rendering
+    make("gym_Pendulum-v1", pixels=False, proprio=True)   # any gymnasium id (dreamer_tf[gym])
 
 This package never imports TensorFlow (nor dm_control until an env is built in-process): the
 training process imports TF, and MuJoCo rendering crashes beside it, so by default every
@@ -17,31 +20,38 @@ from . import spaces
 from .base import Env
 from .process import Parallel, ProcessEnv, WorkerError, WorkerValueError
 from .spaces import Box, Discrete
-from .tasks import ATARI_FORM, TASKS, build_local, resolve
+from .tasks import ATARI_FORM, GYM_FORM, TASKS, build_local, resolve
 
-__all__ = ["TASKS", "ATARI_FORM", "make", "make_batch", "make_config_env", "make_config_batch",
+__all__ = ["TASKS", "ATARI_FORM", "GYM_FORM", "make", "make_batch", "make_config_env",
+           "make_config_batch",
            "Env", "ProcessEnv", "Parallel", "WorkerError", "WorkerValueError", "Box",
            "Discrete", "spaces"]
 
 
 def make(task: str, seed: int = 0, *, action_repeat: int | None = None,
          time_limit: int | None = None, size: int = 64, proprio: bool = False,
-         shadow_size: int | None = 256, process: bool = True, timeout: float = 300.0,
-         **options: Any) -> Env:
-    """Builds `task` (one of TASKS, or `atari_<game>`).
+         pixels: bool = True, shadow_size: int | None = 256, process: bool = True,
+         timeout: float = 300.0, **options: Any) -> Env:
+    """Builds `task` (one of TASKS, `atari_<game>` or `gym_<EnvId>`).
 
     action_repeat / time_limit: None takes the suite's paper setting (DMC 2 / 1000, Atari
-      4 / 108000); time_limit counts simulator frames, so 1000 with repeat 2 is 500 steps.
+      4 / 108000; gym 1 / the env's own TimeLimit, which a time_limit only shortens);
+      time_limit counts simulator frames, so 1000 with repeat 2 is 500 steps.
     size: image height and width. proprio: add obs["state"], the flattened dm_control
-      observations (DMC only). shadow_size: MuJoCo shadow map size, None = model default 2048,
-      0 = no shadows. process: run in a worker process (False only where TF is not imported).
-    timeout: seconds any wait on the worker may take before it is killed and an error raised.
+      observations (DMC) or the env's observation (gym). pixels: obs["image"]; False (DMC, gym;
+      needs proprio=True) builds no camera and renders nothing. shadow_size: MuJoCo shadow map
+      size, None = model default 2048, 0 = no shadows. process: run in a worker process (False
+      only where TF is not imported). timeout: seconds any wait on the worker may take before it
+      is killed and an error raised.
     options: DMC `msaa` (bool, default True), `camera` (int, default 2 for quadruped else 0);
-      Atari `repeat_action_probability` (0.25), `terminal_on_life_loss` (False), `noops` (0).
+      DMC and gym `video` (bool, False: with pixels=False still render obs["image"], for
+      evaluation videos); Atari `repeat_action_probability` (0.25), `terminal_on_life_loss`
+      (False), `noops` (0); gym `gym_import` (module name(s), comma-separated, imported in the
+      worker before gymnasium.make so the ids they register exist).
     Raises ValueError for an unknown task (listing the valid names) or a bad option value.
     """
     spec = resolve(task, seed, action_repeat=action_repeat, time_limit=time_limit, size=size,
-                   proprio=proprio, shadow_size=shadow_size, **options)
+                   proprio=proprio, pixels=pixels, shadow_size=shadow_size, **options)
     if not isinstance(process, bool):
         raise ValueError(f"process must be True or False, got {process!r}")
     if process:
@@ -81,18 +91,21 @@ def make_batch(task: str, n: int, seed: int = 0, *, timeout: float = 300.0,
 
 def _config_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
     # clip_rewards is applied by the agent, not the environment.
-    return {"action_repeat": cfg["action_repeat"], "time_limit": cfg["time_limit"],
-            "size": cfg["size"], "proprio": cfg["proprio"],
-            "shadow_size": cfg["render_shadow"]}
+    kwargs = {"action_repeat": cfg["action_repeat"], "time_limit": cfg["time_limit"],
+              "size": cfg["size"], "proprio": cfg["proprio"],
+              "shadow_size": cfg["render_shadow"]}
+    if "pixels" in cfg:  # configs without the key observe pixels
+        kwargs["pixels"] = cfg["pixels"]
+    if not str(cfg["task"]).startswith("dmc_"):  # only MuJoCo renders shadows
+        kwargs.pop("shadow_size")
+    return kwargs
 
 
 def make_config_env(cfg: Mapping[str, Any], seed: int | None = None, *, process: bool = True,
                     **options: Any) -> Env:
-    """`make` with task, action_repeat, time_limit, size, proprio and render_shadow from a
-    Config (seed defaults to cfg.seed). Atari tasks ignore render_shadow."""
+    """`make` with task, action_repeat, time_limit, size, proprio, pixels (if the Config has it)
+    and render_shadow from a Config (seed defaults to cfg.seed). Only DMC uses render_shadow."""
     kwargs = _config_kwargs(cfg)
-    if str(cfg["task"]).startswith("atari_"):
-        kwargs.pop("shadow_size")
     return make(cfg["task"], cfg["seed"] if seed is None else seed, process=process,
                 **kwargs, **options)
 
@@ -101,7 +114,5 @@ def make_config_batch(cfg: Mapping[str, Any], n: int | None = None, seed: int | 
                       **options: Any) -> Parallel:
     """`make_batch` with the Config's settings; n defaults to cfg.envs, seed to cfg.seed."""
     kwargs = _config_kwargs(cfg)
-    if str(cfg["task"]).startswith("atari_"):
-        kwargs.pop("shadow_size")
     return make_batch(cfg["task"], cfg["envs"] if n is None else n,
                       cfg["seed"] if seed is None else seed, **kwargs, **options)

@@ -18,13 +18,14 @@ __all__ = ["Env", "check_action"]
 class Env:
     """Base class: `reset() -> obs`, `step(action) -> (obs, reward, done, info)`, `close()`.
 
-    Subclasses set `task`, `action_repeat`, `time_limit`, `observation_space` (dict name -> Box)
-    and `action_space` (Box in [-1, 1] or Discrete). Usable as a context manager.
+    Subclasses set `task`, `action_repeat`, `time_limit` (frames; None only for a gym env without
+    a TimeLimit), `observation_space` (dict name -> Box) and `action_space` (Box in [-1, 1] or
+    Discrete). Usable as a context manager.
     """
 
     task: str
     action_repeat: int
-    time_limit: int
+    time_limit: int | None
     observation_space: dict[str, Box]
     action_space: Box | Discrete
 

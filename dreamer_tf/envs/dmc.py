@@ -1,5 +1,9 @@
 """DeepMind Control Suite tasks with pixel observations, rendered once per agent step.
 
+With `pixels=False` (and `proprio=True`) the env returns only the state vector and never creates
+a camera or GL context, which saves the rendering cost for agents learning from states;
+`video=True` adds the rendered image back (evaluation envs of such agents, for videos).
+
 The reference implementation renders at every physics substep of the action repeat and builds a
 new camera (and MuJoCo scene) for every frame. Here a single `Camera` is kept for the episode and
 only the frame after the last repeat is rendered; with the default 256-pixel shadow map instead of
@@ -26,16 +30,17 @@ def default_camera(domain: str) -> int:
 
 
 class DMC(Env):
-    """One dm_control suite task: pixels (and optionally the flattened state), actions in [-1, 1].
+    """One dm_control suite task: pixels and/or the flattened state, actions in [-1, 1].
 
     Args mirror `dreamer_tf.envs.make` after validation: `time_limit` counts simulator frames,
     `shadow_size` None keeps the model's shadow map size (2048), 0 turns shadows off, `msaa`
-    False disables 4x multisampling (faster, more aliased).
+    False disables 4x multisampling (faster, more aliased). `pixels` or `video` gives
+    obs["image"]; with neither, no camera is built and nothing is rendered.
     """
 
     def __init__(self, task: str, seed: int, *, domain: str, subtask: str, action_repeat: int,
                  time_limit: int, size: int, proprio: bool, shadow_size: int | None,
-                 msaa: bool, camera: int | None):
+                 msaa: bool, camera: int | None, pixels: bool = True, video: bool = False):
         if "tensorflow" in sys.modules:  # a clear error instead of a segfault at the first render
             raise RuntimeError(f"{task}: MuJoCo rendering crashes in a process that imported "
                                "TensorFlow; build the env with process=True (a worker process)")
@@ -59,8 +64,13 @@ class DMC(Env):
         self._render_flags = ({mujoco.mjtRndFlag.mjRND_SHADOW: False}
                               if shadow_size == 0 else None)
         self._camera_id = default_camera(domain) if camera is None else camera
-        # Raises ValueError for a camera id the model lacks or a size beyond the framebuffer.
-        self._camera = engine.Camera(physics, size, size, self._camera_id)
+        self._camera = None
+        if pixels or video:
+            # Raises ValueError for a camera id the model lacks or a size beyond the framebuffer.
+            self._camera = engine.Camera(physics, size, size, self._camera_id)
+        elif self._camera_id >= physics.model.ncam:  # unused, but a typo should not pass silently
+            raise ValueError(f"{task}: camera_id={self._camera_id} is invalid: the model has "
+                             f"{physics.model.ncam} cameras")
 
         spec = self._env.action_spec()
         self._low = spec.minimum.astype(np.float64)
@@ -68,14 +78,18 @@ class DMC(Env):
         self.action_space = Box(-1.0, 1.0, spec.shape, np.float32)
         self._state_keys = list(self._env.observation_spec().keys())
         state_dim = sum(int(np.prod(s.shape)) for s in self._env.observation_spec().values())
-        self.observation_space = {"image": Box(0, 255, (size, size, 3), np.uint8)}
+        self.observation_space = {}
+        if self._camera is not None:
+            self.observation_space["image"] = Box(0, 255, (size, size, 3), np.uint8)
         if proprio:
             self.observation_space["state"] = Box(-np.inf, np.inf, (state_dim,), np.float32)
         self._frames = None  # frames of the current episode; None before the first reset
 
     def _obs(self, observation: dict[str, Any]) -> dict[str, np.ndarray]:
-        image = self._camera.render(render_flag_overrides=self._render_flags)
-        obs = {"image": np.array(image, np.uint8)}  # copy: the camera reuses its buffer
+        obs = {}
+        if self._camera is not None:
+            image = self._camera.render(render_flag_overrides=self._render_flags)
+            obs["image"] = np.array(image, np.uint8)  # copy: the camera reuses its buffer
         if self._proprio:
             obs["state"] = np.concatenate(
                 [np.asarray(observation[k], np.float32).ravel() for k in self._state_keys])

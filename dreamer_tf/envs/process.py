@@ -176,6 +176,7 @@ class ProcessEnv(Env):
             raise
         self.observation_space = info["observation_space"]
         self.action_space = info["action_space"]
+        self.time_limit = info["time_limit"]  # gym: the env's own limit unless one was given
         self._ready = True
 
     # --- Env API ------------------------------------------------------------------------------

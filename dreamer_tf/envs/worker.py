@@ -50,8 +50,10 @@ def serve(conn: Connection) -> None:
                         raise RuntimeError("worker already initialised")
                     env = build_local(payload)
                     _assert_no_tensorflow("after building the environment")
+                    # time_limit: gym envs know theirs only once built (their own TimeLimit).
                     result: Any = {"observation_space": env.observation_space,
-                                   "action_space": env.action_space, "pid": os.getpid()}
+                                   "action_space": env.action_space, "pid": os.getpid(),
+                                   "time_limit": env.time_limit}
                 elif command in ("reset", "step") and env is None:
                     raise RuntimeError("worker not initialised")
                 elif command == "reset":
