@@ -57,8 +57,13 @@ class Initializers:
 
 
 def preprocess_image(image: tf.Tensor, dtype: tf.DType = tf.float32) -> tf.Tensor:
-    """uint8 pixels [0, 255] -> floats in [-0.5, 0.5] (as the reference)."""
-    return tf.cast(image, dtype) / 255.0 - 0.5
+    """uint8 pixels [0, 255] -> floats in [-0.5, 0.5] (as the reference).
+
+    A multiplication by 1/255, not a division: TensorFlow's graph optimiser rewrites x / 255 into
+    x * (1/255) inside tf.function, which rounds some pixels 1 ulp differently from eager mode, and
+    a ReLU pre-activation that is a float32 tie can then flip and move a gradient. Written this way
+    eager and compiled code compute the same pixels (results/fidelity.md)."""
+    return tf.cast(image, dtype) * (1.0 / 255.0) - 0.5
 
 
 def _leading(x: tf.Tensor, trailing: int) -> tf.Tensor:

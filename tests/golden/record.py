@@ -82,8 +82,10 @@ def fingerprint() -> dict:
     """What decides float rounding: TF version, the CPU's widest vector ISA, oneDNN on or off."""
     from importlib.metadata import version
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    import dreamer_tf  # noqa: F401  (sets the oneDNN default before TensorFlow is imported)
+    from tensorflow.python.util import _pywrap_util_port
     return {"tensorflow": version("tensorflow"), "avx512f": " avx512f " in flags.replace("\n", " "),
-            "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default")}
+            "onednn": bool(_pywrap_util_port.IsMklEnabled())}
 
 
 def compute() -> dict:
