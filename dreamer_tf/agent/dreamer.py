@@ -18,9 +18,9 @@ import numpy as np
 import tensorflow as tf
 
 from dreamer_tf.agent import behavior, explore, inputs, openloop, optim
-from dreamer_tf.agent.world_model import WorldModel, world_model_loss
-from dreamer_tf.models import (IMAGE_SHAPE, RSSM, STATE_KEYS, ActionHead, ConvDecoder, ConvEncoder, DenseHead, Initializers,
-                               StateModel, dtype_policy)
+from dreamer_tf.agent.world_model import WorldModel, embed, world_model_loss
+from dreamer_tf.models import (RSSM, STATE_KEYS, ActionHead, ConvDecoder, ConvEncoder, DenseHead, Initializers,
+                               StateDecoder, StateEncoder, StateModel, dtype_policy)
 
 __all__ = ["Dreamer", "METRIC_KEYS"]
 
@@ -33,8 +33,10 @@ METRIC_KEYS = (
 class Dreamer(tf.Module):
     """Dreamer v1 agent.
 
-    Modules: encoder, rssm, decoder (representation 'reconstruction', else None), state_model
-    ('contrastive', else None), reward, pcont (config.pcont, else None), value, actor.
+    Modules: encoder and decoder for images, state_encoder and state_decoder for the state vector
+    (each None when that observation is not used, decoders also without reconstruction), rssm,
+    state_model ('contrastive', else None), reward, pcont (config.pcont, else None), value, actor.
+    The observation space must hold the keys `config.observation` asks for.
     Optimisers: model_opt, actor_opt, value_opt. `unroll` unrolls the observe and imagine loops
     in the graph instead of tf.scan (same math; see results/bench.md for the timings).
     """
@@ -43,7 +45,8 @@ class Dreamer(tf.Module):
                  unroll: bool = False):
         super().__init__(name="dreamer")
         self.config = c = config
-        inputs.check_spaces(obs_space, act_space)
+        # The observations the agent encodes: image, state, or both (config.observation).
+        self.obs_shapes = inputs.check_spaces(obs_space, act_space, inputs.observation_keys(c.observation))
         self.discrete, self.expl = explore.action_kind(c, act_space)
         self.action_size = int(act_space.n) if self.discrete else int(act_space.shape[0])
         self.precision = int(c.precision)
@@ -54,11 +57,16 @@ class Dreamer(tf.Module):
         self.train_step_count = tf.Variable(0, dtype=tf.int64, trainable=False, name="train_step_count")
 
         # Creation order fixes each layer's initialiser seed: keep it.
-        self.encoder = ConvEncoder(c.cnn_depth, c.cnn_act, init, dtype=policy)
+        image, state, reconstruct = "image" in self.obs_shapes, "state" in self.obs_shapes, \
+            c.representation == "reconstruction"
+        self.encoder = ConvEncoder(c.cnn_depth, c.cnn_act, init, dtype=policy) if image else None
+        self.state_encoder = (StateEncoder(c.state_layers, c.num_units, c.dense_act, init, dtype=policy)
+                              if state else None)
         self.rssm = RSSM(c.stoch_size, c.deter_size, c.deter_size, c.dense_act, init=init, rng=self.rng,
                          unroll=unroll, dtype=policy)
-        self.decoder = (ConvDecoder(c.cnn_depth, c.cnn_act, init, dtype=policy)
-                        if c.representation == "reconstruction" else None)
+        self.decoder = ConvDecoder(c.cnn_depth, c.cnn_act, init, dtype=policy) if image and reconstruct else None
+        self.state_decoder = (StateDecoder(self.obs_shapes["state"][0], c.state_layers, c.num_units, c.dense_act,
+                                           init, dtype=policy) if state and reconstruct else None)
         self.state_model = (StateModel(c.stoch_size, 2, c.num_units, c.dense_act, init, dtype=policy)
                             if c.representation == "contrastive" else None)
         self.reward = DenseHead((), 2, c.num_units, c.dense_act, init, dtype=policy, name="reward")
@@ -69,11 +77,12 @@ class Dreamer(tf.Module):
                                 dist="onehot" if self.discrete else "tanh_normal",
                                 init_std=c.action_init_std, dtype=policy, name="actor")
         self.world_model = WorldModel(encoder=self.encoder, rssm=self.rssm, reward=self.reward,
-                                      decoder=self.decoder, state_model=self.state_model, pcont=self.pcont)
+                                      decoder=self.decoder, state_model=self.state_model, pcont=self.pcont,
+                                      state_encoder=self.state_encoder, state_decoder=self.state_decoder)
         self._build_modules()
 
         self.model_modules = [m for m in (self.encoder, self.rssm, self.decoder, self.state_model, self.reward,
-                                          self.pcont) if m is not None]
+                                          self.pcont, self.state_encoder, self.state_decoder) if m is not None]
         make = lambda lr, variables, name: optim.make_optimizer(  # noqa: E731
             lr, variables, name, eps=c.adam_eps, clip=c.grad_clip, weight_decay=c.weight_decay,
             precision=self.precision)
@@ -81,28 +90,30 @@ class Dreamer(tf.Module):
         self.actor_opt = make(c.actor_lr, self.actor_variables, "actor_opt")
         self.value_opt = make(c.value_lr, self.value_variables, "value_opt")
 
-        self.batch_spec = inputs.batch_spec(c, self.action_size)
+        self.batch_spec = inputs.batch_spec(c, self.action_size, self.obs_shapes)
         self._train_fn = tf.function(self._train, input_signature=[self.batch_spec], jit_compile=bool(c.jit))
-        specs = [inputs.policy_obs_spec(), inputs.policy_state_spec(c, self.action_size)]
+        specs = [inputs.policy_obs_spec(self.obs_shapes), inputs.policy_state_spec(c, self.action_size)]
         self._policy_train = tf.function(lambda obs, state: self._policy(obs, state, True),
                                          input_signature=specs, jit_compile=bool(c.jit))
         self._policy_eval = tf.function(lambda obs, state: self._policy(obs, state, False),
                                         input_signature=specs, jit_compile=bool(c.jit))
-        self.compiled_openloop = tf.function(lambda image, action: openloop.openloop_frames(
-            self.world_model, image, action))
+        self.compiled_openloop = tf.function(lambda obs, action: openloop.openloop_frames(
+            self.world_model, obs, action))
 
     def _build_modules(self) -> None:
         """Create every variable now (eagerly) so optimisers and checkpoints see them all."""
         action = tf.zeros([1, 1, self.action_size])
-        embed = self.encoder(tf.zeros([1, 1, *IMAGE_SHAPE], tf.uint8))
+        dtypes = {"image": tf.uint8, "state": tf.float32}
+        embedding = embed(self.world_model, {k: tf.zeros([1, 1, *shape], dtypes[k])
+                                             for k, shape in self.obs_shapes.items()})
         zeros = tf.zeros([1, 1, self.config.stoch_size])
-        post, _ = self.rssm.observe(embed, action, noise=zeros, prior_noise=zeros)
+        post, _ = self.rssm.observe(embedding, action, noise=zeros, prior_noise=zeros)
         feat = self.rssm.get_feat(post)
-        for head in (self.decoder, self.reward, self.pcont, self.value, self.actor):
+        for head in (self.decoder, self.state_decoder, self.reward, self.pcont, self.value, self.actor):
             if head is not None:
                 head(feat)
         if self.state_model is not None:
-            self.state_model(embed)
+            self.state_model(embedding)
 
     @property
     def model_variables(self) -> list:
@@ -168,8 +179,8 @@ class Dreamer(tf.Module):
         c = self.config
         keep = 1.0 - tf.cast(obs["reset"], tf.float32)[:, None]  # zero latent and action on reset
         state = {k: v * keep for k, v in state.items()}
-        embed = self.encoder(obs["image"])
-        latent, _ = self.rssm.obs_step({k: state[k] for k in STATE_KEYS}, state["action"], embed)
+        embedding = embed(self.world_model, obs)
+        latent, _ = self.rssm.obs_step({k: state[k] for k in STATE_KEYS}, state["action"], embedding)
         dist = self.actor(self.rssm.get_feat(latent))
         if training:
             action = dist.sample(seed=tf.cast(self.rng.make_seeds(1)[:, 0], tf.int32))
@@ -188,10 +199,11 @@ class Dreamer(tf.Module):
         return {**self.rssm.initial(num_envs), "action": tf.zeros([num_envs, self.action_size])}
 
     def policy(self, obs: Mapping[str, Any], state: dict | None, training: bool) -> tuple[np.ndarray, dict]:
-        """Act in N environments: obs image uint8 [N, 64, 64, 3], reset bool [N] (True at an episode's
-        first observation). Returns (action float32 [N, A] numpy, state for the next call)."""
-        obs = inputs.check_policy_obs(obs)
-        n = obs["image"].shape[0]
+        """Act in N environments: obs image uint8 [N, 64, 64, 3] and/or state float32 [N, D] (the
+        agent's observations; other keys are ignored), reset bool [N] (True at an episode's first
+        observation). Returns (action float32 [N, A] numpy, state for the next call)."""
+        obs = inputs.check_policy_obs(obs, self.obs_shapes)
+        n = obs["reset"].shape[0]
         if state is None:
             state = self.initial_state(n)
         elif int(state["deter"].shape[0]) != n:

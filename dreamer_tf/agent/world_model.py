@@ -2,6 +2,9 @@
 
     J_REC = E[ sum_t ln q(o_t | s_t) + ln q(r_t | s_t) - beta * KL(p(s_t | s_{t-1}, a_{t-1}, o_t) || q(s_t | s_{t-1}, a_{t-1})) ]
 
+The observation o_t is the image, the proprioceptive state vector, or both (`observation`); each
+gets its own encoder (embeddings concatenated) and its own unit-variance Gaussian decoder.
+
 maximised, i.e. the returned loss is its negative. Each log-likelihood is averaged over batch and
 time (the sums over the paper's t become means, as the reference); the KL is summed over the
 stochastic dimensions, averaged, then clipped from below at `free_nats`. `representation`
@@ -21,20 +24,37 @@ from dreamer_tf.models import RSSM, preprocess_image
 
 tfd = tfp.distributions
 
-__all__ = ["WorldModel", "world_model_loss", "kl_loss", "image_log_likelihood", "reward_log_likelihood",
+__all__ = ["WorldModel", "embed", "world_model_loss", "kl_loss", "image_log_likelihood", "state_log_likelihood",
+           "reward_log_likelihood",
            "continuation_log_likelihood", "contrastive_log_likelihood", "gaussian_log_prob_matrix",
            "contrastive_term", "flatten_bt"]
 
 
 @dataclass(frozen=True)
 class WorldModel:
-    """The modules the objective uses; decoder, state_model and pcont are None when unused."""
+    """The modules the objective uses; every one but rssm and reward is None when unused. `encoder`
+    and `decoder` are for images, `state_encoder` and `state_decoder` for the proprioceptive state."""
     encoder: Any
     rssm: RSSM
     reward: Any
     decoder: Any = None
     state_model: Any = None
     pcont: Any = None
+    state_encoder: Any = None
+    state_decoder: Any = None
+
+
+def embed(model: WorldModel, obs: Mapping[str, tf.Tensor]) -> tf.Tensor:
+    """The observation embedding e_t the representation model sees: the image embedding, the state
+    embedding, or both concatenated (in float32)."""
+    parts = []
+    if model.encoder is not None:
+        parts.append(model.encoder(obs["image"]))
+    if model.state_encoder is not None:
+        parts.append(model.state_encoder(obs["state"]))
+    if len(parts) == 1:
+        return parts[0]
+    return tf.concat([tf.cast(p, tf.float32) for p in parts], -1)
 
 
 def flatten_bt(x: tf.Tensor) -> tf.Tensor:
@@ -55,6 +75,11 @@ def kl_loss(post: Mapping[str, tf.Tensor], prior: Mapping[str, tf.Tensor], free_
 def image_log_likelihood(decoder, feat: tf.Tensor, image: tf.Tensor) -> tf.Tensor:
     """mean ln q(o_t | s_t): unit-variance Gaussian over the pixels in [-0.5, 0.5]."""
     return tf.reduce_mean(decoder(feat).log_prob(preprocess_image(image)))
+
+
+def state_log_likelihood(decoder, feat: tf.Tensor, state: tf.Tensor) -> tf.Tensor:
+    """mean ln q(x_t | s_t) of the proprioceptive state: unit-variance Gaussian over its dims."""
+    return tf.reduce_mean(decoder(feat).log_prob(state))
 
 
 def reward_log_likelihood(reward_head, feat: tf.Tensor, reward: tf.Tensor) -> tf.Tensor:
@@ -95,9 +120,9 @@ def contrastive_term(stoch: tf.Tensor, mean: tf.Tensor, std: tf.Tensor) -> tf.Te
     return tf.linalg.diag_part(logits) - tf.reduce_logsumexp(logits, -1)
 
 
-def contrastive_log_likelihood(state_model, embed: tf.Tensor, stoch: tf.Tensor) -> tf.Tensor:
+def contrastive_log_likelihood(state_model, embedding: tf.Tensor, stoch: tf.Tensor) -> tf.Tensor:
     """mean [ln q(s_t | o_t) - ln sum_o' q(s_t | o')] over all B*T observations (paper Sec. 6)."""
-    mean, std = state_model(embed)
+    mean, std = state_model(embedding)
     return tf.reduce_mean(contrastive_term(flatten_bt(stoch), flatten_bt(mean), flatten_bt(std)))
 
 
@@ -106,18 +131,21 @@ def world_model_loss(model: WorldModel, data: Mapping[str, tf.Tensor], *, kl_sca
                      ) -> tuple[tf.Tensor, dict, dict]:
     """(loss = -J_REC, posterior states [B, T, ...], metrics) for a batch of sequences.
 
-    data: image uint8 [B, T, 64, 64, 3], action [B, T, A] (action[t] led to image[t]),
-    reward [B, T], and discount [B, T] when the model has a continuation head.
+    data: image uint8 [B, T, 64, 64, 3] and/or state [B, T, D] (the observations the model has
+    encoders for), action [B, T, A] (action[t] led to observation t), reward [B, T], and discount
+    [B, T] when the model has a continuation head.
     """
-    embed = model.encoder(data["image"])
-    post, prior = model.rssm.observe(embed, data["action"])
+    embedding = embed(model, data)
+    post, prior = model.rssm.observe(embedding, data["action"])
     feat = model.rssm.get_feat(post)
     reward = tf.tanh(data["reward"]) if clip_rewards == "tanh" else data["reward"]
     likes = {}
     if model.decoder is not None:
         likes["image"] = image_log_likelihood(model.decoder, feat, data["image"])
+    if model.state_decoder is not None:
+        likes["state"] = state_log_likelihood(model.state_decoder, feat, data["state"])
     if model.state_model is not None:
-        likes["contrastive"] = contrastive_log_likelihood(model.state_model, embed, post["stoch"])
+        likes["contrastive"] = contrastive_log_likelihood(model.state_model, embedding, post["stoch"])
     likes["reward"] = reward_log_likelihood(model.reward, feat, reward)
     if model.pcont is not None:
         likes["pcont"] = pcont_scale * continuation_log_likelihood(model.pcont, feat, data["discount"], discount)
@@ -126,6 +154,8 @@ def world_model_loss(model: WorldModel, data: Mapping[str, tf.Tensor], *, kl_sca
     metrics = dict(kl=kl, prior_ent=tf.reduce_mean(prior_dist.entropy()),
                    post_ent=tf.reduce_mean(post_dist.entropy()),
                    image_loss=-likes.get("image", tf.constant(0.0)), reward_loss=-likes["reward"])
+    if "state" in likes:
+        metrics["state_loss"] = -likes["state"]
     if "pcont" in likes:
         metrics["pcont_loss"] = -likes["pcont"]
     if "contrastive" in likes:

@@ -91,11 +91,10 @@ def make_batch(task: str, n: int, seed: int = 0, *, timeout: float = 300.0,
 
 def _config_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
     # clip_rewards is applied by the agent, not the environment.
+    observation = cfg.get("observation", "pixels")  # pixels | state | both
     kwargs = {"action_repeat": cfg["action_repeat"], "time_limit": cfg["time_limit"],
-              "size": cfg["size"], "proprio": cfg["proprio"],
-              "shadow_size": cfg["render_shadow"]}
-    if "pixels" in cfg:  # configs without the key observe pixels
-        kwargs["pixels"] = cfg["pixels"]
+              "size": cfg["size"], "proprio": bool(cfg["proprio"]) or observation in ("state", "both"),
+              "pixels": observation in ("pixels", "both"), "shadow_size": cfg["render_shadow"]}
     if not str(cfg["task"]).startswith("dmc_"):  # only MuJoCo renders shadows
         kwargs.pop("shadow_size")
     return kwargs
@@ -103,8 +102,9 @@ def _config_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 def make_config_env(cfg: Mapping[str, Any], seed: int | None = None, *, process: bool = True,
                     **options: Any) -> Env:
-    """`make` with task, action_repeat, time_limit, size, proprio, pixels (if the Config has it)
-    and render_shadow from a Config (seed defaults to cfg.seed). Only DMC uses render_shadow."""
+    """`make` with task, action_repeat, time_limit, size, render_shadow from a Config (seed defaults
+    to cfg.seed), and pixels/proprio from its `observation` (state: no rendering, unless an option
+    `video=True` asks for frames). Only DMC uses render_shadow."""
     kwargs = _config_kwargs(cfg)
     return make(cfg["task"], cfg["seed"] if seed is None else seed, process=process,
                 **kwargs, **options)

@@ -21,7 +21,8 @@ from dreamer_tf.models.distributions import OneHotDist, TanhNormal, to_float32
 tfd = tfp.distributions
 
 __all__ = ["Initializers", "dtype_policy", "preprocess_image", "ConvEncoder", "ConvDecoder",
-           "MLP", "DenseHead", "ActionHead", "StateModel", "IMAGE_SHAPE"]
+           "MLP", "DenseHead", "ActionHead", "StateModel",
+           "StateEncoder", "StateDecoder", "IMAGE_SHAPE"]
 
 IMAGE_SHAPE = (64, 64, 3)
 
@@ -197,6 +198,27 @@ class ActionHead(MLP):
         mean = self.mean_scale * tf.tanh(mean / self.mean_scale)
         std = tf.nn.softplus(std + self.raw_init_std) + self.min_std
         return TanhNormal(mean, std)
+
+
+class StateEncoder(MLP):
+    """Proprioceptive observations: the state vector [..., D] -> embedding [..., units] (float32)."""
+
+    def __init__(self, layers: int, units: int, act: str, init: Initializers, dtype=None,
+                 name: str = "state_encoder"):
+        super().__init__(units, layers, units, act, init, dtype, name)
+        self.embed_size = units
+
+
+class StateDecoder(MLP):
+    """Observation model of the state vector q(x_t | s_t): features -> Independent Normal(mean, 1)
+    over the D dimensions, like the image decoder's unit-variance pixels."""
+
+    def __init__(self, size: int, layers: int, units: int, act: str, init: Initializers, dtype=None,
+                 name: str = "state_decoder"):
+        super().__init__(size, layers, units, act, init, dtype, name)
+
+    def call(self, feat: tf.Tensor) -> tfd.Distribution:
+        return tfd.Independent(tfd.Normal(self.trunk(feat), 1.0), reinterpreted_batch_ndims=1)
 
 
 class StateModel(MLP):

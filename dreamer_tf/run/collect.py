@@ -83,16 +83,21 @@ class RandomAgent:
         return random_actions(self.act_space, len(obs["reset"]), self.rng), None
 
 
-def make_envs(config, num: int, seed: int):
-    """`num` environment worker processes for the config's task, seeded seed, seed+1, ..."""
+def make_envs(config, num: int, seed: int, video: bool = False):
+    """`num` environment worker processes for the config's task, seeded seed, seed+1, ...
+    video: also render frames when the agent observes only the state (evaluation videos)."""
     from dreamer_tf import envs as envlib
     if config.task.startswith("atari_"):
         options = dict(repeat_action_probability=config.atari_sticky,
                        terminal_on_life_loss=config.atari_life_done, noops=config.atari_noops)
     elif config.task.startswith("dmc_"):
         options = dict(msaa=config.render_msaa)
+    elif config.task.startswith("gym_"):
+        options = dict(gym_import=config.gym_import or None)
     else:
         options = {}
+    if video and config.observation == "state":
+        options["video"] = True
     return envlib.make_config_batch(config, num, seed, **options)
 
 
