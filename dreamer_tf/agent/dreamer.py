@@ -27,7 +27,7 @@ __all__ = ["Dreamer", "METRIC_KEYS"]
 METRIC_KEYS = (
     "model_loss", "image_loss", "reward_loss", "kl", "prior_ent", "post_ent", "actor_loss", "value_loss",
     "actor_entropy", "model_grad_norm", "actor_grad_norm", "value_grad_norm", "imag_return",
-    "model_nonfinite", "actor_nonfinite", "value_nonfinite", "expl_amount")
+    "model_nonfinite", "actor_nonfinite", "value_nonfinite")
 
 
 class Dreamer(tf.Module):
@@ -37,12 +37,12 @@ class Dreamer(tf.Module):
     (each None when that observation is not used, decoders also without reconstruction), rssm,
     state_model ('contrastive', else None), reward, pcont (config.pcont, else None), value, actor.
     The observation space must hold the keys `config.observation` asks for.
-    Optimisers: model_opt, actor_opt, value_opt. `unroll` unrolls the observe and imagine loops
-    in the graph instead of tf.scan (same math; see results/bench.md for the timings).
+    Optimisers: model_opt, actor_opt, value_opt. `unroll` (default: config.unroll) unrolls the
+    observe and imagine loops in the graph instead of tf.scan: the same math, faster for small models.
     """
 
     def __init__(self, config: Mapping[str, Any], obs_space: Mapping[str, Any], act_space: Any,
-                 unroll: bool = False):
+                 unroll: bool | None = None):
         super().__init__(name="dreamer")
         self.config = c = config
         # The observations the agent encodes: image, state, or both (config.observation).
@@ -63,7 +63,7 @@ class Dreamer(tf.Module):
         self.state_encoder = (StateEncoder(c.state_layers, c.num_units, c.dense_act, init, dtype=policy)
                               if state else None)
         self.rssm = RSSM(c.stoch_size, c.deter_size, c.deter_size, c.dense_act, init=init, rng=self.rng,
-                         unroll=unroll, dtype=policy)
+                         unroll=bool(c.unroll) if unroll is None else unroll, dtype=policy)
         self.decoder = ConvDecoder(c.cnn_depth, c.cnn_act, init, dtype=policy) if image and reconstruct else None
         self.state_decoder = (StateDecoder(self.obs_shapes["state"][0], c.state_layers, c.num_units, c.dense_act,
                                            init, dtype=policy) if state and reconstruct else None)
@@ -92,10 +92,11 @@ class Dreamer(tf.Module):
 
         self.batch_spec = inputs.batch_spec(c, self.action_size, self.obs_shapes)
         self._train_fn = tf.function(self._train, input_signature=[self.batch_spec], jit_compile=bool(c.jit))
-        specs = [inputs.policy_obs_spec(self.obs_shapes), inputs.policy_state_spec(c, self.action_size)]
-        self._policy_train = tf.function(lambda obs, state: self._policy(obs, state, True),
+        specs = [inputs.policy_obs_spec(self.obs_shapes), inputs.policy_state_spec(c, self.action_size),
+                 tf.TensorSpec([], tf.float32)]
+        self._policy_train = tf.function(lambda obs, state, amount: self._policy(obs, state, True, amount),
                                          input_signature=specs, jit_compile=bool(c.jit))
-        self._policy_eval = tf.function(lambda obs, state: self._policy(obs, state, False),
+        self._policy_eval = tf.function(lambda obs, state, amount: self._policy(obs, state, False, amount),
                                         input_signature=specs, jit_compile=bool(c.jit))
         self.compiled_openloop = tf.function(lambda obs, action: openloop.openloop_frames(
             self.world_model, obs, action))
@@ -138,7 +139,7 @@ class Dreamer(tf.Module):
         model_grads = optim.gradients(model_tape, scaled, self.model_variables)
 
         with tf.GradientTape() as actor_tape:
-            imag_feat, neg_log_prob = behavior.imagine_ahead(
+            imag_feat, _ = behavior.imagine_ahead(
                 self.actor, self.rssm, post, c.horizon, self.rng, drop_last=self.pcont is not None)
             returns, weights = behavior.imagined_returns(self.reward, self.value, self.pcont, imag_feat,
                                                          c.discount, c.disclam)
@@ -159,10 +160,18 @@ class Dreamer(tf.Module):
             metrics[f"{name}_grad_norm"], metrics[f"{name}_nonfinite"] = optim.apply_gradients(
                 opt, loss, grads, variables, precision)
         metrics.update(model_loss=model_loss, actor_loss=actor_loss, value_loss=value_loss,
-                       actor_entropy=tf.reduce_mean(neg_log_prob), imag_return=tf.reduce_mean(returns),
-                       expl_amount=self.expl_amount())
+                       actor_entropy=self._actor_entropy(post), imag_return=tf.reduce_mean(returns))
         self.train_step_count.assign_add(1)
         return {k: tf.cast(v, tf.float32) for k, v in metrics.items()}
+
+    def _actor_entropy(self, post: dict) -> tf.Tensor:
+        """Mean policy entropy on the posterior states, the reference's `action_ent`. The stateless
+        seed comes from the step counter, so this diagnostic draws nothing from `self.rng`."""
+        feat = tf.stop_gradient(self.rssm.get_feat(post))
+        seed = tf.stack([tf.cast(self.train_step_count % (2**31 - 1), tf.int32), tf.constant(0x5EED, tf.int32)])
+        dist = self.actor(feat)
+        entropy = dist.entropy(seed=seed) if not self.discrete else dist.entropy()
+        return tf.reduce_mean(entropy)
 
     def train(self, batch: Mapping[str, Any]) -> dict[str, float]:
         """One gradient step on each model; batch: image uint8 [B, L, 64, 64, 3], action [B, L, A],
@@ -171,11 +180,13 @@ class Dreamer(tf.Module):
         return {k: float(v) for k, v in metrics.items()}
 
     # --- acting --------------------------------------------------------------------------
-    def expl_amount(self) -> tf.Tensor:
+    def expl_amount(self, env_step: int = 0) -> float:
+        """The exploration amount now: by gradient steps (linear schedule) or `env_step` (halving)."""
         c = self.config
-        return explore.expl_amount(self.train_step_count, c.expl_amount, c.expl_decay, c.expl_min)
+        step = env_step if c.expl_schedule == "halving" else self.train_step_count
+        return float(explore.expl_amount(step, c.expl_amount, c.expl_decay, c.expl_min, c.expl_schedule))
 
-    def _policy(self, obs: dict, state: dict, training: bool) -> tuple[tf.Tensor, dict]:
+    def _policy(self, obs: dict, state: dict, training: bool, amount: tf.Tensor) -> tuple[tf.Tensor, dict]:
         c = self.config
         keep = 1.0 - tf.cast(obs["reset"], tf.float32)[:, None]  # zero latent and action on reset
         state = {k: v * keep for k, v in state.items()}
@@ -184,7 +195,7 @@ class Dreamer(tf.Module):
         dist = self.actor(self.rssm.get_feat(latent))
         if training:
             action = dist.sample(seed=tf.cast(self.rng.make_seeds(1)[:, 0], tf.int32))
-            action = explore.explore(action, self.expl, self.expl_amount(), self.rng, self.action_size)
+            action = explore.explore(action, self.expl, amount, self.rng, self.action_size)
         else:
             action = dist.mode()
             if c.eval_noise > 0:
@@ -198,10 +209,12 @@ class Dreamer(tf.Module):
         """The zero policy state for `num_envs` environments."""
         return {**self.rssm.initial(num_envs), "action": tf.zeros([num_envs, self.action_size])}
 
-    def policy(self, obs: Mapping[str, Any], state: dict | None, training: bool) -> tuple[np.ndarray, dict]:
+    def policy(self, obs: Mapping[str, Any], state: dict | None, training: bool,
+               env_step: int = 0) -> tuple[np.ndarray, dict]:
         """Act in N environments: obs image uint8 [N, 64, 64, 3] and/or state float32 [N, D] (the
         agent's observations; other keys are ignored), reset bool [N] (True at an episode's first
-        observation). Returns (action float32 [N, A] numpy, state for the next call)."""
+        observation); env_step: env steps so far (for the `halving` exploration schedule).
+        Returns (action float32 [N, A] numpy, state for the next call)."""
         obs = inputs.check_policy_obs(obs, self.obs_shapes)
         n = obs["reset"].shape[0]
         if state is None:
@@ -209,7 +222,8 @@ class Dreamer(tf.Module):
         elif int(state["deter"].shape[0]) != n:
             raise ValueError(f"policy state is for {state['deter'].shape[0]} environments, obs for {n}")
         fn = self._policy_train if training else self._policy_eval
-        action, state = fn(obs, dict(state))
+        amount = self.expl_amount(env_step) if training else 0.0
+        action, state = fn(obs, dict(state), tf.constant(amount, tf.float32))
         return action.numpy(), state
 
     def video_predictions(self, batch: Mapping[str, Any], max_sequences: int = 6) -> np.ndarray:

@@ -30,12 +30,21 @@ def action_kind(config: Mapping[str, Any], act_space: Any) -> tuple[bool, str]:
     return discrete, expl
 
 
-def expl_amount(step: tf.Tensor, amount: float, decay: int, minimum: float) -> tf.Tensor:
-    """The noise std (or epsilon) after `step` gradient steps: `amount`, decayed linearly to
-    `minimum` over `decay` steps (decay 0: constant)."""
+def expl_amount(step: tf.Tensor, amount: float, decay: float, minimum: float, schedule: str = "linear") -> tf.Tensor:
+    """The noise std (or epsilon) at `step` (decay 0: constant `amount`).
+
+    linear:  `amount` decayed linearly to `minimum` over `decay` steps; `step` counts gradient steps.
+    halving: max(`minimum`, `amount` * 0.5 ** (step / decay)), the reference implementation's
+             formula; `step` counts env steps (frames), as the reference's step counter does.
+    """
     if not decay:
         return tf.constant(amount, tf.float32)
-    frac = tf.minimum(tf.cast(step, tf.float32) / float(decay), 1.0)
+    step = tf.cast(step, tf.float32)
+    if schedule == "halving":
+        return tf.maximum(tf.constant(minimum, tf.float32), amount * 0.5 ** (step / float(decay)))
+    if schedule != "linear":
+        raise ValueError(f"expl_schedule must be 'linear' or 'halving', got {schedule!r}")
+    frac = tf.minimum(step / float(decay), 1.0)
     return amount + frac * (minimum - amount)
 
 
