@@ -1,11 +1,14 @@
-"""Small shared helpers: atomic file writes."""
+"""Small shared helpers: atomic file writes, write errors that name their file, quiet TensorFlow."""
 from __future__ import annotations
 
 import atexit
+import errno
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -36,7 +39,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:  # a full disk or an I/O error: leave no half-written temp file behind
+    except OSError as e:  # a full disk or an I/O error: leave no half-written temp file behind
+        tmp.unlink(missing_ok=True)
+        if e.filename in (None, str(tmp)):  # name the file the caller asked for, not the temp file
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
+    except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
@@ -48,6 +56,50 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+# Write errors that stop a run with one line: disk full, quota, I/O error, read-only, file too large.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG})
+
+
+class PathError(ValueError):
+    """A path given by the user that cannot be created or written (a one-line message)."""
+
+
+def free_space(path: str | os.PathLike) -> str:
+    """'1.2 MB free of 64.0 MB' for the filesystem holding `path` (or its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError:
+        return "free space unknown"
+    return f"{usage.free / 2**20:.1f} MB free of {usage.total / 2**20:.1f} MB"
+
+
+def describe_write_error(error: OSError, path: str | os.PathLike | None = None) -> str:
+    """One line: what failed, on which file, and the free space there."""
+    path = path or error.filename or "?"
+    reason = error.strerror or os.strerror(error.errno or 0) or type(error).__name__
+    return f"{reason} writing {path} ({free_space(path)})"
+
+
+def make_dir(path: str | os.PathLike, what: str) -> Path:
+    """Create directory `path` (with parents) and check that a file can be written in it; raise
+    PathError naming `what` (e.g. '--logdir') otherwise, so the user sees one line, not a traceback."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PathError(f"{what} {path} cannot be created: {e.strerror or e}") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise PathError(f"{what} {path} is not writable: {e.strerror or e}") from None
+    return path
 
 
 # Error-level lines TensorFlow logs that are harmless here and that TF_CPP_MIN_LOG_LEVEL=2 does not hide.

@@ -1,6 +1,8 @@
 """The run directory: its config, its status file, and the roll-back to a checkpoint on resume."""
 from __future__ import annotations
 
+import errno
+import json
 import os
 import signal
 import sys
@@ -8,14 +10,14 @@ import time
 from pathlib import Path
 
 from dreamer_tf import config as configlib
-from dreamer_tf.utils import atomic_write_json
+from dreamer_tf.utils import DISK_ERRNOS, atomic_write_json, describe_write_error
 
-__all__ = ["RESUMABLE_KEYS", "Diverged", "RunError", "Stopped", "write_status", "prepare_logdir",
-           "move_newer_episodes"]
+__all__ = ["RESUMABLE_KEYS", "Diverged", "RunError", "Stopped", "WriteFailed", "write_status",
+           "record_failure", "prepare_logdir", "move_newer_episodes"]
 
-# Keys that may change when a run is resumed (extending the budget, logging cadence).
+# Keys that may change when a run is resumed (extending the budget, logging cadence, trackers).
 RESUMABLE_KEYS = ("steps", "eval_every", "log_every", "checkpoint_every", "video_every", "eval_episodes",
-                  "max_nonfinite", "envs")
+                  "max_nonfinite", "envs", "loggers")
 
 
 class Diverged(RuntimeError):
@@ -24,6 +26,11 @@ class Diverged(RuntimeError):
 
 class RunError(RuntimeError):
     """A run that cannot start as asked (config mismatch, bad logdir)."""
+
+
+class WriteFailed(RuntimeError):
+    """The run stopped because a file could not be written (disk full, I/O error): one line naming
+    the file and the free space; the last good checkpoint is kept."""
 
 
 class Stopped(Exception):
@@ -36,8 +43,37 @@ class Stopped(Exception):
 
 
 def write_status(logdir: Path, status: str, step: int, steps: int, message: str = "") -> None:
-    atomic_write_json(logdir / "status.json", {"status": status, "step": int(step), "steps": int(steps),
-                                               "message": message, "time": time.time()})
+    status_ = {"status": status, "step": int(step), "steps": int(steps), "message": message, "time": time.time()}
+    try:
+        atomic_write_json(logdir / "status.json", status_)
+    except OSError as e:
+        # On a full disk the temp file gets no block, but the old status.json has one: overwrite it
+        # in place so the run still says `failed` (a torn write reads as no status, never a wrong one).
+        if e.errno != errno.ENOSPC or not (logdir / "status.json").exists():
+            raise
+        with open(logdir / "status.json", "r+") as f:
+            f.write(json.dumps(status_, indent=1, sort_keys=True) + "\n")
+            f.truncate()
+
+
+def record_failure(logdir: Path, error: BaseException, step: int, steps: int, latest: Path | None,
+                   setup: bool = False) -> BaseException:
+    """Write status `failed` for `error` and return what to raise: WriteFailed (one line naming the
+    file and the free space) for a full disk or an I/O error, RunError for a set-up that cannot work
+    (`setup`), else `error` itself. `latest`: the newest checkpoint, which the failure leaves intact."""
+    if isinstance(error, OSError) and error.errno in DISK_ERRNOS:
+        kept = f"the last good checkpoint {latest.name} is kept" if latest else "no checkpoint yet"
+        failure: BaseException = WriteFailed(f"{describe_write_error(error)}; {kept}")
+    elif setup and isinstance(error, (ValueError, RunError)):
+        failure = RunError(str(error))
+    else:
+        failure = error
+    message = f"{type(error).__name__}: {error}" if failure is error else str(failure)
+    try:
+        write_status(logdir, "failed", step, steps, message)
+    except OSError:
+        pass  # the failing disk may refuse this too; the raised error carries the message
+    return failure
 
 
 def prepare_logdir(config: configlib.Config, logdir: Path, force: bool = False) -> configlib.Config:

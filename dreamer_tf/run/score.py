@@ -10,7 +10,7 @@ from dreamer_tf import config as configlib
 from dreamer_tf.run.checkpoint import Checkpointer
 from dreamer_tf.run.collect import RandomAgent, evaluate, make_envs, spaces
 from dreamer_tf.run.logdir import RunError
-from dreamer_tf.utils import atomic_write_json
+from dreamer_tf.utils import atomic_write_bytes, atomic_write_json
 
 __all__ = ["score"]
 
@@ -34,11 +34,17 @@ def score(logdir: str | Path, episodes: int, checkpoint: str | None = None, seed
             from dreamer_tf.run.checkpoint import CheckpointError
             agent = Dreamer(config, obs_space, act_space)
             checkpointer = Checkpointer(logdir / "checkpoints")
-            path = Path(checkpoint) if checkpoint else checkpointer.latest()
-            if path is None or not path.exists():
-                raise RunError(f"no checkpoint found in {checkpointer.directory} (train first, or pass --checkpoint)")
             try:
-                step = checkpointer.restore(agent, path)["step"]
+                if checkpoint:
+                    if not Path(checkpoint).exists():
+                        raise RunError(f"checkpoint {checkpoint} does not exist")
+                    step = checkpointer.restore(agent, Path(checkpoint))["step"]
+                else:  # the newest usable one; a damaged newer one is set aside as on resume
+                    restored = checkpointer.restore_usable(agent)
+                    if restored is None:
+                        raise RunError(f"no checkpoint found in {checkpointer.directory} "
+                                       f"(train first, or pass --checkpoint)")
+                    step = restored[1]["step"]
             except CheckpointError as e:
                 raise RunError(str(e)) from None
         start = time.time()
@@ -54,5 +60,5 @@ def score(logdir: str | Path, episodes: int, checkpoint: str | None = None, seed
     atomic_write_json(out / f"{name}.json", result)
     if video:
         from dreamer_tf.run.video import encode_gif
-        (out / f"{name}.gif").write_bytes(encode_gif(finished[0]["image"]))
+        atomic_write_bytes(out / f"{name}.gif", encode_gif(finished[0]["image"]))
     return result, out / f"{name}.json"

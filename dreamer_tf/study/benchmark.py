@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from dreamer_tf.study.analysis import BENCHMARK_TASKS
+from dreamer_tf.utils import PathError, make_dir
 from dreamer_tf.study.launch import (RAY_INSTALL_HINT, BenchmarkError, RunResult, RunSpec, _Interrupted,  # noqa: F401
                                      _is_locked, _read_status, plan, run_local, run_state)
 
@@ -89,11 +90,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{run_state(spec):<9} {spec.name:<45} {spec.logdir}  "
                       f"(step {int(status.get('step', 0) or 0)}/{spec.steps})")
             return 0
+        make_dir(args.root, "--root")  # one line now rather than a failure per run
         if args.backend == "ray":
             results = run_ray(specs, args.address, args.gpus_per_run, args.cpus_per_run, args.retries)
         else:
             results = run_local(specs, args.jobs, args.retries)
-    except (BenchmarkError, ConfigError) as e:
+    except (BenchmarkError, ConfigError, PathError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except _Interrupted as e:

@@ -8,16 +8,16 @@ resumes the others (the trainer resumes an existing logdir from its last checkpo
 run is reported with its exit code and the end of its log and does not stop the others; the
 launcher exits non-zero unless every planned run is finished at the end.
 
-While a run trains, the launcher (or Ray worker) and the trainer hold an exclusive `flock` on
-`DIR/.launch.lock`, so two launchers never train the same directory at once; the trainer is
-started with a parent-death signal so it stops when its launcher is killed.
+While a run trains, the launcher (or Ray worker) holds the run directory's lock (`DIR/.lock`,
+`dreamer_tf.run.lock`) and hands it down to the trainer (inherited descriptor + token), so neither
+a second launcher nor a `dreamer-tf train` by hand writes into the directory at the same time; the
+trainer is started with a parent-death signal so it stops when its launcher is killed.
 
 This module does not import TensorFlow (nor Ray, until the Ray backend is asked for).
 """
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import json
 import os
 import re
@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from dreamer_tf.run.lock import Locked, RunLock, is_locked
 from dreamer_tf.study.analysis import BENCHMARK_TASKS
 
 __all__ = ["RunSpec", "RunResult", "BenchmarkError", "RAY_INSTALL_HINT", "plan", "run_state", "run_local"]
@@ -39,7 +40,6 @@ __all__ = ["RunSpec", "RunResult", "BenchmarkError", "RAY_INSTALL_HINT", "plan",
 RAY_INSTALL_HINT = ('the ray backend needs Ray, which is not installed. Install it with\n'
                     '    pip install "dreamer_tf[cluster]"\n'
                     'or  pip install "ray[default]"')
-LOCK_NAME = ".launch.lock"
 LOG_NAME = "train.log"
 TAIL_LINES = 20
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -89,16 +89,7 @@ def _read_status(logdir: Path) -> dict:
 
 
 def _is_locked(logdir: Path) -> bool:
-    path = logdir / LOCK_NAME
-    if not path.exists():
-        return False
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-    return False
+    return is_locked(logdir)
 
 
 def run_state(spec: RunSpec) -> str:
@@ -198,17 +189,14 @@ def _tail(path: Path, lines: int = TAIL_LINES) -> list[str]:
 
 
 class _Process:
-    """A training subprocess holding the run's lock, with its output appended to train.log."""
+    """A training subprocess holding the run's lock, with its output appended to train.log.
+    Raises `Locked` when another process holds the run directory."""
 
     def __init__(self, spec: RunSpec, attempt: int):
         self.spec = spec
         spec.logdir.mkdir(parents=True, exist_ok=True)
-        self.lock = open(spec.logdir / LOCK_NAME, "a")
-        try:
-            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.lock.close()
-            raise
+        self.lock = RunLock(spec.logdir).acquire(f"dreamer-tf benchmark (launcher of {spec.name})",
+                                                  pass_down=True)
         self.start = time.time()
         self.log = open(spec.logdir / LOG_NAME, "ab")
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -218,8 +206,8 @@ class _Process:
         try:
             self.popen = subprocess.Popen(
                 spec.command, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=_child_env(), start_new_session=True, pass_fds=(self.lock.fileno(),),
-                preexec_fn=_parent_death_signal)
+                env=self.lock.child_env(_child_env()), start_new_session=True,
+                pass_fds=(self.lock.fileno(),), preexec_fn=_parent_death_signal)
         except OSError as e:
             self.log.write(f"=== could not start: {e}\n".encode())
             self.close()
@@ -255,7 +243,7 @@ class _Process:
 
     def close(self) -> None:
         self.log.close()
-        self.lock.close()  # the trainer's inherited copy keeps the lock until it exits
+        self.lock.release()  # the trainer's inherited copy keeps the lock until it exits
 
 
 def _judge(spec: RunSpec, returncode: int) -> tuple[str, int, str]:
@@ -279,8 +267,8 @@ def _execute(spec: RunSpec, attempt: int) -> tuple[int, float, str, int, str, li
     """
     try:
         process = _Process(spec, attempt)
-    except BlockingIOError:
-        return -1, 0.0, "busy", 0, "another launcher is training this run", []
+    except Locked as e:
+        return -1, 0.0, "busy", 0, str(e), []
     try:
         returncode = process.popen.wait()
     finally:
@@ -345,8 +333,8 @@ def run_local(specs: Sequence[RunSpec], jobs: int = 1, retries: int = 1, grace: 
                 result.attempts += 1
                 try:
                     process = _Process(result.spec, result.attempts)
-                except BlockingIOError:
-                    result.outcome, result.message = "busy", "another launcher is training this run"
+                except Locked as e:
+                    result.outcome, result.message = "busy", str(e)
                     _report(result, out)
                     continue
                 except OSError as e:
