@@ -33,8 +33,10 @@ setup(
         "atari": ["ale-py==0.12.1"],
         "gym": ["gymnasium[classic-control]==1.4.0"],  # classic-control: pygame for rgb_array
         "cluster": ["ray[default]>=2.40"],
+        "wandb": ["wandb==0.31.0"],  # loggers: [..., wandb]
+        "mlflow": ["mlflow==3.17.2"],  # loggers: [..., mlflow]
         "dev": ["pytest>=8", "ale-py==0.12.1", "ray[default]>=2.40",
-                "gymnasium[classic-control]==1.4.0"],
+                "gymnasium[classic-control]==1.4.0", "wandb==0.31.0", "mlflow==3.17.2"],
     },
     entry_points={"console_scripts": ["dreamer-tf=dreamer_tf.cli:main"]},
 )

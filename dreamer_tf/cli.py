@@ -1,7 +1,8 @@
-"""`dreamer-tf` command line: train, eval, bench, benchmark, plot, table.
+"""`dreamer-tf` command line: train, eval, bench, benchmark, plot, table, report.
 
-Bad input (unknown task, preset or config key, a bad `--set`, a missing checkpoint) exits with
-status 2 and a one-line message; a run that fails (diverges) exits with status 1.
+Bad input (unknown task, preset or config key, a bad `--set`, a missing or unusable checkpoint, a
+logdir that cannot be created or that another process holds) exits with status 2 and a one-line
+message; a run that fails (diverges, disk full, I/O error) exits with status 1 and one line.
 """
 from __future__ import annotations
 
@@ -44,22 +45,35 @@ def resolve_config(args: argparse.Namespace) -> configlib.Config:
     return configlib.load(args.preset or "paper", overrides)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    config = resolve_config(args)
-    _check_task(config.task)
-    _quiet_tf()
-    from dreamer_tf.run.logdir import Diverged, RunError, Stopped
-    from dreamer_tf.run.loop import Trainer
+def _lock_run(args: argparse.Namespace):
+    """Create the logdir and take its lock (dreamer_tf.run.lock) before TensorFlow is imported, so a
+    second process is refused at once; one line if the directory cannot be made or is in use."""
+    from dreamer_tf.run.lock import Locked, RunLock
+    from dreamer_tf.utils import PathError, make_dir
     try:
-        state = Trainer(config, args.logdir, force=args.force, tensorboard=not args.no_tensorboard).run()
-    except RunError as e:
+        return RunLock(make_dir(args.logdir, "--logdir")).acquire(f"dreamer-tf {args.command} --logdir {args.logdir}")
+    except (PathError, Locked) as e:
         raise UsageError(str(e)) from None
-    except Diverged as e:
-        print(f"dreamer-tf: run diverged: {e}", file=sys.stderr)
-        return 1
-    except Stopped as e:
-        print(f"dreamer-tf: {e}", file=sys.stderr)
-        return 128 + e.signum
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    _check_task(resolve_config(args).task)  # bad input is refused before anything is created
+    with _lock_run(args) as lock:
+        config = resolve_config(args)  # again under the lock: another run may have stored its config
+        _quiet_tf()
+        from dreamer_tf.run.logdir import Diverged, RunError, Stopped, WriteFailed
+        from dreamer_tf.run.loop import Trainer
+        try:
+            state = Trainer(config, args.logdir, force=args.force, tensorboard=not args.no_tensorboard,
+                            lock=lock).run()
+        except RunError as e:
+            raise UsageError(str(e)) from None
+        except (Diverged, WriteFailed) as e:
+            print(f"dreamer-tf: run {'diverged' if isinstance(e, Diverged) else 'failed'}: {e}", file=sys.stderr)
+            return 1
+        except Stopped as e:
+            print(f"dreamer-tf: {e}", file=sys.stderr)
+            return 128 + e.signum
     print(f"finished: {state['step']} env steps, {state['episodes']} episodes, logdir {args.logdir}")
     return 0
 
@@ -67,13 +81,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     if not (Path(args.logdir) / "config.yaml").exists():
         raise UsageError(f"{args.logdir} is not a run directory (no config.yaml)")
-    _quiet_tf()
-    from dreamer_tf.run.logdir import RunError
-    from dreamer_tf.run.score import score
-    try:
-        result, path = score(args.logdir, args.episodes, args.checkpoint, args.seed, args.random, args.video)
-    except RunError as e:
-        raise UsageError(str(e)) from None
+    with _lock_run(args):  # eval writes eval/ into the run directory (and may set a bad checkpoint aside)
+        _quiet_tf()
+        from dreamer_tf.run.logdir import RunError
+        from dreamer_tf.run.score import score
+        try:
+            result, path = score(args.logdir, args.episodes, args.checkpoint, args.seed, args.random, args.video)
+        except RunError as e:
+            raise UsageError(str(e)) from None
     print(f"{result['policy']} policy at step {result['step']}: return {result['mean']:.1f} +- {result['std']:.1f} "
           f"over {args.episodes} episodes -> {path}")
     return 0
@@ -85,6 +100,7 @@ DELEGATED = {
     "benchmark": ("dreamer_tf.study.benchmark", "run tasks x seeds locally or on Ray"),
     "plot": ("dreamer_tf.study.plotting", "plot runs against the published curves"),
     "table": ("dreamer_tf.study.table", "table of final scores against the baselines"),
+    "report": ("dreamer_tf.study.report", "one report (Markdown + HTML): table, curves, aggregate, runs"),
 }
 
 
@@ -130,6 +146,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, configlib.ConfigError) as e:
         print(f"dreamer-tf: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk or an I/O error outside the training loop (e.g. eval's result)
+        from dreamer_tf.utils import DISK_ERRNOS, describe_write_error
+        if e.errno not in DISK_ERRNOS:
+            raise
+        print(f"dreamer-tf: error: {describe_write_error(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("dreamer-tf: interrupted", file=sys.stderr)
         return 130

@@ -230,8 +230,9 @@ def test_table_markdown_and_csv(root, tmp_path):
     assert table.main(["--root", str(root), "--out", str(out), "--reps", "200"]) == 0
     markdown = Path(f"{out}_table.md").read_text()
     lines = markdown.splitlines()
-    assert lines[0] == ("| Task | dreamer (this run) | Dreamer curves (published) | Dreamer paper (5e6) | "
-                        "PlaNet (5e6) | D4PG (1e8 steps) | A3C proprio (1e8) |")
+    assert lines[0] == ("| Task | dreamer (this run, 1000 env steps) | Dreamer curves (published, 5e6 env steps) | "
+                        "Dreamer paper (5e6 env steps) | PlaNet (5e6 env steps) | D4PG (1e8 env steps) | "
+                        "A3C proprio (1e8 env steps) |")
     walker = next(l for l in lines if l.startswith("| dmc_walker_walk |")).split(" | ")
     assert walker[1] == "766.7 ± 125.8 (n=3/3)"
     assert walker[3:] == ["961.7", "944.7", "968.3", "311.0 |"]
@@ -247,7 +248,7 @@ def test_table_markdown_and_csv(root, tmp_path):
     assert "over the 2 tasks where this run has final scores" in markdown
     assert "| dreamer (this run) | 0.675 [" in markdown  # (750 + 650 + 900 + 400) / 4 / 1000
     # (961.67 + 894.56) / 2 / 1000 = 0.928
-    assert "| Dreamer paper (5e6) (one score per task) | 0.928 | 0.928 | 2 |" in markdown
+    assert "| Dreamer paper (5e6 env steps) (one score per task) | 0.928 | 0.928 | 2 |" in markdown
     rows = list(csv.DictReader(io.StringIO(Path(f"{out}_table.csv").read_text())))
     by_task = {r["task"]: r for r in rows}
     assert len(rows) == 21

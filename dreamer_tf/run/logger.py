@@ -1,9 +1,10 @@
-"""Run logging: `metrics.jsonl` (the source of truth), TensorBoard scalars/videos, a progress bar.
+"""Run logging: `metrics.jsonl` (the source of truth), TensorBoard scalars/videos, experiment
+trackers (W&B, MLflow: `dreamer_tf.run.trackers`), a progress bar.
 
 `metrics.jsonl` holds one JSON object per line, each with an integer `step` (env steps). On resume
 `Logger.rollback(step)` drops rows and videos written after the restored checkpoint and rewrites
-the TensorBoard events from what is kept, so a resumed run shows no duplicate or out-of-order points
-anywhere.
+the TensorBoard events from what is kept; the trackers only ever get rows a checkpoint holds
+(`Logger.commit`). So a resumed run shows no duplicate or out-of-order points anywhere.
 """
 from __future__ import annotations
 
@@ -15,30 +16,32 @@ import struct
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from dreamer_tf.run.trackers import Sink, open_trackers, scalar_name
 from dreamer_tf.utils import atomic_write_text
 
 
 class Logger:
-    """Writes scalar rows to `metrics.jsonl` and TensorBoard; videos to files and TensorBoard."""
+    """Writes scalar rows to `metrics.jsonl` and videos to `videos/`, and fans both out to the sinks:
+    TensorBoard (`tensorboard`) and the experiment trackers named in `trackers` (`wandb`, `mlflow`;
+    see `dreamer_tf.run.trackers`), which also get `config` as the run's parameters."""
 
-    def __init__(self, logdir: str | os.PathLike, tensorboard: bool = True):
+    def __init__(self, logdir: str | os.PathLike, tensorboard: bool = True, trackers: Sequence[str] = (),
+                 config: Mapping[str, Any] | None = None):
         self.logdir = Path(logdir)
         self.path = self.logdir / "metrics.jsonl"
-        self._tb = None
-        if tensorboard:
-            import tensorflow as tf  # lazy: keeps this module importable without TF
-            self._tf = tf
-            self._tb = self._open_tensorboard()
-
-    def _open_tensorboard(self):
-        return self._tf.summary.create_file_writer(str(self.logdir / "tb"), max_queue=100, flush_millis=10000)
+        self.sinks: list[Sink] = [TensorBoardSink(self.logdir / "tb")] if tensorboard else []
+        try:
+            self.sinks += open_trackers(self.logdir, trackers, config)
+        except BaseException:
+            self.close()
+            raise
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict:
-        """Append one row (non-finite values are written as null) and mirror it to TensorBoard."""
+        """Append one row (non-finite values are written as null) and pass it to the sinks."""
         row = {"step": int(step)}
         for key, value in metrics.items():
             if isinstance(value, (np.floating, np.integer, np.bool_)):
@@ -46,44 +49,59 @@ class Logger:
             if isinstance(value, bool):
                 value = int(value)
             row[key] = value if not isinstance(value, float) or math.isfinite(value) else None
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-        self._write_tensorboard(row)
+        size = self.path.stat().st_size if self.path.exists() else 0
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+        except OSError as e:  # disk full, I/O error: cut the torn line and name the file
+            if self.path.exists() and self.path.stat().st_size > size:
+                os.truncate(self.path, size)
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
+        for sink in self.sinks:
+            sink.scalars(row["step"], row)
         return row
 
-    def _write_tensorboard(self, row: Mapping[str, Any]) -> None:
-        if self._tb is not None:
-            with self._tb.as_default():
-                for key, value in row.items():
-                    if key != "step" and isinstance(value, (int, float)):
-                        self._tf.summary.scalar(_tb_name(key), value, step=int(row["step"]))
-
     def video(self, step: int, name: str, frames: np.ndarray, fps: int = 16) -> Path:
-        """Save uint8 frames [T, H, W, 3] as `videos/<name>_<step>.gif` and as a TensorBoard GIF."""
+        """Save uint8 frames [T, H, W, 3] as `videos/<name>_<step>.gif` and pass it to the sinks."""
         from dreamer_tf.run.video import encode_gif
         gif = encode_gif(frames, fps)
         path = self.logdir / "videos" / f"{name}_{int(step):09d}.gif"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(gif)
-        os.replace(tmp, path)
-        if self._tb is not None:
-            _write_gif_summary(self._tf, self._tb, name, gif, frames.shape, step)
+        try:
+            tmp.write_bytes(gif)
+            os.replace(tmp, path)
+        except OSError as e:  # disk full, I/O error: leave no partial temp file and name the file
+            tmp.unlink(missing_ok=True)
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        for sink in self.sinks:
+            sink.video(int(step), name, path)
         return path
 
+    def commit(self, step: int) -> None:
+        """A checkpoint now holds everything up to `step`: the trackers may send it (no later
+        rollback can drop it)."""
+        for sink in self.sinks:
+            sink.commit(int(step))
+
     def flush(self) -> None:
-        if self._tb is not None:
-            self._tb.flush()
+        for sink in self.sinks:
+            sink.flush()
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        """Close every sink (trackers send what they hold back and end their runs)."""
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            try:
+                sink.close()
+            except Exception as e:  # the others still close; metrics.jsonl has everything
+                print(f"warning: closing {sink.name}: {type(e).__name__}: {e}", file=sys.stderr)
 
     def rollback(self, step: int) -> int:
-        """Resume at `step`: drop later metric rows and videos, and rewrite TensorBoard's events from
-        what is kept (appending would show the dropped points beside the redone ones). Returns rows kept."""
+        """Resume at `step`: drop later metric rows and videos; TensorBoard rewrites its events from
+        what is kept (appending would show the dropped points beside the redone ones) and the
+        trackers send what they had not. Returns rows kept."""
         kept = self.truncate(step)
         videos = []
         for path in sorted((self.logdir / "videos").glob("*_*.gif")):
@@ -94,17 +112,9 @@ class Logger:
                 path.unlink()
             else:
                 videos.append((name, int(video_step), path))
-        if self._tb is not None:
-            self._tb.close()
-            shutil.rmtree(self.logdir / "tb", ignore_errors=True)  # derived data: rebuilt below
-            self._tb = self._open_tensorboard()
-            for row in read_metrics(self.path):
-                self._write_tensorboard(row)
-            for name, video_step, path in videos:
-                gif = path.read_bytes()
-                width, height = struct.unpack("<HH", gif[6:10])  # GIF logical screen size
-                _write_gif_summary(self._tf, self._tb, name, gif, (None, height, width, 3), video_step)
-            self._tb.flush()
+        rows = read_metrics(self.path)
+        for sink in self.sinks:
+            sink.rollback(step, rows, videos)
         return kept
 
     def truncate(self, step: int) -> int:
@@ -139,13 +149,50 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def _tb_name(key: str) -> str:
-    # Group losses, returns and speed in TensorBoard: "model_loss" -> "train/model_loss".
-    if key.startswith(("test_", "train_return", "train_length", "eval_")):
-        return key.replace("_", "/", 1)
-    if key in ("fps", "train_fps", "updates_per_second", "env_steps_per_second"):
-        return f"perf/{key}"
-    return f"train/{key}"
+_tb_name = scalar_name  # "model_loss" -> "train/model_loss"
+
+
+class TensorBoardSink(Sink):
+    """Scalars and GIFs in TensorBoard's event files under `tb/`, written at once; on rollback the
+    event files are rebuilt from the rows and videos kept."""
+
+    name = "tensorboard"
+
+    def __init__(self, directory: Path):
+        import tensorflow as tf  # lazy: keeps this module importable without TF
+        self._tf = tf
+        self.directory = Path(directory)
+        self._writer = self._open()
+
+    def _open(self):
+        return self._tf.summary.create_file_writer(str(self.directory), max_queue=100, flush_millis=10000)
+
+    def scalars(self, step: int, row: Mapping[str, Any]) -> None:
+        with self._writer.as_default():
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tf.summary.scalar(_tb_name(key), value, step=int(step))
+
+    def video(self, step: int, name: str, path: Path) -> None:
+        gif = Path(path).read_bytes()
+        width, height = struct.unpack("<HH", gif[6:10])  # GIF logical screen size
+        _write_gif_summary(self._tf, self._writer, name, gif, (None, height, width, 3), step)
+
+    def rollback(self, step, rows, videos) -> None:
+        self._writer.close()
+        shutil.rmtree(self.directory, ignore_errors=True)  # derived data: rebuilt below
+        self._writer = self._open()
+        for row in rows:
+            self.scalars(int(row["step"]), row)
+        for name, video_step, path in videos:
+            self.video(video_step, name, path)
+        self._writer.flush()
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 def _write_gif_summary(tf, writer, name: str, gif: bytes, shape, step: int) -> None:

@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from dreamer_tf.envs.tasks import TASKS
+from dreamer_tf.utils import DISK_ERRNOS, describe_write_error, make_dir
 
 __all__ = [
     "BENCHMARK_TASKS", "DMC_MAX_RETURN", "PUBLISHED_BUDGET", "PUBLISHED_METHOD", "PAPER_COLUMNS",
@@ -43,10 +44,10 @@ PUBLISHED_BUDGET = 5_000_000  # env steps of the published Dreamer curves
 PUBLISHED_METHOD = "dreamer (published curves)"
 # Paper-table columns -> display names with their input and step budget.
 PAPER_COLUMNS: dict[str, str] = {
-    "dreamer_5e6": "Dreamer paper (5e6)",
-    "planet_5e6": "PlaNet (5e6)",
-    "d4pg_1e8": "D4PG (1e8 steps)",
-    "a3c_1e8_proprio": "A3C proprio (1e8)",
+    "dreamer_5e6": "Dreamer paper (5e6 env steps)",
+    "planet_5e6": "PlaNet (5e6 env steps)",
+    "d4pg_1e8": "D4PG (1e8 env steps)",
+    "a3c_1e8_proprio": "A3C proprio (1e8 env steps)",
 }
 
 
@@ -460,9 +461,13 @@ def tool_main(args, verb: str, body: Callable[[], int]) -> int:
     error = selection_error(args, verb)
     if error is None:
         try:
+            if args.out:  # an unwritable --out is one line, before any work
+                make_dir(Path(args.out).parent, f"--out {args.out}: directory")
             return body()
         except (FileNotFoundError, ValueError) as e:
             error = str(e)
+        except OSError as e:  # e.g. a full disk while writing the figures or the table
+            error = describe_write_error(e) if e.errno in DISK_ERRNOS else f"{e.strerror or e}: {e.filename}"
     print(f"error: {error}", file=sys.stderr)
     return 2
 

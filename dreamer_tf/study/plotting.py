@@ -19,6 +19,8 @@ import numpy as np
 
 from dreamer_tf.study import analysis
 from dreamer_tf.study.analysis import PAPER_COLUMNS, PUBLISHED_METHOD, Run
+from dreamer_tf.study.runinfo import (DEFAULT_ACTION_REPEAT, action_repeat, format_steps,
+                                        steps_axis_label)
 
 __all__ = ["curve_stats", "plot_curves", "plot_aggregate", "main"]
 
@@ -86,12 +88,14 @@ def _title(task: str) -> str:
 def plot_curves(runs: Sequence[Run], out_prefix: str | Path, tasks: Sequence[str] | None = None,
                 published: Sequence[Run] = (), paper: dict | None = None, bin_size: float = 1e5,
                 budget: float = 5e6, spread: str = "std", columns: int = 5,
-                random_policy: dict[str, float] | None = None, ymax: float = 1030.0) -> list[Path]:
+                random_policy: dict[str, float] | None = None, ymax: float = 1030.0,
+                action_repeat: int | None = DEFAULT_ACTION_REPEAT) -> list[Path]:
     """Grid of learning curves, one panel per task; returns the written PNG and PDF paths.
 
     Bins without data are bridged (the published curves have one point per 1e5 steps);
     `random_policy` {task: return} adds a dotted line for the random-policy baseline; `ymax` zooms
-    the y-axis for short runs (lines above it are cut off).
+    the y-axis for short runs (lines above it are cut off); `action_repeat` (None: the runs differ)
+    relates the x-axis' env steps (frames) to agent steps in its label.
     """
     from matplotlib.ticker import EngFormatter
     paper, random_policy = paper or {}, random_policy or {}
@@ -138,11 +142,11 @@ def plot_curves(runs: Sequence[Run], out_prefix: str | Path, tasks: Sequence[str
         if index % columns == 0:
             ax.set_ylabel("test return", fontsize=8)
         if index // columns == rows - 1:
-            ax.set_xlabel("env steps", fontsize=8)
+            ax.set_xlabel(steps_axis_label(action_repeat), fontsize=8)
     for index in range(len(tasks), rows * columns):
         axes[index // columns][index % columns].set_visible(False)
     what = "mean ± 1 std across seeds" if spread == "std" else "mean and 95% bootstrap CI across seeds"
-    figure.suptitle(f"Test return in {bin_size:.0e}-step bins: {what}; dashed: final scores of the "
+    figure.suptitle(f"Test return in {format_steps(bin_size)}-env-step bins: {what}; dashed: final scores of the "
                     "paper's table", fontsize=10)
     figure.legend(list(handles.values()), list(handles.keys()), loc="lower center",
                   ncol=min(len(handles), 6), fontsize=8, frameon=False)
@@ -247,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prefix = analysis.output_prefix(args)
         written = plot_curves(runs, f"{prefix}_curves", tasks, published, paper, args.bin_size,
                               args.budget, args.spread, random_policy=_parse_random_policy(args.random_policy),
-                              ymax=args.ymax)
+                              ymax=args.ymax, action_repeat=action_repeat(r.path for r in runs))
         summaries = analysis.summarize([r for r in runs + published if r.task in set(tasks)],
                                        window=args.window)
         written += plot_aggregate(summaries, f"{prefix}_aggregate", tasks, paper, args.reps, args.seed)

@@ -18,8 +18,9 @@ from typing import Sequence
 
 from dreamer_tf.study import analysis
 from dreamer_tf.study.analysis import PAPER_COLUMNS, PUBLISHED_METHOD, TaskSummary
+from dreamer_tf.study.runinfo import format_steps
 
-__all__ = ["Table", "build_table", "to_markdown", "to_csv", "main"]
+__all__ = ["Table", "build_table", "to_markdown", "aggregate_markdown", "to_csv", "main"]
 
 DASH = "—"
 
@@ -72,8 +73,15 @@ def build_table(root: str | Path | None = None, tasks: Sequence[str] | None = No
     return Table(tasks, found, summaries, paper, window, aggregates, paper_aggregates, agg_tasks)
 
 
-def _label(method: str) -> str:
-    return "Dreamer curves (published)" if method == PUBLISHED_METHOD else f"{method} (this run)"
+def _label(method: str, table: Table | None = None) -> str:
+    """The method's name; with `table`, also the env-step budget of its seeds (the column header)."""
+    name = "Dreamer curves (published" if method == PUBLISHED_METHOD else f"{method} (this run"
+    budgets = sorted({s.budget for t in table.summaries.get(method, {}).values() for s in t.seeds
+                      if s.budget}) if table else []
+    if not budgets:
+        return name + ")"
+    span = format_steps(budgets[0]) + (f"–{format_steps(budgets[-1])}" if len(budgets) > 1 else "")
+    return f"{name}, {span} env steps)"
 
 
 def _cell(summary: TaskSummary | None) -> str:
@@ -102,8 +110,9 @@ def _mean_cell(value: float, count: int, total: int) -> str:
     return f"**{value:.1f}**" + (f" ({count}/{total} tasks)" if count < total else "")
 
 
-def to_markdown(table: Table) -> str:
-    columns = [_label(m) for m in table.methods] + [PAPER_COLUMNS[c] for c in PAPER_COLUMNS
+def to_markdown(table: Table, aggregates: bool = True) -> str:
+    """The per-task table with its notes, then (with `aggregates`) the aggregate table."""
+    columns = [_label(m, table) for m in table.methods] + [PAPER_COLUMNS[c] for c in PAPER_COLUMNS
                                                     if table.paper]
     lines = ["| Task | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for task in table.tasks:
@@ -120,7 +129,8 @@ def to_markdown(table: Table) -> str:
     lines += [
         "",
         f"*Final score* of a seed: the mean test return of its evaluations in the last {pct} of its "
-        f"step budget (after {1 - table.window:g} x budget env steps); the same rule is applied to the "
+        f"step budget (after {1 - table.window:g} x budget env steps; env steps count simulator frames, "
+        "action repeat included, = action repeat x agent steps); the same rule is applied to the "
         "published Dreamer curves (budget 5e6). Cells: mean ± sample std (ddof=1) across seeds; "
         "n = seeds with a final score / seeds found. *failed*: status.json says failed (⚠); "
         "*incomplete*: no evaluation in the final window yet (running, or the curve stops early). "
@@ -129,8 +139,13 @@ def to_markdown(table: Table) -> str:
         f"1e8 steps. {DASH}: no data. Means over tasks use the tasks that have a value.",
         "",
     ]
-    lines += _aggregate_lines(table)
+    lines += _aggregate_lines(table) if aggregates else []
     return "\n".join(lines) + "\n"
+
+
+def aggregate_markdown(table: Table) -> str:
+    """The aggregate table alone (mean and IQM with 95% CIs), with its note."""
+    return "\n".join(_aggregate_lines(table)) + "\n"
 
 
 def _aggregate_lines(table: Table) -> list[str]:
