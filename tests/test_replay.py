@@ -13,12 +13,16 @@ import pytest
 
 from dreamer_tf.data import EpisodeError, Replay, episode_paths, load_episode, save_episode
 from dreamer_tf.data import sampler as S
+from dreamer_tf.data.stores import NullStore
 
 STORES = ["frames", "cache"]
 
 
-def make_episode(eid: int, entries: int, action_dim: int = 2, state: bool = False, size: int = 8) -> dict:
-    """An episode whose every entry is identifiable: reward = 1000*eid + t, pixel (0,0) = (eid, t)."""
+def make_episode(eid: int, entries: int, action_dim: int = 2, state: bool = False, size: int = 8,
+                 images: bool = True) -> dict:
+    """An episode whose every entry is identifiable: reward = 1000*eid + t, pixel (0,0) = (eid, t).
+
+    `images=False` leaves the image out (a state-only episode, with `state=True`)."""
     rng = np.random.default_rng(eid)
     t = np.arange(entries)
     image = rng.integers(0, 256, (entries, size, size, 3), dtype=np.uint8)
@@ -34,6 +38,8 @@ def make_episode(eid: int, entries: int, action_dim: int = 2, state: bool = Fals
     episode["discount"][-1] = 0.0
     if state:
         episode["state"] = rng.normal(size=(entries, 5)).astype(np.float32)
+    if not images:
+        del episode["image"]
     return episode
 
 
@@ -345,6 +351,133 @@ def test_short_episodes_are_never_sampled(tmp_path, balance):
     replay.add(make_episode(2, 7))
     for _ in range(20):
         assert windows_of(replay.sample(10, 8)) == [(1, 0)] * 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Episodes without images (proprioceptive states only)
+# ---------------------------------------------------------------------------------------------
+
+STATE_KEYS = ["action", "reward", "discount", "state"]
+
+
+def _assert_windows_match(batch: dict, episodes: dict, length: int) -> None:
+    """Every key of every window of `batch` equals the stored arrays at the sampled window."""
+    assert list(batch) == STATE_KEYS
+    for b, (eid, start) in enumerate(windows_of(batch)):
+        source = episodes[eid]
+        assert 0 <= start <= len(source["reward"]) - length
+        for key in STATE_KEYS:
+            np.testing.assert_array_equal(batch[key][b], source[key][start:start + length], err_msg=key)
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_state_only_episodes_are_stored_reloaded_sampled_and_resumed(tmp_path, store):
+    episodes = {i: make_episode(i, 9 + 4 * i, state=True, images=False) for i in range(4)}
+    writer = Replay(tmp_path, store=store, seed=1)
+    paths = [writer.add(ep) for ep in episodes.values()]
+    assert not (tmp_path / "frames").exists()  # no frame files, not even the directory
+    assert isinstance(writer._store, NullStore) and writer.cached_frames == 0
+    for path in paths:
+        with zipfile.ZipFile(path) as zf:
+            assert sorted(zf.namelist()) == ["action.npy", "discount.npy", "reward.npy", "state.npy"]
+    _assert_windows_match(writer.sample(6, 9), episodes, 9)
+    # A new replay reloads the directory: same episodes, same arrays, no image key anywhere.
+    replay = Replay(tmp_path, store=store, seed=3)
+    assert replay.paths() == paths and replay.num_steps == sum(len(e["reward"]) - 1 for e in episodes.values())
+    assert list(replay.signature) == STATE_KEYS and replay.signature["state"] == ((5,), np.float32)
+    for original, loaded in zip(episodes.values(), replay.episodes()):
+        assert sorted(loaded) == sorted(STATE_KEYS)
+        for key in STATE_KEYS:
+            np.testing.assert_array_equal(loaded[key], original[key], err_msg=key)
+    for _ in range(10):
+        _assert_windows_match(replay.sample(6, 9), episodes, 9)
+    # Exact resume: a restored state reproduces the batches in a third replay.
+    state = json.loads(json.dumps(replay.get_state()))
+    expected = [replay.sample(4, 7) for _ in range(3)]
+    resumed = Replay(tmp_path, store=store, seed=99)
+    resumed.set_state(state)
+    for batch in expected:
+        _assert_batches_equal(resumed.sample(4, 7), batch)
+    assert not (tmp_path / "frames").exists() and isinstance(resumed._store, NullStore)
+
+
+def test_state_only_capacity_drops_the_oldest_episodes(tmp_path):
+    replay = Replay(tmp_path, capacity=40, delete=True)
+    paths = [replay.add(make_episode(i, 21, state=True, images=False)) for i in range(3)]
+    assert replay.paths() == paths[1:] and replay.num_steps == 40
+    assert [p.exists() for p in paths] == [False, True, True]
+    assert {eid for _ in range(10) for eid, _ in windows_of(replay.sample(8, 10))} == {1, 2}
+    assert Replay(tmp_path, capacity=20).paths() == paths[2:]
+    assert not (tmp_path / "frames").exists()
+
+
+def test_state_only_iterator_has_no_image_key_and_exact_state(tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    episodes = {i: make_episode(i, 20 + 5 * i, state=True, images=False) for i in range(3)}
+    replay = Replay(tmp_path, seed=5)
+    reference = Replay(tmp_path / "ref", seed=5)
+    for ep in episodes.values():
+        replay.add(ep)
+        reference.add(ep)
+    expected = [reference.sample(3, 6) for _ in range(5)]
+    iterator = replay.iterator(3, 6, prefetch=2)
+    spec = iterator._iterator.element_spec
+    assert list(spec) == STATE_KEYS
+    assert spec["state"].shape == (3, 6, 5) and spec["state"].dtype == tf.float32
+    for i in range(3):
+        batch = {k: v.numpy() for k, v in next(iterator).items()}
+        _assert_batches_equal(batch, expected[i])
+        _assert_windows_match(batch, episodes, 6)
+    state = json.loads(json.dumps(iterator.get_state()))
+    iterator.close()
+    resumed = Replay(tmp_path, seed=0)
+    resumed.set_state(state)
+    with resumed.iterator(3, 6, prefetch=1) as again:
+        for i in range(3, 5):
+            _assert_batches_equal({k: v.numpy() for k, v in next(again).items()}, expected[i])
+    assert not (tmp_path / "frames").exists()
+
+
+def test_episode_without_observation_key_is_refused(tmp_path):
+    episode = make_episode(0, 10, images=False)  # no image and no state
+    replay = Replay(tmp_path)
+    with pytest.raises(EpisodeError, match=r"no observation key.*it has \['action', 'discount', 'reward'\]"):
+        replay.add(episode)
+    with pytest.raises(EpisodeError, match="no observation key"):
+        save_episode(tmp_path / "eval", episode)
+    assert list(tmp_path.glob("*.npz")) == [] and replay.num_episodes == 0
+    # On disk: a file without observations is skipped with a warning naming it.
+    bad = tmp_path / "00000000-aaaaaaaa-9.npz"
+    _write_raw_npz(bad, **episode)
+    with pytest.warns(RuntimeWarning, match=f"{bad.name}.*no observation key"):
+        assert Replay(tmp_path).num_episodes == 0
+
+
+@pytest.mark.parametrize("first", ["image", "state-only"])
+def test_mixing_image_and_state_only_episodes_is_refused(tmp_path, first):
+    with_images = make_episode(0, 10, state=True)
+    state_only = make_episode(1, 10, state=True, images=False)
+    images_only = make_episode(2, 10)
+    replay = Replay(tmp_path)
+    if first == "image":
+        replay.add(with_images)
+        others = [(state_only, ["image"]), (images_only, ["state"])]
+    else:
+        replay.add(state_only)
+        others = [(with_images, ["image"]), (images_only, ["image", "state"])]
+    for other, differing in others:
+        with pytest.raises(EpisodeError) as caught:
+            replay.add(other)
+        message = str(caught.value)
+        assert "\n" not in message and f"key(s) {differing}" in message, message
+    assert replay.num_episodes == 1 and len(list(tmp_path.glob("*.npz"))) == 1
+    assert (tmp_path / "frames").exists() == (first == "image")
+    # A file of the other kind in the directory is skipped on reload with that message.
+    stray = tmp_path / "00000005-bbbbbbbb-9.npz"
+    _write_raw_npz(stray, **(state_only if first == "image" else with_images))
+    with pytest.warns(RuntimeWarning, match=rf"{stray.name} differs .* key\(s\) \['image'\]"):
+        reloaded = Replay(tmp_path)
+    assert reloaded.num_episodes == 1 and stray not in reloaded.paths()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,12 +1,15 @@
 """Episode storage and sequence sampling for training.
 
-- `episodes`: the episode format (dict of arrays) and its atomically written `.npz` files.
-- `stores`: where images live while the replay runs (frame files or an LRU cache).
+- `episodes`: the episode format (dict of arrays: images and/or states) and its atomically
+  written `.npz` files.
+- `stores`: where images live while the replay runs (frame files or an LRU cache; none for
+  state-only episodes).
 - `sampler`: which windows a batch holds, the sampling policy; a new scheme is a new function.
 - `replay`: `Replay`, the bookkeeping that ties them together (add, capacity, sample, state).
 - `pipeline`: tf.data over a replay (TensorFlow is imported only there, when called).
 """
 from dreamer_tf.data.episodes import (
+    OBSERVATION_KEYS,
     OPTIONAL_KEYS,
     REQUIRED_KEYS,
     EpisodeError,
@@ -21,5 +24,5 @@ from dreamer_tf.data.replay import Replay
 
 __all__ = [
     "Replay", "ReplayIterator", "EpisodeError", "check_episode", "save_episode", "load_episode",
-    "episode_paths", "episode_length", "REQUIRED_KEYS", "OPTIONAL_KEYS",
+    "episode_paths", "episode_length", "REQUIRED_KEYS", "OBSERVATION_KEYS", "OPTIONAL_KEYS",
 ]

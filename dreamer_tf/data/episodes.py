@@ -1,8 +1,10 @@
 """The episode format and its files.
 
 An episode is a dict of numpy arrays with T+1 entries along the first axis (the reset entry plus
-T transitions): ``image`` uint8 [T+1, H, W, C], ``action`` float32 [T+1, A], ``reward`` and
-``discount`` float32 [T+1], and optionally ``state`` float32 [T+1, S] (`check_episode`).
+T transitions): ``action`` float32 [T+1, A], ``reward`` and ``discount`` float32 [T+1], and at
+least one observation: ``image`` uint8 [T+1, H, W, C] and/or ``state`` float32 [T+1, S]
+(`check_episode`). An episode without ``image`` (an agent learning from proprioceptive states)
+has no ``image.npy`` in its file.
 
 Every episode is one compressed ``.npz`` file named ``{index:08d}-{uuid8}-{T}.npz`` (index =
 insertion order, so file name order is insertion order). Files are written atomically by
@@ -26,12 +28,15 @@ import numpy as np
 from dreamer_tf.utils import atomic_write_bytes
 
 __all__ = [
-    "EpisodeError", "REQUIRED_KEYS", "OPTIONAL_KEYS", "check_episode", "episode_length",
+    "EpisodeError", "REQUIRED_KEYS", "OBSERVATION_KEYS", "OPTIONAL_KEYS", "check_episode",
+    "check_signature", "episode_length",
     "episode_paths", "save_episode", "load_episode",
 ]
 
-REQUIRED_KEYS = ("image", "action", "reward", "discount")
-OPTIONAL_KEYS = ("state",)
+REQUIRED_KEYS = ("action", "reward", "discount")
+# An episode holds at least one of these; each alone is optional.
+OBSERVATION_KEYS = ("image", "state")
+OPTIONAL_KEYS = OBSERVATION_KEYS
 # Expected dtype and rank (including the time axis) of every episode key.
 SPEC = {
     "image": (np.uint8, 4),
@@ -55,10 +60,14 @@ class EpisodeError(ValueError):
 # ----------------------------------------------------------------------------------------------
 
 def check_keys(keys: list[str], where: str) -> None:
-    """Raise `EpisodeError` if required keys are missing or unknown keys are present."""
+    """Raise `EpisodeError` if required keys are missing, no observation key is present or unknown
+    keys are present."""
     missing = [k for k in REQUIRED_KEYS if k not in keys]
     if missing:
         raise EpisodeError(f"{where} is missing key(s) {missing}; it has {sorted(keys)}")
+    if not any(k in keys for k in OBSERVATION_KEYS):
+        raise EpisodeError(f"{where} has no observation key (one of {list(OBSERVATION_KEYS)} is "
+                           f"required); it has {sorted(keys)}")
     unknown = sorted(set(keys) - set(SPEC))
     if unknown:
         raise EpisodeError(f"{where} has unknown key(s) {unknown}; allowed: {list(SPEC)}")
@@ -85,12 +94,12 @@ def check_episode(episode: Mapping[str, Any]) -> int:
         lengths[key] = len(value)
     if len(set(lengths.values())) != 1:
         raise EpisodeError(f"episode keys have inconsistent lengths {lengths}")
-    length = lengths["image"]
+    length = lengths["action"]
     if length < 2:
         raise EpisodeError(f"episode has length {length}; it needs the reset entry plus >= 1 step")
-    image = episode["image"]
-    if min(image.shape[1:]) < 1:
-        raise EpisodeError(f"episode key 'image' has empty frames of shape {image.shape[1:]}")
+    for key in OBSERVATION_KEYS:
+        if key in episode and min(episode[key].shape[1:]) < 1:
+            raise EpisodeError(f"episode key {key!r} has empty entries of shape {episode[key].shape[1:]}")
     for key in ("action", "reward", "state"):
         if key in episode and not np.all(np.isfinite(episode[key])):
             raise EpisodeError(f"episode key {key!r} contains NaN or inf")
@@ -100,16 +109,29 @@ def check_episode(episode: Mapping[str, Any]) -> int:
     return length
 
 
-def episode_signature(arrays: Mapping[str, np.ndarray], image_shape: tuple[int, ...]) -> dict:
-    """Per-step shape of every key (`image_shape` given apart: images may not be loaded)."""
+def episode_signature(arrays: Mapping[str, np.ndarray], image_shape: tuple[int, ...] | None) -> dict:
+    """Per-step shape of every key (`image_shape` given apart: images may not be loaded; None =
+    the episode has no images)."""
     signature = {k: tuple(v.shape[1:]) for k, v in arrays.items() if k != "image"}
-    signature["image"] = tuple(image_shape[1:])
+    if image_shape is not None:
+        signature["image"] = tuple(image_shape[1:])
     return signature
+
+
+def check_signature(signature: dict, expected: dict | None, source: str) -> dict:
+    """Return `signature` if it equals `expected` (None = anything goes); else raise a one-line
+    `EpisodeError` naming the keys that are missing, extra or of another per-step shape."""
+    if expected is None or signature == expected:
+        return signature
+    differing = sorted(k for k in set(signature) | set(expected) if signature.get(k) != expected.get(k))
+    has, holds = ({k: sig.get(k, "absent") for k in differing} for sig in (signature, expected))
+    raise EpisodeError(f"{source} differs from this replay's episodes in key(s) {differing}: it has "
+                       f"{has}, the replay holds {holds}")
 
 
 def episode_length(episode: Mapping[str, np.ndarray]) -> int:
     """Number of transitions T of an episode (its arrays hold T+1 entries)."""
-    return len(episode["reward"]) - 1
+    return len(episode["action"]) - 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,11 +214,11 @@ def _open_npz(path: Path, fileobj) -> "np.lib.npyio.NpzFile":
     return npz
 
 
-def load_parts(path: Path, with_images: bool) -> tuple[dict[str, np.ndarray], tuple[int, ...]]:
+def load_parts(path: Path, with_images: bool) -> tuple[dict[str, np.ndarray], tuple[int, ...] | None]:
     """Read and validate an episode file.
 
     Returns the arrays (images only if `with_images`) and the image array shape (from the
-    `.npy` header, so the images need not be decompressed).
+    `.npy` header, so the images need not be decompressed; None if the episode has no images).
     """
     path = Path(path)
     # Open the file ourselves: np.load leaks the handle when the zip is unreadable.
@@ -208,28 +230,33 @@ def load_parts(path: Path, with_images: bool) -> tuple[dict[str, np.ndarray], tu
             for key in keys:
                 if key != "image" or with_images:
                     arrays[key] = npz[key]
-            with npz.zip.open("image.npy") as f:
-                image_shape, image_dtype, _ = read_npy_header(f)
+            image_shape = None
+            if "image" in keys:
+                with npz.zip.open("image.npy") as f:
+                    image_shape, image_dtype, _ = read_npy_header(f)
         except EpisodeError:
             raise
         except Exception as e:  # zlib.error, BadZipFile (CRC), ValueError, EOFError, ...
             raise EpisodeError(f"episode file {path} is corrupt: {type(e).__name__}: {e}") from e
-    if image_dtype != np.uint8:
-        raise EpisodeError(f"episode file {path}: key 'image' has dtype {image_dtype}, expected uint8")
+    if image_shape is not None:
+        if image_dtype != np.uint8:
+            raise EpisodeError(f"episode file {path}: key 'image' has dtype {image_dtype}, expected uint8")
+        image_shape = tuple(image_shape)
     # Validate with a placeholder for skipped images: only its dtype/shape are checked.
-    placeholder = arrays.get("image")
-    if placeholder is None:
-        placeholder = np.lib.stride_tricks.as_strided(
+    checked = dict(arrays)
+    if image_shape is not None and "image" not in checked:
+        checked["image"] = np.lib.stride_tricks.as_strided(
             np.zeros((), np.uint8), shape=image_shape, strides=(0,) * len(image_shape))
     try:
-        check_episode({**arrays, "image": placeholder})
+        check_episode(checked)
     except EpisodeError as e:
         raise EpisodeError(f"episode file {path}: {e}") from None
     m = NAME_RE.match(path.name)
-    if m and int(m.group(3)) != image_shape[0] - 1:
+    steps = episode_length(arrays)
+    if m and int(m.group(3)) != steps:
         raise EpisodeError(
-            f"episode file {path}: name says length {m.group(3)} but it holds {image_shape[0] - 1} steps")
-    return arrays, tuple(image_shape)
+            f"episode file {path}: name says length {m.group(3)} but it holds {steps} steps")
+    return arrays, image_shape
 
 
 def load_episode(path: str | os.PathLike) -> dict[str, np.ndarray]:

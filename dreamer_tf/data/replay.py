@@ -1,7 +1,9 @@
 """The replay: episodes of one directory, loaded on start, bounded in memory, sampled as sequences.
 
 The pieces live beside it: the file format in `episodes`, the image stores in `stores`, how
-windows are drawn in `sampler`, tf.data in `pipeline`.
+windows are drawn in `sampler`, tf.data in `pipeline`. All episodes of a replay have the same
+keys and per-step shapes (its signature); episodes without ``image`` (states only) work the same
+way, with no image store (`stores.NullStore`) and no ``image`` key in the batches.
 
 Resume guarantee. ``get_state()`` returns a JSON-serialisable dict. Restoring it with
 ``set_state`` into a replay holding the same episodes (same files, same capacity) reproduces the
@@ -26,6 +28,7 @@ from dreamer_tf.data.episodes import (
     SPEC,
     EpisodeError,
     check_episode,
+    check_signature,
     episode_name,
     episode_paths,
     episode_signature,
@@ -42,7 +45,7 @@ from dreamer_tf.data.sampler import (
     get_sampler,
     uniform_episodes,
 )
-from dreamer_tf.data.stores import EpisodeEntry, make_store
+from dreamer_tf.data.stores import EpisodeEntry, NullStore, store_factory
 
 __all__ = ["Replay"]
 
@@ -61,6 +64,13 @@ def _fitting(steps: list[int], capacity: int, action_repeat: int) -> int:
             break
         keep += 1
     return keep
+
+
+def _check_ints(**values: tuple[Any, int]) -> None:
+    """`ValueError` unless every value (name=(value, lowest allowed)) is an int >= its lowest."""
+    for name, (value, low) in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"Replay {name} must be an int >= {low}, got {value!r}")
 
 
 def _rng_from_state(state: Any) -> np.random.Generator:
@@ -98,17 +108,14 @@ class Replay:
                  seed: int = 0, balance: bool = False, store: str = "frames", delete: bool = False,
                  action_repeat: int = 1, frames_dir: str | os.PathLike | None = None,
                  sampler: str | Sampler = "uniform"):
-        for name, value, low in (("capacity", capacity, 0), ("cache", cache, 1),
-                                 ("action_repeat", action_repeat, 1), ("seed", seed, 0)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-                raise ValueError(f"Replay {name} must be an int >= {low}, got {value!r}")
+        _check_ints(capacity=(capacity, 0), cache=(cache, 1), action_repeat=(action_repeat, 1), seed=(seed, 0))
         if balance and sampler not in ("uniform", "episode"):
             raise ValueError(f"Replay balance=True selects the 'episode' sampler, got sampler={sampler!r}")
         self.sampler = get_sampler("episode" if balance else sampler)
         self.balance = self.sampler is uniform_episodes
         self.directory = Path(directory)
-        self._store = make_store(store, Path(frames_dir) if frames_dir else self.directory / "frames",
-                                 int(cache))  # validates `store` before creating any directory
+        self._new_store = store_factory(store, frames_dir or self.directory / "frames", int(cache))
+        self._store = NullStore()  # until the first episode's keys choose the store (`_fix`)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.capacity = int(capacity)
         self.delete = bool(delete)
@@ -133,11 +140,12 @@ class Replay:
         for path in episode_paths(self.directory):
             try:
                 arrays, image_shape = load_parts(path, with_images=False)
-                self._signature = self._check_signature(arrays, image_shape, source=f"episode file {path}")
+                self._fix(check_signature(episode_signature(arrays, image_shape), self._signature,
+                                          f"episode file {path}"))
             except EpisodeError as e:
                 warnings.warn(f"replay skips a bad file: {e}", RuntimeWarning, stacklevel=3)
                 continue
-            loaded.append((EpisodeEntry(path, image_shape[0], arrays), image_shape))
+            loaded.append((EpisodeEntry(path, len(arrays["action"]), arrays), image_shape))
         self._next = next_index(self.directory)
         # Apply the capacity before touching images, so dropped episodes are never decoded.
         keep = _fitting([e.length - 1 for e, _ in loaded], self.capacity, self.action_repeat)
@@ -153,27 +161,28 @@ class Replay:
             self._append(episode)
         self._store.cleanup({e.path.stem for e in self._episodes})
 
-    def _check_signature(self, arrays: Mapping[str, np.ndarray], image_shape: tuple, source: str) -> dict:
-        """The keys and per-step shapes of an episode; they must match the stored episodes'."""
-        signature = episode_signature(arrays, image_shape)
-        if self._signature is not None and signature != self._signature:
-            raise EpisodeError(
-                f"{source} has keys/per-step shapes {signature}, but this replay holds {self._signature}")
-        return signature
+    def _fix(self, signature: dict) -> None:
+        """Record the episodes' signature; the first one chooses the store (images or none)."""
+        if self._signature is None:
+            self._store = self._new_store(signature)
+        self._signature = signature
 
     def add(self, episode: Mapping[str, np.ndarray]) -> Path:
         """Validate, save atomically and make `episode` sampleable; returns the file path."""
         check_episode(episode)
         episode = {k: np.array(v, order="C", copy=True) for k, v in episode.items()}  # caller may reuse
+        images = episode.get("image")
+        image_shape = None if images is None else images.shape
         with self._lock:
-            signature = self._check_signature(episode, episode["image"].shape, source="added episode")
-            length = len(episode["image"])
+            signature = check_signature(episode_signature(episode, image_shape), self._signature,
+                                        "added episode")
+            length = len(episode["action"])
             path = self.directory / episode_name(self._next, length - 1)
             write_npz(path, episode)
             self._next += 1
-            self._signature = signature
+            self._fix(signature)
             entry = EpisodeEntry(path, length, {k: v for k, v in episode.items() if k != "image"})
-            self._store.attach(entry, episode["image"].shape, episode["image"])
+            self._store.attach(entry, image_shape, images)
             self._append(entry)
             keep = _fitting([e.length - 1 for e in self._episodes], self.capacity, self.action_repeat)
             for old in list(self._episodes)[:len(self._episodes) - keep]:
@@ -288,7 +297,8 @@ class Replay:
             episode = self._episodes[episodes[b]]
             start = int(starts[b])
             self._broken = episode
-            self._store.read(episode, start, batch["image"][b])
+            if "image" in batch:  # else the replay has no image store (`NullStore`)
+                self._store.read(episode, start, batch["image"][b])
             for key, value in episode.small.items():
                 batch[key][b] = value[start:start + length]
         self._broken = None

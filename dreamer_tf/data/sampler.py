@@ -34,7 +34,7 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["Windows", "Sampler", "uniform_windows", "uniform_episodes", "SAMPLERS", "register",
+__all__ = ["Windows", "Sampler", "uniform_windows", "uniform_episodes", "reference_windows", "SAMPLERS", "register",
            "get_sampler", "check_draw"]
 
 
@@ -90,7 +90,21 @@ def uniform_episodes(windows: Windows, batch_size: int, rng: np.random.Generator
     return windows.eligible[which], rng.integers(0, windows.counts[which])
 
 
-SAMPLERS: dict[str, Sampler] = {"uniform": uniform_windows, "episode": uniform_episodes}
+def reference_windows(windows: Windows, batch_size: int, rng: np.random.Generator):
+    """The TF2 reference implementation's draw: an episode with more than `length` entries
+    uniformly, then a start uniformly in [0, entries - length - 1]. So its last window (and with it
+    the final, possibly terminal, step) is never drawn, and episodes of exactly `length` entries
+    are skipped."""
+    longer = windows.eligible[windows.counts > 1]
+    if not len(longer):
+        raise ValueError(f"the reference sampler needs an episode longer than {windows.length} entries; "
+                         f"the longest has {max(windows.lengths, default=0)}")
+    episodes = longer[rng.integers(0, len(longer), size=batch_size)]
+    return episodes, rng.integers(0, windows.lengths[episodes] - windows.length)
+
+
+SAMPLERS: dict[str, Sampler] = {"uniform": uniform_windows, "episode": uniform_episodes,
+                                "reference": reference_windows}
 
 
 def register(name: str) -> Callable[[Sampler], Sampler]:

@@ -20,6 +20,10 @@ batches per second against the replay size; it is why ``"frames"`` is the defaul
 used instead of keeping one ``mmap`` per episode because every mapping holds a file descriptor
 (thousands of episodes) and mapped pages count in the RSS.
 
+Episodes without images (``state`` observations only) get a `NullStore`: no frame files, no
+directory, no cache. The replay makes its store when the first episode fixes its keys
+(`store_factory`), so the ``"frames"`` directory is created only for episodes with images.
+
 A store has four methods: ``attach`` (an episode became sampleable, maybe with its images in
 hand), ``read`` (fill a window of frames), ``remove`` (the episode left the replay) and
 ``cleanup`` (drop leftovers of episodes that are gone), and a ``frames`` count of decoded
@@ -31,6 +35,7 @@ import collections
 import io
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +135,26 @@ class FrameStore:
                 path.unlink(missing_ok=True)
 
 
+class NullStore:
+    """The store of a replay whose episodes have no images (or of one holding no episode yet)."""
+
+    frames = 0
+
+    def attach(self, episode: EpisodeEntry, image_shape: tuple[int, ...] | None,
+               images: np.ndarray | None) -> None:
+        if image_shape is not None:
+            raise ValueError(f"episode {episode.path} has images but this replay stores none")
+
+    def read(self, episode: EpisodeEntry, start: int, out: np.ndarray) -> None:
+        raise ValueError(f"this replay stores no images (episode {episode.path})")
+
+    def remove(self, episode: EpisodeEntry) -> None:
+        pass
+
+    def cleanup(self, keep: set[str]) -> None:
+        pass
+
+
 class CacheStore:
     """LRU cache of decoded episode images holding at most `capacity` frames."""
 
@@ -189,3 +214,16 @@ def make_store(kind: str, frames_dir: Path, cache: int) -> FrameStore | CacheSto
     if kind == "cache":
         return CacheStore(cache)
     raise ValueError(f"Replay store must be 'frames' or 'cache', got {kind!r}")
+
+
+def store_factory(kind: str, frames_dir: str | os.PathLike, cache: int
+                  ) -> Callable[[dict], FrameStore | CacheStore | NullStore]:
+    """Validate `kind` now (nothing is created); the returned function makes the store for the
+    episodes of a signature (key -> per-step shape): the image store `kind` if they have images,
+    else a `NullStore`."""
+    if kind not in STORES:
+        raise ValueError(f"Replay store must be 'frames' or 'cache', got {kind!r}")
+
+    def make(signature: dict) -> FrameStore | CacheStore | NullStore:
+        return make_store(kind, Path(frames_dir), cache) if "image" in signature else NullStore()
+    return make
