@@ -3,6 +3,8 @@
 Every key is typed by its default in the YAML file. Overrides (a dict, or `key=value` strings
 from the command line parsed as YAML scalars) must match that type; unknown keys, wrong types
 and out-of-range values raise `ConfigError` naming the key, the value and what is allowed.
+List keys (`loggers`) take a YAML list or comma-separated words (`[jsonl,mlflow]`, `jsonl,mlflow`),
+each checked against `_range`; the config holds them as tuples (read-only) and saves them as lists.
 """
 from __future__ import annotations
 
@@ -56,7 +58,8 @@ class Config(Mapping):
     """Read-only mapping of hyperparameters with attribute access (`config.batch_size`)."""
 
     def __init__(self, values: Mapping[str, Any]):
-        object.__setattr__(self, "_values", dict(values))
+        object.__setattr__(self, "_values", {k: tuple(v) if isinstance(v, list) else v
+                                             for k, v in values.items()})
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -84,7 +87,8 @@ class Config(Mapping):
         return Config(_apply(dict(self._values), overrides, _read_spec()))
 
     def to_dict(self) -> dict:
-        return dict(self._values)
+        """Plain values (lists for list keys), as saved to config.yaml."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self._values.items()}
 
 
 def presets() -> list[str]:
@@ -92,12 +96,21 @@ def presets() -> list[str]:
 
 
 def _type_name(value: Any) -> str:
-    return {bool: "bool", int: "int", float: "float", str: "str"}.get(type(value), type(value).__name__)
+    return {bool: "bool", int: "int", float: "float", str: "str", list: "list", tuple: "list"}.get(
+        type(value), type(value).__name__)
+
+
+# Keys whose values are of the default's type or one of these words (`precision: bf16`).
+_WORDS = {"precision": ("bf16",)}
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
     """Check `value` against the type of `default`; ints are accepted for floats."""
     expected = type(default)
+    if isinstance(value, str) and value in _WORDS.get(key, ()):
+        return value
+    if expected in (list, tuple):
+        return _coerce_list(key, value, default)
     if expected is float and type(value) is int:
         value = float(value)
     elif expected is int and type(value) is float and value.is_integer():
@@ -109,9 +122,29 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     return value
 
 
+def _coerce_list(key: str, value: Any, default: Any) -> tuple:
+    """A list key: a list, or comma-separated words; items typed like the default's (str if empty);
+    repeated items are dropped."""
+    if isinstance(value, str):
+        value = [v.strip() for v in value.strip().removeprefix("[").removesuffix("]").split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"config key {key!r}: value {value!r} is a {_type_name(value)}, expected a list "
+                          f"such as [{','.join(map(str, default))}] (default {list(default)!r})")
+    item_type = type(default[0]) if len(default) else str
+    for item in value:
+        if type(item) is not item_type:
+            raise ConfigError(f"config key {key!r}: item {item!r} is a {_type_name(item)}, expected a "
+                              f"{_type_name(item_type())}")
+    return tuple(dict.fromkeys(value))
+
+
 def _check_range(key: str, value: Any, spec: dict) -> None:
     allowed = spec.get("_range", {}).get(key)
-    if allowed is not None and value not in allowed:
+    if allowed is not None and isinstance(value, tuple):
+        for item in value:
+            if item not in allowed:
+                raise ConfigError(f"config key {key!r}: item {item!r} is not one of {allowed}")
+    elif allowed is not None and value not in allowed:
         raise ConfigError(f"config key {key!r}: value {value!r} is not one of {allowed}")
     if key in _BOUNDS:
         low, high, inclusive = _BOUNDS[key]
@@ -120,9 +153,25 @@ def _check_range(key: str, value: Any, spec: dict) -> None:
             raise ConfigError(f"config key {key!r}: value {value!r} is out of range (must be {rule})")
 
 
+# Keys renamed since run directories were first written: old key -> (new key, old value -> new value).
+RENAMED = {"dataset_balance": ("replay_sampler", {False: "uniform", True: "episode"})}
+
+
+def _renamed(overrides: Mapping[str, Any]) -> dict:
+    """`overrides` with renamed keys under their new names (a stored config.yaml, an old --set)."""
+    out = dict(overrides)
+    for old, (new, mapping) in RENAMED.items():
+        if old in out:
+            value = out.pop(old)
+            if value not in mapping:
+                raise ConfigError(f"config key {old!r} (now {new!r}): value {value!r} is not one of {list(mapping)}")
+            out.setdefault(new, mapping[value])
+    return out
+
+
 def _apply(values: dict, overrides: Mapping[str, Any], spec: dict) -> dict:
     defaults = spec["defaults"]
-    for key, value in overrides.items():
+    for key, value in _renamed(overrides).items():
         if key not in defaults:
             close = [k for k in defaults if k.split("_")[0] == key.split("_")[0] or key in k]
             hint = f"; did you mean {', '.join(close)}?" if close else ""

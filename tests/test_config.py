@@ -3,23 +3,62 @@ import pytest
 
 from dreamer_tf import config
 
-# Dreamer v1 hyperparameters (paper Sec. 6 and Appendix; num_units as the released code).
+# Dreamer v1 hyperparameters as the paper states them (Hafner et al., "Dream to Control", ICLR 2020,
+# Appendix A "Hyper Parameters", and Sec. 6), each with the paper's words.
 PAPER = dict(
-    batch_size=50, batch_length=50, deter_size=200, stoch_size=30, num_units=400, cnn_depth=32,
-    free_nats=3.0, kl_scale=1.0, model_lr=6e-4, value_lr=8e-5, actor_lr=8e-5, grad_clip=100.0,
-    horizon=15, discount=0.99, disclam=0.95, action_repeat=2, time_limit=1000, prefill=5000,
-    train_every=1000, train_steps=100, expl_amount=0.3, eval_every=10000, steps=5_000_000,
-    expl="auto", action_init_std=5.0, precision=32, representation="reconstruction",
-    pcont=False, dense_act="elu", cnn_act="relu", size=64,
+    batch_size=50, batch_length=50,          # "We draw batches of 50 sequences of length 50"
+    model_lr=6e-4, value_lr=8e-5, actor_lr=8e-5,  # "Adam ... learning rates 6e-4, 8e-5, 8e-5" (world, value, action)
+    grad_clip=100.0,                         # "scale down gradient norms that exceed 100"
+    kl_scale=1.0,                            # "We do not scale the KL regularizers (beta = 1)"
+    free_nats=3.0,                           # "but clip them below 3 free nats as in PlaNet"
+    horizon=15,                              # "The imagination horizon is H = 15"
+    discount=0.99, disclam=0.95,             # "V_lambda targets with gamma = 0.99 and lambda = 0.95"
+    stoch_size=30,                           # "Distributions in latent space are 30-dimensional diagonal Gaussians"
+    dense_act="elu",                         # "three dense layers of size 300 with ELU activations"
+    expl_amount=0.3,                         # "the predicted mode action with Normal(0, 0.3) exploration noise"
+    action_repeat=2,                         # "we fix it [the action repeat] to 2 for all environments"
+    train_steps=100,                         # "We iterate between 100 training steps and collecting 1 episode":
+    train_every=1000,                        #   an episode is 1000 env steps (frames; time_limit below)
+    prefill=5000,                            # "initialized with S = 5 episodes collected using random actions"
+    time_limit=1000,                         # not a quote: the DeepMind Control Suite's episode length
+    size=64,                                 # 64 x 64 RGB images
+    representation="reconstruction",         # the main agent (Sec. 6 compares contrastive and reward-only)
+    pcont=False,                             # continuation model only for episode ends (Atari, DMLab)
+    steps=5_000_000,                         # the DMC results are reported at 5e6 env steps (Sec. 6,
+                                             #   from memory of the figures, not checked against the text)
+)
+
+# Not in the paper's text: the released code's values (github.com/danijar/dreamer).
+RELEASED_CODE = dict(
+    num_units=400,       # the paper says "dense layers of size 300"; the released code uses 400
+    deter_size=200,      # the GRU size of PlaNet's RSSM, which Dreamer uses; Dreamer's appendix does not state it
+    cnn_depth=32, cnn_act="relu",  # "the convolutional encoder and decoder networks from PlaNet" (no sizes given)
+    action_init_std=5.0,  # the paper gives the mean scale 5 (below), not the initial std
+    eval_every=10000, precision=32, expl="auto", jit=False,
 )
 
 
 def test_paper_defaults():
     cfg = config.load()
-    for key, value in PAPER.items():
+    for key, value in {**PAPER, **RELEASED_CODE}.items():
         assert cfg[key] == value, key
         assert type(cfg[key]) is type(value), key
     assert config.load("paper") == cfg
+
+
+def test_paper_action_model_and_exploration():
+    """"The action model outputs a tanh mean scaled by a factor of 5 and a softplus standard deviation";
+    continuous control explores with additive Gaussian noise."""
+    import inspect
+    from types import SimpleNamespace as NS
+
+    import numpy as np
+
+    from dreamer_tf.agent import explore
+    from dreamer_tf.models import ActionHead
+    assert inspect.signature(ActionHead.__init__).parameters["mean_scale"].default == 5.0
+    box = NS(shape=(6,), low=-np.ones(6), high=np.ones(6))
+    assert explore.action_kind(config.load(), box) == (False, "additive_gaussian")
 
 
 def test_attribute_and_mapping_access():
@@ -69,7 +108,7 @@ def test_parse_overrides_reads_yaml_scalars():
     ({"free_nats": -1.0}, r"'free_nats': value -1.0 is out of range \(must be >= 0\)"),
     ({"representation": "pixels"}, r"'representation': value 'pixels' is not one of \['reconstruction', "
                                    r"'contrastive', 'reward'\]"),
-    ({"precision": 64}, r"'precision': value 64 is not one of \[16, 32\]"),
+    ({"precision": 64}, r"'precision': value 64 is not one of \[16, 32, 'bf16'\]"),
 ])
 def test_bad_overrides_name_key_value_and_rule(overrides, message):
     with pytest.raises(config.ConfigError, match=message):

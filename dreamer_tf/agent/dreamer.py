@@ -49,7 +49,7 @@ class Dreamer(tf.Module):
         self.obs_shapes = inputs.check_spaces(obs_space, act_space, inputs.observation_keys(c.observation))
         self.discrete, self.expl = explore.action_kind(c, act_space)
         self.action_size = int(act_space.n) if self.discrete else int(act_space.shape[0])
-        self.precision = int(c.precision)
+        self.precision = c.precision  # 32, 16 (float16 with loss scaling) or "bf16" (no loss scaling)
         policy = dtype_policy(self.precision)
         init = Initializers(c.seed)
         # One generator for all sampling; a counter for the exploration schedule and checkpoints.

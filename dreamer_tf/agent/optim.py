@@ -10,7 +10,7 @@ __all__ = ["make_optimizer", "scale_loss", "gradients", "apply_gradients"]
 
 
 def make_optimizer(lr: float, variables: list, name: str, *, eps: float, clip: float, weight_decay: float,
-                   precision: int) -> keras.optimizers.Optimizer:
+                   precision: int | str) -> keras.optimizers.Optimizer:
     """Adam with global-norm clipping (0: none) and decoupled weight decay (0: none), wrapped in a
     dynamic loss scale with precision 16; built for `variables`."""
     opt = keras.optimizers.Adam(learning_rate=lr, epsilon=eps, weight_decay=weight_decay or None,
@@ -21,7 +21,7 @@ def make_optimizer(lr: float, variables: list, name: str, *, eps: float, clip: f
     return opt
 
 
-def scale_loss(loss: tf.Tensor, opt, precision: int) -> tf.Tensor:
+def scale_loss(loss: tf.Tensor, opt, precision: int | str) -> tf.Tensor:
     """The loss to differentiate: loss-scaled with precision 16 (call inside the tape)."""
     return opt.scale_loss(loss) if precision == 16 else loss
 
@@ -34,7 +34,7 @@ def gradients(tape: tf.GradientTape, target: tf.Tensor, variables: list) -> list
     return grads
 
 
-def apply_gradients(opt, loss: tf.Tensor, grads: list, variables: list, precision: int
+def apply_gradients(opt, loss: tf.Tensor, grads: list, variables: list, precision: int | str
                     ) -> tuple[tf.Tensor, tf.Tensor]:
     """Apply unless non-finite; returns (unscaled pre-clip gradient norm, nonfinite flag 0/1)."""
     norm = tf.linalg.global_norm(grads)

@@ -1,11 +1,15 @@
 """Atari games through the Arcade Learning Environment (ale-py, which ships the ROMs).
 
-Standard preprocessing (Machado et al., 2018; as the Dreamer reference code via gym's
-AtariPreprocessing): the minimal action set, sticky actions with probability 0.25, action repeat 4
-with the observation max-pooled over the last two frames of the repeat (removes sprite flicker),
-RGB frames area-averaged from 210x160 to size x size, episodes capped at 108,000 frames. The
-reference Dreamer code also ended episodes at a life loss and took up to 30 random no-ops at reset;
-both are options here (`terminal_on_life_loss`, `noops`), off by default.
+Standard preprocessing (Machado et al., 2018): the minimal action set, sticky actions with
+probability 0.25, action repeat 4 with the observation max-pooled over the last two frames of the
+repeat (removes sprite flicker), RGB frames area-averaged from 210x160 to size x size, episodes
+capped at 108,000 frames. Life-loss terminals and up to `noops` random no-ops at reset are options
+(`terminal_on_life_loss`, `noops`), off by default.
+
+The Dreamer reference code used its own wrapper over gym's `<Game>NoFrameskip-v0` (sticky actions):
+the same max-pooling, a bilinear resize, up to 30 no-ops, and always a terminal at a life loss, after
+which it started a new game. Here a life-loss terminal ends the episode (discount 0) but the game
+goes on: the next episode starts at the next life, so the agent also sees the later parts of a game.
 """
 from __future__ import annotations
 

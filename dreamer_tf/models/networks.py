@@ -27,11 +27,13 @@ __all__ = ["Initializers", "dtype_policy", "preprocess_image", "ConvEncoder", "C
 IMAGE_SHAPE = (64, 64, 3)
 
 
-def dtype_policy(precision: int) -> keras.DTypePolicy:
-    """Per-layer policy: 32 -> float32, 16 -> mixed_float16 (float16 compute, float32 variables)."""
-    if precision not in (16, 32):
-        raise ValueError(f"precision must be 16 or 32, got {precision!r}")
-    return keras.DTypePolicy("mixed_float16" if precision == 16 else "float32")
+def dtype_policy(precision: int | str) -> keras.DTypePolicy:
+    """Per-layer policy: 32 -> float32; 16 -> mixed_float16 and "bf16" -> mixed_bfloat16 (low-precision
+    compute, float32 variables)."""
+    policies = {32: "float32", 16: "mixed_float16", "bf16": "mixed_bfloat16"}
+    if precision not in policies:
+        raise ValueError(f"precision must be 16, 32 or 'bf16', got {precision!r}")
+    return keras.DTypePolicy(policies[precision])
 
 
 class Initializers:

@@ -18,7 +18,6 @@ checkpoint, as after SIGKILL).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 import sys
@@ -30,11 +29,14 @@ from typing import Any
 import numpy as np
 
 from dreamer_tf import config as configlib
-from dreamer_tf.run.checkpoint import Checkpointer
+from dreamer_tf.run.checkpoint import CheckpointError, Checkpointer
 from dreamer_tf.run.collect import Collector, evaluate, make_envs, obs_keys, random_actions, spaces
+from dreamer_tf.run.lock import RunLock
 from dreamer_tf.run.logdir import (Diverged, RunError, Stopped, move_newer_episodes, prepare_logdir,
-                                   write_status)
+                                   record_failure, write_status)
+from dreamer_tf.run.hardware import record_hardware
 from dreamer_tf.run.logger import Logger, Progress
+from dreamer_tf.utils import make_dir
 
 __all__ = ["LoopState", "Trainer", "train"]
 
@@ -69,14 +71,18 @@ class Trainer:
     """Owns the run: agent, replay, environments, schedule, logging and checkpoints."""
 
     def __init__(self, config: configlib.Config, logdir: str | os.PathLike, force: bool = False,
-                 tensorboard: bool = True):
+                 tensorboard: bool = True, lock: RunLock | None = None):
         self.config = config
         self.logdir = Path(logdir)
+        # One writer per run directory (run/lock.py): the caller's lock, else one held while this lives.
+        self.lock = lock or RunLock(make_dir(self.logdir, "logdir")).acquire()
         prepare_logdir(config, self.logdir, force)
         self.checkpointer = Checkpointer(self.logdir / "checkpoints")
         self.episode_dir = self.logdir / "train_episodes"
-        self.logger = Logger(self.logdir, tensorboard=tensorboard)
-        self.state = LoopState(next_log=config.log_every)
+        self.logger = Logger(self.logdir, tensorboard and "tensorboard" in config.loggers, config.loggers, config)
+        # eval_start 'after_prefill': the first evaluation follows the prefill and pretraining (the reference).
+        self.state = LoopState(next_log=config.log_every,
+                               next_eval=config.prefill if config.eval_start == "after_prefill" else 0)
         self.stop_signal: int | None = None  # set by the first SIGINT/SIGTERM
 
     # --- graceful stop ------------------------------------------------------------------
@@ -99,20 +105,23 @@ class Trainer:
         from dreamer_tf.data import Replay
         c = self.config
         tf.keras.utils.set_random_seed(c.seed)
-        latest = self.checkpointer.latest()
-        saved = json.loads((latest / "state.json").read_text()) if latest else None
+        self.envs = make_envs(c, c.envs, seed=c.seed * 1000)
+        self.eval_env = make_envs(c, 1, seed=c.seed * 1000 + 500, video=bool(c.video_every))
+        obs_space, self.act_space = spaces(self.envs)
+        self.agent = Dreamer(c, obs_space, self.act_space)
+        try:  # the newest checkpoint that verifies and restores (damaged newer ones go to corrupt/)
+            latest, saved = self.checkpointer.restore_usable(self.agent) or (None, None)
+        except CheckpointError as e:
+            raise RunError(str(e)) from None
+        # Roll episodes and metrics back to that checkpoint, before the replay reads the episodes.
         move_newer_episodes(self.logdir, self.episode_dir, saved["last_episode"] if saved else "")
         self.logger.rollback(saved["step"] if saved else -1)
         self.replay = Replay(self.episode_dir, capacity=c.replay_capacity, cache=c.replay_cache,
-                             seed=c.seed, balance=c.dataset_balance, store=c.replay_store,
+                             seed=c.seed, sampler=c.replay_sampler, store=c.replay_store,
                              action_repeat=c.action_repeat)
-        self.envs = make_envs(c, c.envs, seed=c.seed * 1000)
-        self.eval_env = make_envs(c, 1, seed=c.seed * 1000 + 500)
-        obs_space, self.act_space = spaces(self.envs)
-        self.agent = Dreamer(c, obs_space, self.act_space)
         self.rng = np.random.default_rng(c.seed)
-        if latest:
-            self.state = LoopState.from_dict(self.checkpointer.restore(self.agent, latest))
+        if saved:
+            self.state = LoopState.from_dict(saved)
             self.rng.bit_generator.state = self.state.rng
             if self.state.replay_rng is not None:
                 self.replay.set_state(self.state.replay_rng)
@@ -124,12 +133,16 @@ class Trainer:
         c = self.config
         try:
             self._build()
-        except ValueError as e:  # a config that does not fit the task (e.g. action_dist vs. space)
-            self._close()
-            write_status(self.logdir, "failed", self.state.step, c.steps, str(e))
-            raise RunError(str(e)) from None
+            write_status(self.logdir, "running", self.state.step, c.steps)
+            record_hardware(self.logdir, self.state.step)  # hardware.json, for reports
+        except (ValueError, RunError, OSError) as e:  # e.g. action_dist vs. the task's action space,
+            self._close()                             # no usable checkpoint, a full disk
+            latest = self.checkpointer.latest()
+            failure = record_failure(self.logdir, e, self.state.step, c.steps, latest, setup=True)
+            if failure is e:
+                raise
+            raise failure from None
         s = self.state
-        write_status(self.logdir, "running", s.step, c.steps)
         self._progress = Progress(c.steps, s.step)
         self._clock = (time.time(), s.step, s.wall_time)  # start time, start step, wall time before
         self._train_metrics: dict[str, list[float]] = {}
@@ -162,8 +175,10 @@ class Trainer:
             write_status(self.logdir, "interrupted", s.step, c.steps, "interrupted by the user")
             raise
         except BaseException as e:
-            write_status(self.logdir, "failed", s.step, c.steps, f"{type(e).__name__}: {e}")
-            raise
+            failure = record_failure(self.logdir, e, s.step, c.steps, self.checkpointer.latest())
+            if failure is e:
+                raise
+            raise failure from e
         finally:
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
@@ -175,7 +190,8 @@ class Trainer:
         """Evaluate and checkpoint when due, act in every env, store finished episodes, train when
         due, log. While `stopping` only the episodes in progress are finished."""
         c, s = self.config, self.state
-        if s.step >= s.next_eval and not stopping:
+        late = c.eval_start == "after_prefill"  # evaluate after this iteration's updates, not before
+        if s.step >= s.next_eval and not stopping and not late:
             self._evaluate()
         if s.step >= s.next_ckpt and self.collector.at_boundary and s.nonfinite_streak == 0:
             self._checkpoint()
@@ -185,7 +201,7 @@ class Trainer:
             actions = random_actions(self.act_space, self.collector.num, self.rng)
         else:
             actions, self.collector.policy_state = self.agent.policy(
-                self.collector.batch_obs(), self.collector.policy_state, True)
+                self.collector.batch_obs(), self.collector.policy_state, True, env_step=s.step)
             actions = np.asarray(actions)
         finished = self.collector.step(actions)
         s.step += c.action_repeat * self.collector.num
@@ -198,6 +214,8 @@ class Trainer:
                                        "train_length": (len(episode["reward"]) - 1) * c.action_repeat})
         if not stopping:  # while stopping, due updates wait: the resumed run does them first
             self._train_due()
+            if late and s.step >= s.next_eval:
+                self._evaluate()
         if s.step >= s.next_log:
             self._log_scalars()
         self._progress.update(s.step)
@@ -210,6 +228,7 @@ class Trainer:
         row["env_steps_per_second"] = (s.step - start_step) / max(elapsed, 1e-9)
         row["train_seconds"] = self._train_time
         row["train_updates"] = self.agent_updates()
+        row["expl_amount"] = self.agent.expl_amount(s.step)
         row["wall_time"] = self._wall_time()  # seconds of training, over resumes
         self.logger.write(s.step, row)
         self._train_metrics.clear()
@@ -296,6 +315,7 @@ class Trainer:
         s.rng = self.rng.bit_generator.state
         s.replay_rng = self.replay.get_state()
         self.checkpointer.save(self.agent, s.step, _jsonable(s.to_dict()))
+        self.logger.commit(s.step)  # the trackers get what the checkpoint now holds
         write_status(self.logdir, "running", s.step, self.config.steps)
 
 
@@ -312,5 +332,7 @@ def _jsonable(obj: Any) -> Any:
 
 
 def train(config: configlib.Config, logdir: str | os.PathLike, force: bool = False) -> dict:
-    """Train (or resume) a run in `logdir`; returns the final loop state."""
-    return Trainer(config, logdir, force=force).run()
+    """Train (or resume) a run in `logdir`; returns the final loop state. Raises `Locked` if
+    another process writes into `logdir`."""
+    with RunLock(make_dir(logdir, "logdir")).acquire() as lock:
+        return Trainer(config, logdir, force=force, lock=lock).run()

@@ -22,18 +22,30 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
 def machine_info() -> dict:
+    """What makes speeds comparable: the CPU and its vector ISA, oneDNN on or off (and an ISA cap),
+    TensorFlow's thread pools and how busy the machine was when the benchmark started."""
     import tensorflow as tf
-    cpu = "unknown"
+    from tensorflow.python.util import _pywrap_util_port
+    cpu, flags = "unknown", set()
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
+            if line.startswith("model name") and cpu == "unknown":
                 cpu = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
     gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpus": gpus, "tensorflow": tf.__version__,
+    return {"cpu": cpu, "cores": os.cpu_count(), "isa": [f for f in ISA_FLAGS if f in flags],
+            "onednn": bool(_pywrap_util_port.IsMklEnabled()),
+            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "unset"),
+            "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count(),
+            "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads() or os.cpu_count(),
+            "load_average": os.getloadavg()[0], "gpus": gpus, "tensorflow": tf.__version__,
             "python": platform.python_version(), "platform": platform.platform()}
 
 
@@ -87,12 +99,20 @@ def time_train_step(config, repeats: int = 3, actions: int = 6) -> dict:
     agent.train(batch)
     first = time.perf_counter() - start
     times = []
+    cpu_start, wall_start = _cpu_seconds(), time.perf_counter()
     for _ in range(repeats):
         start = time.perf_counter()
         metrics = agent.train(batch)
         times.append(time.perf_counter() - start)
+    cores_busy = (_cpu_seconds() - cpu_start) / (time.perf_counter() - wall_start)
     return {"seconds": statistics.median(times), "all_seconds": times, "first_call_seconds": first,
-            "finite": bool(np.isfinite(metrics["model_loss"]))}
+            "cores_busy": cores_busy, "finite": bool(np.isfinite(metrics["model_loss"]))}
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process, all threads (cores busy = CPU seconds / wall seconds)."""
+    t = os.times()
+    return t.user + t.system
 
 
 def time_policy_step(config, num_envs: int = 1, repeats: int = 50, actions: int = 6) -> dict:
@@ -120,9 +140,9 @@ def run(presets: Sequence[str], variants: Sequence[str], repeats: int, envs: boo
     print(f"matmul peak: {results['matmul_gflops']:.1f} GFLOP/s", flush=True)
     for preset in presets:
         for variant in variants:
-            overrides = {"precision": 16} if variant == "float16" else {"jit": True} if variant == "xla" else {}
-            if variant == "float16" and not has_gpu:
-                overrides["precision"] = 16  # runs on CPU too (emulated, slow): reported, not a target
+            # float16 and bf16 run on the CPU too (float16 emulated; bf16 native only with AVX512_BF16/AMX).
+            overrides = {"float16": {"precision": 16}, "bf16": {"precision": "bf16"}, "xla": {"jit": True},
+                         "float32": {}}[variant]
             config = configlib.load(preset, overrides)
             flops = train_step_flops(config)["total"]
             timing = time_train_step(config, repeats=repeats)
@@ -149,13 +169,17 @@ def markdown(results: dict) -> str:
     lines = ["# dreamer_tf benchmark", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, GPUs: {', '.join(m['gpus']) or 'none'}; "
              f"TensorFlow {m['tensorflow']}, Python {m['python']}.", "",
-             f"Measured float32 matmul peak (2048x2048): **{results['matmul_gflops']:.1f} GFLOP/s**.", "",
-             "| preset | variant | device | s/step (median) | first call s | GFLOP/step | GFLOP/s | % of matmul peak |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"Vector ISA: {', '.join(m.get('isa', [])) or 'unknown'}; oneDNN {'on' if m.get('onednn') else 'off'}"
+             f" (ONEDNN_MAX_CPU_ISA {m.get('onednn_max_cpu_isa', 'unset')}); TensorFlow threads: "
+             f"{m.get('intra_op_threads', '?')} intra-op, {m.get('inter_op_threads', '?')} inter-op; "
+             f"load average at the start {m.get('load_average', float('nan')):.1f}.", "",
+             f"Measured float32 matmul peak (2048x2048), in the same run: **{results['matmul_gflops']:.1f} GFLOP/s**.", "",
+             "| preset | variant | device | s/step (median) | first call s | GFLOP/step | GFLOP/s | % of matmul peak | cores busy |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results["train_step"]:
         lines.append(f"| {r['preset']} | {r['variant']} | {r['device']} | {r['seconds']:.2f} | "
                      f"{r['first_call_seconds']:.1f} | {r['gflop']:.0f} | {r['gflops_per_second']:.1f} | "
-                     f"{100 * r['fraction_of_matmul_peak']:.0f}% |")
+                     f"{100 * r['fraction_of_matmul_peak']:.0f}% | {r.get('cores_busy', float('nan')):.2f} |")
     lines += ["", "| preset | policy step (1 env) ms | policy steps/s |", "|---|---|---|"]
     for r in results["policy"]:
         lines.append(f"| {r['preset']} | {1000 * r['seconds']:.1f} | {r['steps_per_second']:.1f} |")
@@ -170,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dreamer-tf bench", description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["cpu", "paper"])
     parser.add_argument("--variants", nargs="+", default=["float32", "xla", "float16"],
-                        choices=["float32", "xla", "float16"])
+                        choices=["float32", "xla", "float16", "bf16"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-envs", action="store_true", help="skip the environment benchmark")
     parser.add_argument("--out", type=Path, default=Path("results"))
