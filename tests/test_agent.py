@@ -13,7 +13,6 @@ from dreamer_tf.run.checkpoint import Checkpointer
 OBS_SPACE = {"image": NS(shape=(64, 64, 3), dtype=np.uint8)}
 ACT_SPACE = NS(shape=(2,), low=-np.ones(2, np.float32), high=np.ones(2, np.float32))
 KL_ONLY = ["transition_hidden/kernel", "transition_hidden/bias", "transition_out/kernel", "transition_out/bias"]
-PIXEL_CONST = 64 * 64 * 3 * 0.5 * np.log(2 * np.pi)  # image NLL of a perfect mean prediction
 
 
 def wm_loss(agent, data):
@@ -147,16 +146,24 @@ def test_free_nats_clip_kl_gradient(agent):
 
 
 def test_overfits_fixed_batch():
-    cfg = make_config(seed=3)
-    agent = Dreamer(cfg, OBS_SPACE, ACT_SPACE)
-    batch = make_batch(cfg, seed=7)
-    history = [agent.train(batch) for _ in range(60)]
-    first, last = history[0], history[-1]
-    # Measured: the reducible image loss falls 667 -> 400 over 60 steps at model_lr 6e-4.
-    assert last["image_loss"] - PIXEL_CONST < 0.75 * (first["image_loss"] - PIXEL_CONST)
-    assert last["model_loss"] < first["model_loss"] - 150
-    assert last["reward_loss"] < first["reward_loss"]
-    assert all(h["model_nonfinite"] == 0 for h in history)
+    """Sixty steps on one fixed batch lower the image, reward and model losses by far more than
+    sampling noise moves them. The bound is not a measured loss: the control is the same agent
+    with the world model's learning rate at 0, whose losses only fluctuate with the posterior and
+    imagination samples; the learner's last ten losses must lie below the control's by more than
+    4 standard errors of that noise (a one-sided z-test at p ~ 3e-5)."""
+    def run(learn):
+        agent = Dreamer(make_config(seed=3), OBS_SPACE, ACT_SPACE)
+        if not learn:
+            agent.model_opt.learning_rate.assign(0.0)
+        batch = make_batch(agent.config, seed=7)
+        return [agent.train(batch) for _ in range(60)]
+
+    learner, control = run(True), run(False)
+    assert all(h["model_nonfinite"] == 0 for h in learner + control)
+    for key in ("image_loss", "reward_loss", "model_loss"):
+        noise = np.std([h[key] for h in control])  # per-step fluctuation without learning
+        gap = np.mean([h[key] for h in control[-10:]]) - np.mean([h[key] for h in learner[-10:]])
+        assert gap > 4 * noise * np.sqrt(2 / 10), (key, gap, noise)
 
 
 def test_nonfinite_model_update_is_skipped_and_reported(agent):
@@ -219,12 +226,36 @@ def test_policy_resets_state(agent):
     assert agent._policy_train.experimental_get_tracing_count() == 1
 
 
-def test_eval_policy_is_mode_without_noise(agent):
-    image = np.zeros((2, 64, 64, 3), np.uint8)
-    a1, s1 = agent.policy({"image": image, "reset": np.ones(2, bool)}, None, training=False)
+def tanh_normal_mode_by_grid(loc, scale):
+    """argmax_y of the density of y = tanh(x), x ~ N(loc, scale^2), per element, by a grid search in
+    x = atanh(y) (float64): ln p(y) = ln N(x; loc, scale) + 2 ln cosh(x) + const."""
+    modes = []
+    for m, s in zip(np.ravel(loc).astype(np.float64), np.ravel(scale).astype(np.float64)):
+        grid = np.linspace(min(m - 2 * s * s, -1) - 5, max(m + 2 * s * s, 1) + 5, 400001)
+        log_density = -0.5 * ((grid - m) / s) ** 2 + 2 * (np.abs(grid) + np.log1p(np.exp(-2 * np.abs(grid))))
+        modes.append(np.tanh(grid[np.argmax(log_density)]))
+    return np.reshape(modes, np.shape(loc))
+
+
+@pytest.mark.parametrize("init_std", [5.0, 0.2])
+def test_eval_policy_is_mode_without_noise(agent, init_std):
+    """The evaluation action is the argmax of the action distribution's density, found here by a
+    grid search (not by TanhNormal.mode): at the initial std 5 it sits at the bounds +-1, far from
+    tanh(mean); at std 0.2 inside (-1, 1). (Compared at the latent state the policy returns: the
+    posterior is sampled, so two calls on the same image act from different states.)"""
+    if init_std != agent.config.action_init_std:
+        agent = Dreamer(make_config(action_init_std=init_std), OBS_SPACE, ACT_SPACE)
+    image = np.random.default_rng(1).integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)
+    a1, s1 = agent.policy({"image": image, "reset": np.ones(3, bool)}, None, training=False)
     latent = {k: s1[k] for k in ("mean", "std", "stoch", "deter")}
-    mode = agent.actor(agent.rssm.get_feat(latent)).mode().numpy()
-    np.testing.assert_allclose(a1, mode, rtol=1e-5, atol=1e-6)  # graph vs. eager rounding
+    dist = agent.actor(agent.rssm.get_feat(latent))
+    loc, scale = dist.loc.numpy(), dist.scale.numpy()
+    want = tanh_normal_mode_by_grid(loc, scale)
+    np.testing.assert_allclose(a1, want, atol=1e-3)
+    if init_std == 5.0:
+        assert np.all(np.abs(want) > 0.999) and np.all(np.abs(np.tanh(loc)) < 0.9)
+    else:
+        assert np.all(np.abs(want) < 0.99)
 
 
 def test_exploration_amount_decays_linearly():

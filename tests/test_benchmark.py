@@ -324,10 +324,6 @@ def test_killed_launcher_takes_its_trainer_down(tmp_path, fake_train, monkeypatc
     assert load_run(cup).step == step < 1000
 
 
-REAL_TRAIN = importlib.util.find_spec("dreamer_tf.train") is not None
-
-
-@pytest.mark.skipif(not REAL_TRAIN, reason="dreamer_tf.train does not exist yet (being written)")
 def test_real_debug_run_is_interrupted_resumed_and_then_skipped(tmp_path):
     """The real `python -m dreamer_tf.train --preset debug`: interrupt the launcher after the first
     checkpoint, rerun it (the run resumes and finishes), rerun again (skipped)."""
@@ -359,11 +355,7 @@ def test_real_debug_run_is_interrupted_resumed_and_then_skipped(tmp_path):
 
 
 def test_task_list_matches_envs():
-    if importlib.util.find_spec("dreamer_tf.envs") is None:
-        pytest.skip("dreamer_tf.envs does not exist yet")
-    envs = pytest.importorskip("dreamer_tf.envs")
-    if not hasattr(envs, "TASKS"):
-        pytest.skip("dreamer_tf.envs has no TASKS list yet")
+    from dreamer_tf import envs
     assert tuple(sorted(envs.TASKS)) == tuple(sorted(BENCHMARK_TASKS))
 
 

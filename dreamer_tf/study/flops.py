@@ -69,7 +69,7 @@ def train_step_flops(config: Mapping, actions: int = 6) -> dict[str, float]:
                                + _mlp(feat, c["num_units"], 4, 2 * actions)   # action model
                                + _mlp(feat, c["num_units"], 2, 1)             # reward
                                + _mlp(feat, c["num_units"], 3, 1))            # value (target)
-    value_forward = imagined * _mlp(feat, c["num_units"], 3, 1)
+    value_forward = n * (c["horizon"] - 1) * _mlp(feat, c["num_units"], 3, 1)  # the last state only bootstraps
     parts = {
         "world_model": 3 * wm_forward,        # forward + backward
         "imagination": 3 * imag_forward,      # actor loss backpropagates through all of it
