@@ -1,0 +1,311 @@
+"""Soak test of the run record: SIGKILLs and SIGTERMs at random moments of one `debug` run, then a
+check that the record reads as if nothing had happened. Writes results/reliability.md.
+
+    python scripts/soak.py --kills 6 --terms 3 --steps 3000 [--seed 0] [--logdir DIR] [--out FILE]
+
+The signals go to the trainer process (not its environment workers), in a random order. Each one
+strikes once the run (after the previous resume's roll-back) has reached a random env step of its
+own, spread over the run, plus a random 0-1.5 s, so it lands anywhere in collection, training,
+evaluation, episode or checkpoint writes. After each one the same command resumes the run. Then:
+
+* the episode counter of the `train_return` rows runs 1..N without a gap or a duplicate;
+* the evaluations (`test_return` rows) fall exactly at 0, eval_every, 2 eval_every, ...;
+* the episode files are N, numbered 0..N-1, and file k holds the return of counter k+1;
+* no environment worker of any attempt outlives the run, and no temp file is left;
+* the final status is `finished` at the planned step.
+
+Reported per signal: the step it struck at, the exit code, the episodes redone (moved to
+`orphaned_episodes/` on resume) and the seconds lost (from the signal until the resumed run is
+back at the step it had reached, restart included). Not part of the default test suite;
+tests/test_reliability.py runs a short version (2 SIGKILLs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+EPISODE_STEPS = 100  # the debug preset: time_limit 100 env steps per episode
+
+
+def _max_step(logdir: Path) -> int:
+    """The largest `step` in metrics.jsonl (-1 when there is none yet)."""
+    try:
+        text = (logdir / "metrics.jsonl").read_text()
+    except FileNotFoundError:
+        return -1
+    steps = []
+    for line in text.splitlines()[-20:]:
+        try:
+            steps.append(int(json.loads(line)["step"]))
+        except (ValueError, KeyError, TypeError):
+            continue  # a line being written
+    return max(steps, default=-1)
+
+
+def _status(logdir: Path) -> dict:
+    try:
+        return json.loads((logdir / "status.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _workers(pid: int) -> set[int]:
+    """Environment worker processes whose parent is `pid`."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and b"dreamer_tf.envs.worker" in cmdline:
+            found.add(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _orphans(logdir: Path) -> int:
+    return len(list((logdir / "orphaned_episodes").glob("*.npz")))
+
+
+def check_record(logdir: Path, steps: int, eval_every: int) -> list[str]:
+    """What is wrong with the record of a finished run (empty when nothing is)."""
+    problems = []
+    rows = []
+    for line in (logdir / "metrics.jsonl").read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            problems.append(f"metrics.jsonl has a line that is not JSON: {line[:80]!r}")
+    row_steps = [r["step"] for r in rows]
+    if row_steps != sorted(row_steps):
+        problems.append("metrics.jsonl steps go backwards")
+    train = [r for r in rows if "train_return" in r]
+    counter = [r["train_episodes"] for r in train]
+    expected = steps // EPISODE_STEPS
+    if counter != list(range(1, expected + 1)):
+        problems.append(f"episode counter is not 1..{expected}: {counter}")
+    evals = [r["step"] for r in rows if "test_return" in r]
+    if evals != list(range(0, steps + 1, eval_every)):
+        problems.append(f"evaluations at {evals}, planned {list(range(0, steps + 1, eval_every))}")
+    files = sorted((logdir / "train_episodes").glob("*.npz"))
+    indices = [int(f.name.split("-")[0]) for f in files]
+    if indices != list(range(len(counter))):
+        problems.append(f"episode files are numbered {indices}, the counter says {len(counter)}")
+    for f, row in zip(files, train):
+        with np.load(f) as data:
+            ret = float(data["reward"].sum())
+        if not math.isclose(ret, row["train_return"], rel_tol=1e-6, abs_tol=1e-6):
+            problems.append(f"{f.name} holds return {ret}, its counter row says {row['train_return']}")
+    temps = [str(p.relative_to(logdir)) for p in logdir.rglob("*") if ".tmp" in p.name]
+    if temps:
+        problems.append(f"temp files left behind: {temps}")
+    status = _status(logdir)
+    if status.get("status") != "finished" or status.get("step") != steps:
+        problems.append(f"final status {status.get('status')!r} at step {status.get('step')}, not finished at {steps}")
+    return problems
+
+
+def soak(logdir: str | os.PathLike, kills: int = 6, terms: int = 3, steps: int = 3000, seed: int = 0,
+         timeout: float = 1800.0, log: Callable[[str], None] = print) -> dict:
+    """Run a `debug` run to `steps` in `logdir` through `kills` SIGKILLs and `terms` SIGTERMs; returns
+    the events, the checks' problems (empty = passed) and timings."""
+    logdir = Path(logdir)
+    rng = random.Random(seed)
+    events = ["SIGKILL"] * kills + ["SIGTERM"] * terms
+    rng.shuffle(events)
+    # One target step per signal, distinct episodes, after prefill and before the end.
+    slots = range(3 * EPISODE_STEPS, steps - EPISODE_STEPS, EPISODE_STEPS)
+    if len(events) > len(slots):
+        raise ValueError(f"{len(events)} signals need --steps >= {(len(events) + 4) * EPISODE_STEPS}")
+    targets = sorted(rng.sample(list(slots), len(events)))
+    targets = [t + rng.randrange(EPISODE_STEPS) for t in targets]
+    command = [sys.executable, "-m", "dreamer_tf", "train", "--preset", "debug", "--logdir", str(logdir),
+               "--set", f"steps={steps}"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
+    output = open(logdir.parent / f"{logdir.name}.soak.log", "ab")
+    config_eval_every = 300  # the debug preset's
+    start, deadline, load = time.time(), time.time() + timeout, os.getloadavg()[0]
+    done, workers, attempts = [], set(), 0
+    pending_regain: dict | None = None  # the last signal, until the resumed run is back at its step
+    try:
+        while True:
+            attempts += 1
+            if attempts > len(events) + 3:
+                raise RuntimeError("the run does not finish")
+            begun = time.time()
+            proc = subprocess.Popen(command, stdout=output, stderr=output, env=env)
+            event = events[len(done)] if len(done) < len(events) else None
+            while proc.poll() is None:
+                if time.time() > deadline:
+                    proc.kill()
+                    raise RuntimeError(f"timeout after {timeout:.0f} s")
+                workers |= _workers(proc.pid)
+                status, reached = _status(logdir), _max_step(logdir)
+                resumed = status.get("time", 0) > begun  # written after the roll-back
+                if pending_regain and pending_regain["attempt"] < attempts and resumed \
+                        and reached >= pending_regain["step"]:
+                    pending_regain["seconds_lost"] = time.time() - pending_regain["time"]
+                    pending_regain["episodes_redone"] = _orphans(logdir) - pending_regain["orphans"]
+                    pending_regain = None
+                if event and resumed and reached >= targets[len(done)] and pending_regain is None:
+                    time.sleep(rng.uniform(0.0, 1.5))
+                    if proc.poll() is not None:
+                        break
+                    workers |= _workers(proc.pid)
+                    record = {"signal": event, "target": targets[len(done)], "step": _max_step(logdir),
+                              "time": time.time(), "orphans": _orphans(logdir), "attempt": attempts}
+                    proc.send_signal(getattr(signal, event))
+                    done.append(record)
+                    pending_regain = record
+                    log(f"{event} at step {record['step']} (attempt {attempts})")
+                    event = None
+                time.sleep(0.1)
+            proc.wait()
+            if done and done[-1].get("code") is None and done[-1]["time"] >= begun:
+                done[-1]["code"] = proc.returncode
+                done[-1]["status"] = _status(logdir).get("status")
+            if proc.returncode == 0 and _status(logdir).get("status") == "finished":
+                break
+            if not done or done[-1]["time"] < begun:
+                raise RuntimeError(f"the trainer exited with {proc.returncode} on its own; see {output.name}")
+    finally:
+        output.close()
+    wall = time.time() - start
+    # Workers end on EOF of their socket once the trainer is gone: give them a moment.
+    wait_until = time.time() + 15
+    while any(_alive(p) for p in workers) and time.time() < wait_until:
+        time.sleep(0.2)
+    problems = check_record(logdir, steps, config_eval_every)
+    left = sorted(p for p in workers if _alive(p))
+    if left:
+        problems.append(f"environment workers left running: {left}")
+    for record in done:
+        expected = -signal.SIGKILL if record["signal"] == "SIGKILL" else 128 + signal.SIGTERM
+        if record.get("code") != expected:
+            problems.append(f"{record['signal']} at step {record['step']}: exit code {record.get('code')}, "
+                            f"expected {expected}")
+        if record["signal"] == "SIGTERM" and record.get("episodes_redone", 0):
+            problems.append(f"SIGTERM at step {record['step']} lost {record['episodes_redone']} episode(s)")
+    if len(done) != len(events):
+        problems.append(f"only {len(done)} of {len(events)} signals were delivered before the end")
+    return {"events": done, "problems": problems, "steps": steps, "kills": kills, "terms": terms,
+            "seed": seed, "wall_seconds": wall, "attempts": attempts, "workers_seen": len(workers),
+            "episodes_redone": _orphans(logdir), "command": shlex.join(command),
+            "load": (load, os.getloadavg()[0])}
+
+
+def cpu() -> tuple[str, bool]:
+    """The CPU model and whether it has AVX-512F (from /proc/cpuinfo)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown", False
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                  if line.startswith("model name")), "unknown")
+    return model, " avx512f " in text.replace("\n", " ")
+
+
+def report(result: dict, argv: Sequence[str]) -> str:
+    model, avx512 = cpu()
+    kills = [e for e in result["events"] if e["signal"] == "SIGKILL"]
+    terms = [e for e in result["events"] if e["signal"] == "SIGTERM"]
+
+    def lost(events):
+        values = [e["seconds_lost"] for e in events if "seconds_lost" in e]
+        return (f"{statistics.mean(values):.1f} s mean, {min(values):.1f}-{max(values):.1f} s"
+                if values else "n/a")
+
+    verdict = "**passed**" if not result["problems"] else "**FAILED**: " + "; ".join(result["problems"])
+    lines = [
+        "# Reliability: SIGKILL and SIGTERM soak of a `debug` run",
+        "",
+        f"Command: `python scripts/soak.py {shlex.join(argv)}` "
+        f"({time.strftime('%Y-%m-%d')}; {os.cpu_count()} cores, {model}, "
+        f"avx512f: {'yes' if avx512 else 'no'}; the machine was shared with other jobs: load average "
+        f"{result['load'][0]:.1f} at the start, {result['load'][1]:.1f} at the end).",
+        "",
+        f"Each attempt runs `{result['command'].replace(sys.executable, 'python')}` "
+        f"(the same command resumes); the signals go to the trainer process at random env steps "
+        f"(seed {result['seed']}) plus a random 0-1.5 s.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| SIGKILLs survived | {len(kills)} of {result['kills']} |",
+        f"| SIGTERMs survived | {len(terms)} of {result['terms']} |",
+        f"| episodes redone (moved to `orphaned_episodes/`) | {result['episodes_redone']} of "
+        f"{result['steps'] // EPISODE_STEPS} (SIGKILL: {sum(e.get('episodes_redone', 0) for e in kills)}, "
+        f"SIGTERM: {sum(e.get('episodes_redone', 0) for e in terms)}) |",
+        f"| seconds lost per SIGKILL (restart included) | {lost(kills)} |",
+        f"| seconds lost per SIGTERM (restart included) | {lost(terms)} |",
+        f"| wall time, {result['attempts']} attempts | {result['wall_seconds']:.0f} s |",
+        f"| environment workers seen / left running | {result['workers_seen']} / 0 |"
+        if not any("workers left" in p for p in result["problems"]) else
+        f"| environment workers seen | {result['workers_seen']} (some left running) |",
+        f"| record check | {verdict} |",
+        "",
+        "Checks: the episode counter runs 1..N without a gap or a duplicate; evaluations fall exactly "
+        "at the planned steps; the episode files are N, numbered in order, each holding the return its "
+        "counter row logged; no environment worker and no temp file is left; the final status is "
+        "`finished`; every SIGKILL exits -9 and every SIGTERM exits 143 (status `interrupted`, "
+        "nothing redone).",
+        "",
+        "| # | signal | at step (last logged row) | exit | status after | episodes redone | seconds lost |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for i, e in enumerate(result["events"], 1):
+        seconds = f"{e['seconds_lost']:.1f}" if "seconds_lost" in e else "n/a"
+        lines.append(f"| {i} | {e['signal']} | {e['step']} | {e.get('code')} | {e.get('status')} | "
+                     f"{e.get('episodes_redone', 'n/a')} | {seconds} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kills", type=int, default=6, help="SIGKILLs (default 6)")
+    p.add_argument("--terms", type=int, default=3, help="SIGTERMs (default 3)")
+    p.add_argument("--steps", type=int, default=3000, help="env steps of the debug run (default 3000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the signal schedule (default 0)")
+    p.add_argument("--logdir", default=None, help="run directory (default: a fresh temp directory)")
+    p.add_argument("--out", default=str(ROOT / "results" / "reliability.md"), help="the report (markdown)")
+    args = p.parse_args(argv)
+    logdir = Path(args.logdir) if args.logdir else Path(tempfile.mkdtemp(prefix="soak-")) / "run"
+    if logdir.exists() and any(logdir.iterdir()):
+        p.error(f"--logdir {logdir} is not empty; the soak needs a fresh run")
+    logdir.parent.mkdir(parents=True, exist_ok=True)
+    result = soak(logdir, args.kills, args.terms, args.steps, args.seed)
+    text = report(result, argv)
+    Path(args.out).write_text(text)
+    print(text)
+    print(f"run directory: {logdir}; wrote {args.out}")
+    return 0 if not result["problems"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
