@@ -5,7 +5,7 @@ check that the record reads as if nothing had happened. Writes results/reliabili
 
 The signals go to the trainer process (not its environment workers), in a random order. Each one
 strikes once the run (after the previous resume's roll-back) has reached a random env step of its
-own, spread over the run, plus a random 0-1.5 s, so it lands anywhere in collection, training,
+own, spread over the run, plus a random 0-`--jitter` s, so it lands anywhere in collection, training,
 evaluation, episode or checkpoint writes. After each one the same command resumes the run. Then:
 
 * the episode counter of the `train_return` rows runs 1..N without a gap or a duplicate;
@@ -132,9 +132,10 @@ def check_record(logdir: Path, steps: int, eval_every: int) -> list[str]:
 
 
 def soak(logdir: str | os.PathLike, kills: int = 6, terms: int = 3, steps: int = 3000, seed: int = 0,
-         timeout: float = 1800.0, log: Callable[[str], None] = print) -> dict:
-    """Run a `debug` run to `steps` in `logdir` through `kills` SIGKILLs and `terms` SIGTERMs; returns
-    the events, the checks' problems (empty = passed) and timings."""
+         jitter: float = 1.5, timeout: float = 1800.0, log: Callable[[str], None] = print) -> dict:
+    """Run a `debug` run to `steps` in `logdir` through `kills` SIGKILLs and `terms` SIGTERMs, each
+    `jitter` s at most after its target step; returns the events, the checks' problems (empty =
+    passed) and timings."""
     logdir = Path(logdir)
     rng = random.Random(seed)
     events = ["SIGKILL"] * kills + ["SIGTERM"] * terms
@@ -174,7 +175,7 @@ def soak(logdir: str | os.PathLike, kills: int = 6, terms: int = 3, steps: int =
                     pending_regain["episodes_redone"] = _orphans(logdir) - pending_regain["orphans"]
                     pending_regain = None
                 if event and resumed and reached >= targets[len(done)] and pending_regain is None:
-                    time.sleep(rng.uniform(0.0, 1.5))
+                    time.sleep(rng.uniform(0.0, jitter))
                     if proc.poll() is not None:
                         break
                     workers |= _workers(proc.pid)
@@ -183,7 +184,7 @@ def soak(logdir: str | os.PathLike, kills: int = 6, terms: int = 3, steps: int =
                     proc.send_signal(getattr(signal, event))
                     done.append(record)
                     pending_regain = record
-                    log(f"{event} at step {record['step']} (attempt {attempts})")
+                    log(f"{event} at step {record['step']} (target {record['target']}, attempt {attempts})")
                     event = None
                 time.sleep(0.1)
             proc.wait()
@@ -215,7 +216,7 @@ def soak(logdir: str | os.PathLike, kills: int = 6, terms: int = 3, steps: int =
     if len(done) != len(events):
         problems.append(f"only {len(done)} of {len(events)} signals were delivered before the end")
     return {"events": done, "problems": problems, "steps": steps, "kills": kills, "terms": terms,
-            "seed": seed, "wall_seconds": wall, "attempts": attempts, "workers_seen": len(workers),
+            "seed": seed, "jitter": jitter, "wall_seconds": wall, "attempts": attempts, "workers_seen": len(workers),
             "episodes_redone": _orphans(logdir), "command": shlex.join(command),
             "load": (load, os.getloadavg()[0])}
 
@@ -252,7 +253,7 @@ def report(result: dict, argv: Sequence[str]) -> str:
         "",
         f"Each attempt runs `{result['command'].replace(sys.executable, 'python')}` "
         f"(the same command resumes); the signals go to the trainer process at random env steps "
-        f"(seed {result['seed']}) plus a random 0-1.5 s.",
+        f"(seed {result['seed']}) plus a random 0-{result['jitter']:g} s.",
         "",
         "| | |",
         "|---|---|",
@@ -275,6 +276,11 @@ def report(result: dict, argv: Sequence[str]) -> str:
         "`finished`; every SIGKILL exits -9 and every SIGTERM exits 143 (status `interrupted`, "
         "nothing redone).",
         "",
+        "Not covered: a SIGTERM to the whole process group (e.g. Slurm's `scancel`) also reaches the "
+        "environment workers, which die on it; the trainer then fails its graceful stop (status "
+        "`failed`, a WorkerError) and the resume starts from the last periodic checkpoint, as after a "
+        "SIGKILL. The soak signals the trainer alone, as `kill PID` or a container runtime does.",
+        "",
         "| # | signal | at step (last logged row) | exit | status after | episodes redone | seconds lost |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -292,6 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--terms", type=int, default=3, help="SIGTERMs (default 3)")
     p.add_argument("--steps", type=int, default=3000, help="env steps of the debug run (default 3000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the signal schedule (default 0)")
+    p.add_argument("--jitter", type=float, default=1.5, help="at most this many seconds after the target "
+                   "step (default 1.5)")
     p.add_argument("--logdir", default=None, help="run directory (default: a fresh temp directory)")
     p.add_argument("--out", default=str(ROOT / "results" / "reliability.md"), help="the report (markdown)")
     args = p.parse_args(argv)
@@ -299,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if logdir.exists() and any(logdir.iterdir()):
         p.error(f"--logdir {logdir} is not empty; the soak needs a fresh run")
     logdir.parent.mkdir(parents=True, exist_ok=True)
-    result = soak(logdir, args.kills, args.terms, args.steps, args.seed)
+    result = soak(logdir, args.kills, args.terms, args.steps, args.seed, args.jitter)
     text = report(result, argv)
     Path(args.out).write_text(text)
     print(text)

@@ -166,7 +166,8 @@ def test_checkpoints_without_checksums_still_restore_and_fall_back(tmp_path):
 def soaked(tmp_path_factory):
     """A debug run (600 steps) killed twice with SIGKILL at random steps and resumed each time."""
     logdir = tmp_path_factory.mktemp("soak") / "run"
-    result = soak.soak(logdir, kills=2, terms=0, steps=600, seed=1, timeout=900, log=lambda line: None)
+    result = soak.soak(logdir, kills=2, terms=0, steps=600, seed=1, jitter=0.3, timeout=900,
+                       log=lambda line: None)
     return logdir, result
 
 
