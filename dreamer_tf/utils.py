@@ -41,7 +41,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as e:  # a full disk or an I/O error: leave no half-written temp file behind
         tmp.unlink(missing_ok=True)
-        if e.filename in (None, str(tmp)):  # name the file the caller asked for, not the temp file
+        if e.errno is not None and e.filename in (None, str(tmp)):  # name the caller's file, not the temp file
             raise OSError(e.errno, e.strerror, str(path)) from e
         raise
     except BaseException:
