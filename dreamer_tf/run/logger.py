@@ -251,3 +251,36 @@ def _fmt_time(seconds: float) -> str:
         return "?"
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class Stopwatch:
+    """Wall seconds per part of the loop (`with watch("env"): ...`), handed out per log row as
+    `seconds_<part>` for the interval since the previous row."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+        self._reported: dict[str, float] = {}
+
+    def __call__(self, part: str) -> "_Lap":
+        return _Lap(self, part)
+
+    def add(self, part: str, seconds: float) -> None:
+        self.totals[part] = self.totals.get(part, 0.0) + seconds
+
+    def interval(self, **totals: float) -> dict[str, float]:
+        """`seconds_<part>` since the last call; `totals` adds parts timed elsewhere (cumulative)."""
+        now = {**self.totals, **totals}
+        row = {f"seconds_{k}": v - self._reported.get(k, 0.0) for k, v in now.items()}
+        self._reported = now
+        return row
+
+
+class _Lap:
+    def __init__(self, watch: Stopwatch, part: str):
+        self.watch, self.part = watch, part
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        self.watch.add(self.part, time.perf_counter() - self.start)

@@ -4,6 +4,7 @@
     every `train_every` env steps: `train_steps` gradient steps (world model + behaviour);
     act with the policy plus exploration noise; store finished episodes in the replay;
     every `eval_every` env steps: evaluation episodes with the mode action and a video.
+With `overlap: true` the updates run in the background while the envs keep stepping (run/learner.py).
 
 Env steps count simulator frames (action repeat included), as in the paper. Checkpoints are taken
 at episode boundaries every `checkpoint_every` env steps; a killed run restarts from the newest
@@ -19,9 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,9 @@ from dreamer_tf.run.lock import RunLock
 from dreamer_tf.run.logdir import (Diverged, RunError, Stopped, move_newer_episodes, prepare_logdir,
                                    record_failure, write_status)
 from dreamer_tf.run.hardware import record_hardware
-from dreamer_tf.run.logger import Logger, Progress
+from dreamer_tf.run.learner import Learner, seed_for
+from dreamer_tf.run.logger import Logger, Progress, Stopwatch
+from dreamer_tf.run.signals import GracefulStop
 from dreamer_tf.utils import make_dir
 
 __all__ = ["LoopState", "Trainer", "train"]
@@ -57,6 +58,7 @@ class LoopState:
     wall_time: float = 0.0        # seconds of training over all resumes
     rng: dict | None = None       # prefill action generator state
     replay_rng: dict | None = None  # replay sampler state
+    unlogged: dict | None = None  # metrics of finished updates not yet in a row (the next row has them)
 
     @classmethod
     def from_dict(cls, values: dict) -> "LoopState":
@@ -83,20 +85,7 @@ class Trainer:
         # eval_start 'after_prefill': the first evaluation follows the prefill and pretraining (the reference).
         self.state = LoopState(next_log=config.log_every,
                                next_eval=config.prefill if config.eval_start == "after_prefill" else 0)
-        self.stop_signal: int | None = None  # set by the first SIGINT/SIGTERM
-
-    # --- graceful stop ------------------------------------------------------------------
-    def _on_signal(self, signum: int, frame) -> None:
-        if self.stop_signal is not None:
-            raise KeyboardInterrupt  # second signal: stop now
-        self.stop_signal = signum
-        print(f"\n{signal.Signals(signum).name}: finishing the episodes in progress, then saving a "
-              f"checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
-
-    def _install_signal_handlers(self) -> dict:
-        if threading.current_thread() is not threading.main_thread():
-            return {}  # signal handlers can only be set from the main thread
-        return {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.stop = GracefulStop()  # its signum is set by the first SIGINT/SIGTERM
 
     # --- set-up -------------------------------------------------------------------------
     def _build(self) -> None:
@@ -120,13 +109,19 @@ class Trainer:
                              seed=c.seed, sampler=c.replay_sampler, store=c.replay_store,
                              action_repeat=c.action_repeat)
         self.rng = np.random.default_rng(c.seed)
+        self.learner = Learner(self.agent, self.replay, c.batch_size, c.batch_length, self._check, c.overlap)
+        # The policy that acts: the agent, or (overlap) a copy of its policy weights (run/learner.py).
+        self.acting = self.learner.acting(lambda: Dreamer(c, obs_space, self.act_space))
         if saved:
             self.state = LoopState.from_dict(saved)
             self.rng.bit_generator.state = self.state.rng
             if self.state.replay_rng is not None:
                 self.replay.set_state(self.state.replay_rng)
+            self.learner.restore_metrics(self.state.unlogged or {})
             print(f"resume: restored {latest.name} at step {self.state.step}", file=sys.stderr)
+        self.learner.sync_policy(seed_for(c.seed, self.state.step))
         self.collector = Collector(self.envs, self.act_space, obs_keys(obs_space))
+        self._pending: list[dict] = []  # (overlap) finished episodes, stored at the next join
 
     # --- the loop -----------------------------------------------------------------------
     def run(self) -> dict:
@@ -145,21 +140,21 @@ class Trainer:
         s = self.state
         self._progress = Progress(c.steps, s.step)
         self._clock = (time.time(), s.step, s.wall_time)  # start time, start step, wall time before
-        self._train_metrics: dict[str, list[float]] = {}
-        self._train_time = 0.0
+        self._watch = Stopwatch()
         self.collector.reset()
-        previous_handlers = self._install_signal_handlers()
+        self.stop.__enter__()
         try:
             if s.pretrained:  # updates deferred by a graceful stop, before anything else
                 self._train_due()
             while s.step < c.steps:
-                if self.stop_signal is not None and self.collector.at_boundary:
+                if self.stop.signum is not None and self.collector.at_boundary:
                     break
-                self._iteration(stopping=self.stop_signal is not None)
-            if self.stop_signal is not None and s.step < c.steps:
+                self._iteration(stopping=self.stop.signum is not None)
+            if self.stop.signum is not None and s.step < c.steps:
+                self._join()
                 if s.nonfinite_streak == 0:
                     self._checkpoint()
-                stopped = Stopped(self.stop_signal, s.step)
+                stopped = Stopped(self.stop.signum, s.step)
                 write_status(self.logdir, "interrupted", s.step, c.steps, str(stopped))
                 raise stopped
             # The final evaluation and checkpoint (an episode still in progress is not stored).
@@ -180,8 +175,8 @@ class Trainer:
                 raise
             raise failure from e
         finally:
-            for sig, handler in previous_handlers.items():
-                signal.signal(sig, handler)
+            self.stop.__exit__()
+            self.learner.close()
             self._progress.close()
             self._close()
         return s.to_dict()
@@ -193,21 +188,25 @@ class Trainer:
         late = c.eval_start == "after_prefill"  # evaluate after this iteration's updates, not before
         if s.step >= s.next_eval and not stopping and not late:
             self._evaluate()
-        if s.step >= s.next_ckpt and self.collector.at_boundary and s.nonfinite_streak == 0:
-            self._checkpoint()
-            s.next_ckpt = s.step - s.step % c.checkpoint_every + c.checkpoint_every
+        if s.step >= s.next_ckpt and self.collector.at_boundary:
+            self._join()
+            if s.nonfinite_streak == 0:
+                self._checkpoint()
+                s.next_ckpt = s.step - s.step % c.checkpoint_every + c.checkpoint_every
         # Act: random during prefill, then the policy with exploration noise.
         if s.step < c.prefill:
             actions = random_actions(self.act_space, self.collector.num, self.rng)
         else:
-            actions, self.collector.policy_state = self.agent.policy(
-                self.collector.batch_obs(), self.collector.policy_state, True, env_step=s.step)
-            actions = np.asarray(actions)
-        finished = self.collector.step(actions)
+            with self._watch("policy"):
+                actions, self.collector.policy_state = self.acting.policy(
+                    self.collector.batch_obs(), self.collector.policy_state, True, env_step=s.step)
+                actions = np.asarray(actions)
+        with self._watch("env"):
+            finished = self.collector.step(actions)
         s.step += c.action_repeat * self.collector.num
-        for episode in finished:
-            s.last_episode = Path(self.replay.add(episode)).name
+        for episode in finished:  # with overlap the learner may be reading the replay: store at the next join
             s.episodes += 1
+            (self._pending.append if self.learner.overlap else self._store)(episode)
             ret = float(episode["reward"].sum())
             self._progress.set(train_return=ret)
             self.logger.write(s.step, {"train_return": ret, "train_episodes": s.episodes,
@@ -220,18 +219,34 @@ class Trainer:
             self._log_scalars()
         self._progress.update(s.step)
 
+    def _store(self, episode: dict) -> None:
+        with self._watch("store"):
+            self.state.last_episode = Path(self.replay.add(episode)).name
+
+    def _join(self) -> None:
+        """Wait for the updates in flight, store the episodes kept aside and (overlap) give the
+        acting copy the agent's weights. Called only at fixed env steps, so runs are reproducible."""
+        if not self.learner.overlap:
+            return
+        with self._watch("wait"):
+            self.learner.join()
+        for episode in self._pending:
+            self._store(episode)
+        self._pending.clear()
+        self.learner.sync_policy(seed_for(self.config.seed, self.state.step))
+
     def _log_scalars(self) -> None:
         c, s = self.config, self.state
         start_time, start_step, _ = self._clock
         elapsed = time.time() - start_time
-        row = {k: float(np.mean(v)) for k, v in self._train_metrics.items()}
-        row["env_steps_per_second"] = (s.step - start_step) / max(elapsed, 1e-9)
-        row["train_seconds"] = self._train_time
-        row["train_updates"] = self.agent_updates()
-        row["expl_amount"] = self.agent.expl_amount(s.step)
-        row["wall_time"] = self._wall_time()  # seconds of training, over resumes
-        self.logger.write(s.step, row)
-        self._train_metrics.clear()
+        with self._watch("log"):
+            row = {k: float(np.mean(v)) for k, v in self.learner.pop_metrics().items()}
+            row.update(env_steps_per_second=(s.step - start_step) / max(elapsed, 1e-9),
+                       train_seconds=self.learner.seconds, train_updates=self.learner.updates,
+                       expl_amount=self.acting.expl_amount(s.step), wall_time=self._wall_time())
+            # Where the wall time went since the last row (seconds_train runs beside the rest with overlap).
+            row.update(self._watch.interval(train=self.learner.seconds, sample=self.learner.sample_seconds))
+            self.logger.write(s.step, row)
         s.next_log = s.step - s.step % c.log_every + c.log_every
 
     def _wall_time(self) -> float:
@@ -244,50 +259,42 @@ class Trainer:
             if envs is not None:
                 envs.close()
 
-    def agent_updates(self) -> int:
-        return int(self.agent.train_step_count.numpy())
-
     # --- the learner --------------------------------------------------------------------
     def _train_due(self) -> None:
-        """`pretrain` updates once prefill is done, then `train_steps` every `train_every` env steps."""
+        """`pretrain` updates once prefill is done (then waited for), then `train_steps` every
+        `train_every` env steps (with overlap: issued here, running until the next join)."""
         c, s = self.config, self.state
-        if s.step < c.prefill or self.replay.num_episodes == 0:
+        if s.step < c.prefill or (s.pretrained and s.step < s.next_train):
             return
-        start = time.time()
+        self._join()
+        if self.replay.num_episodes == 0:
+            return
         if not s.pretrained:
-            self._train(c.pretrain)
+            self.learner.update(c.pretrain)
+            self._join()
             s.pretrained = True
             s.next_train = s.step + c.train_every
         while s.step >= s.next_train:
-            self._train(c.train_steps)
+            self.learner.update(c.train_steps)
             s.next_train += c.train_every
-        self._train_time += time.time() - start
 
-    def _train(self, steps: int) -> None:
-        # One prefetching iterator per training phase, closed before episodes are added or a
-        # checkpoint is taken: the replay's sampler state is then exact, so a resumed run draws
-        # the same batches (see dreamer_tf.data.pipeline).
-        with self.replay.iterator(self.config.batch_size, self.config.batch_length) as batches:
-            for _ in range(steps):
-                self._record(self.agent.train(next(batches)))
-
-    def _record(self, metrics: dict[str, float]) -> None:
-        """Accumulate an update's metrics; stop the run after `max_nonfinite` skipped updates in a row."""
-        s, accumulate = self.state, self._train_metrics
+    def _check(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Stop the run after `max_nonfinite` skipped updates in a row; the update's extra metrics."""
+        s = self.state
         bad = [k[: -len("_nonfinite")] for k, v in metrics.items() if k.endswith("_nonfinite") and v > 0]
         s.nonfinite_streak = s.nonfinite_streak + 1 if bad else 0
-        accumulate.setdefault("skipped_updates", []).append(1.0 if bad else 0.0)
         if bad and s.nonfinite_streak >= self.config.max_nonfinite:
             losses = ", ".join(f"{k}_loss={metrics.get(k + '_loss', float('nan'))}" for k in bad)
             raise Diverged(f"{s.nonfinite_streak} consecutive non-finite updates at step {s.step} ({losses}); "
                            f"the last good checkpoint is kept in {self.checkpointer.directory}")
-        for key, value in metrics.items():
-            accumulate.setdefault(key, []).append(value)
+        return {"skipped_updates": 1.0 if bad else 0.0}
 
     # --- evaluation and checkpoints -----------------------------------------------------
     def _evaluate(self) -> None:
         c, s = self.config, self.state
-        returns, episodes = evaluate(self.agent, self.eval_env, c.eval_episodes)
+        self._join()
+        with self._watch("eval"):
+            returns, episodes = evaluate(self.agent, self.eval_env, c.eval_episodes)
         s.evals += 1
         s.next_eval += c.eval_every
         row = {"test_return": float(np.mean(returns)), "test_return_std": float(np.std(returns)),
@@ -295,28 +302,21 @@ class Trainer:
         self.logger.write(s.step, row)
         self._progress.set(test_return=row["test_return"])
         if c.video_every and (s.evals - 1) % c.video_every == 0:
-            self._video(episodes)
+            from dreamer_tf.run.video import evaluation_video
+            self.logger.video(s.step, *evaluation_video(self.agent, episodes))
         self.logger.flush()
-
-    def _video(self, episodes: list[dict]) -> None:
-        """Real frames | open-loop predictions | error for the first eval episodes; without a
-        decoder (contrastive / reward-only representations) the real frames alone."""
-        from dreamer_tf.run.video import tile_batch
-        length = min(len(episodes[0]["reward"]), 100)
-        batch = {k: np.stack([e[k][:length] for e in episodes[:4]]) for k in episodes[0]}
-        if self.agent.decoder is None:
-            self.logger.video(self.state.step, "episode", tile_batch(batch["image"]))
-            return
-        self.logger.video(self.state.step, "openloop", tile_batch(self.agent.video_predictions(batch)))
 
     def _checkpoint(self) -> None:
         s = self.state
-        s.wall_time = self._wall_time()
-        s.rng = self.rng.bit_generator.state
-        s.replay_rng = self.replay.get_state()
-        self.checkpointer.save(self.agent, s.step, _jsonable(s.to_dict()))
-        self.logger.commit(s.step)  # the trackers get what the checkpoint now holds
-        write_status(self.logdir, "running", s.step, self.config.steps)
+        self._join()
+        with self._watch("checkpoint"):
+            s.wall_time = self._wall_time()
+            s.rng = self.rng.bit_generator.state
+            s.replay_rng = self.replay.get_state()
+            s.unlogged = self.learner.unlogged_metrics()
+            self.checkpointer.save(self.agent, s.step, _jsonable(s.to_dict()))
+            self.logger.commit(s.step)  # the trackers get what the checkpoint now holds
+            write_status(self.logdir, "running", s.step, self.config.steps)
 
 
 def _jsonable(obj: Any) -> Any:

@@ -26,3 +26,13 @@ def tile_batch(video: np.ndarray, columns: int | None = None) -> np.ndarray:
     padded[:batch] = video
     grid = padded.reshape(rows, columns, time, height, width, channels)
     return grid.transpose(2, 0, 3, 1, 4, 5).reshape(time, rows * height, columns * width, channels)
+
+
+def evaluation_video(agent, episodes: list[dict], length: int = 100) -> tuple[str, np.ndarray]:
+    """(name, frames) for the first 4 evaluation episodes: real frames | open-loop predictions |
+    error; without a decoder (contrastive / reward-only representations) the real frames alone."""
+    length = min(len(episodes[0]["reward"]), length)
+    batch = {k: np.stack([e[k][:length] for e in episodes[:4]]) for k in episodes[0]}
+    if agent.decoder is None:
+        return "episode", tile_batch(batch["image"])
+    return "openloop", tile_batch(agent.video_predictions(batch))
