@@ -1,11 +1,12 @@
 """The whole training loop's speed: where the time per 1000 env steps goes, and what overlapping
 collection with training (`overlap: true`) gains, with envs = 1, 2, 4.
 
-    python scripts/bench_loop.py [--preset cpu] [--envs 1 2 4] [--steps 4000] [--out results]
+    python scripts/bench_loop.py [--preset cpu] [--envs 1 2 4] [--prefill 4000] [--steps 8000] [--out results]
 
 Each configuration is a real `dreamer-tf train` run in a fresh process, one after another:
-`prefill` 1000 env steps, `pretrain` 5 updates, then the preset's schedule (for `cpu`: 50 updates
-every 1000 env steps) with one evaluation episode and one checkpoint at 2000. Per-1000-step figures
+`--prefill` env steps (4000: with 4 envs the first episodes end there, and training waits for a
+stored episode), `pretrain` 5 updates, then the preset's schedule (for `cpu`: 50 updates every 1000
+env steps) with one evaluation episode and one checkpoint at 6000. Per-1000-step figures
 come from the `seconds_<part>` columns of metrics.jsonl, over the rows after the first training
 phase without an evaluation or a checkpoint in them; evaluation and checkpoint costs are reported
 per occurrence and amortised at the preset's `eval_every` / `checkpoint_every`. Physics and
@@ -29,10 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("env", "policy", "store", "train", "sample", "wait", "log")
 
 
-def _run(preset: str, envs: int, overlap: bool, steps: int, logdir: Path) -> list[dict]:
+def _run(preset: str, envs: int, overlap: bool, prefill: int, steps: int, logdir: Path) -> list[dict]:
     cmd = [sys.executable, "-m", "dreamer_tf", "train", "--preset", preset, "--logdir", str(logdir),
-           "--no-tensorboard", "--set", f"steps={steps}", "prefill=1000", "pretrain=5", f"envs={envs}",
-           f"overlap={str(overlap).lower()}", "eval_every=2000", "checkpoint_every=2000", "video_every=0",
+           "--no-tensorboard", "--set", f"steps={steps}", f"prefill={prefill}", "pretrain=5", f"envs={envs}",
+           f"overlap={str(overlap).lower()}", "eval_every=6000", "checkpoint_every=6000", "video_every=0",
            "log_every=1000", "eval_episodes=1"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -40,9 +41,9 @@ def _run(preset: str, envs: int, overlap: bool, steps: int, logdir: Path) -> lis
     return [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _summary(rows: list[dict], train_every: int) -> dict:
+def _summary(rows: list[dict], prefill: int, train_every: int) -> dict:
     scalar = [r for r in rows if "seconds_env" in r]
-    steady = [r for r in scalar if r["step"] > 1000 + train_every and r.get("seconds_eval", 0) == 0
+    steady = [r for r in scalar if r["step"] > prefill + train_every and r.get("seconds_eval", 0) == 0
               and r.get("seconds_checkpoint", 0) == 0]
     walls = np.diff([r["wall_time"] for r in scalar])
     step_walls = {r["step"]: w for r, w in zip(scalar[1:], walls)}
@@ -134,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--envs", nargs="+", type=int, default=[1, 2, 4])
-    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--prefill", type=int, default=4000)
+    parser.add_argument("--steps", type=int, default=8000)
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
@@ -151,8 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for envs in args.envs:
             for overlap in (False, True):
-                rows = _run(args.preset, envs, overlap, args.steps, Path(tmp) / f"{envs}-{overlap}")
-                result["runs"].append({"envs": envs, "overlap": overlap, "summary": _summary(rows, c.train_every)})
+                rows = _run(args.preset, envs, overlap, args.prefill, args.steps, Path(tmp) / f"{envs}-{overlap}")
+                result["runs"].append({"envs": envs, "overlap": overlap,
+                                       "summary": _summary(rows, args.prefill, c.train_every)})
                 print(envs, overlap, result["runs"][-1]["summary"]["env_steps_per_second"], flush=True)
     result["physics_and_rendering"] = _physics_and_rendering(c.task)
     result["load_after"] = os.getloadavg()[0]

@@ -8,6 +8,9 @@ import pytest
 
 from dreamer_tf import config
 from dreamer_tf.agent import Dreamer
+from dreamer_tf.models.networks import bf16_unsupported
+
+needs_bf16 = pytest.mark.skipif(bool(bf16_unsupported()), reason=f"bf16 cannot run here: {bf16_unsupported()}")
 
 OBS = {"image": NS(shape=(64, 64, 3), dtype=np.uint8)}
 ACT = NS(shape=(2,), low=-np.ones(2, np.float32), high=np.ones(2, np.float32))
@@ -30,6 +33,17 @@ def test_bf16_is_accepted_by_the_config_and_refused_misspelt():
         config.load("debug", {"precision": "bf32"})
 
 
+def test_bf16_is_refused_in_one_line_where_onednn_has_no_bfloat16_kernels(monkeypatch):
+    assert bf16_unsupported(flags={"avx2", "avx512f", "avx512_bf16"}, environ={}) is None
+    assert "AVX512_BF16" in bf16_unsupported(flags={"avx2", "avx512f"}, environ={})
+    assert bf16_unsupported(flags={"avx2", "amx_bf16"}, environ={}) is None
+    assert "ONEDNN_MAX_CPU_ISA=AVX2" in bf16_unsupported(flags={"avx512_bf16"}, environ={"ONEDNN_MAX_CPU_ISA": "avx2"})
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # what the check reads; oneDNN itself is already loaded
+    with pytest.raises(ValueError, match=r"^precision bf16 cannot run here: ONEDNN_MAX_CPU_ISA=AVX2 .*use precision 32$"):
+        Dreamer(config.load("debug", {"precision": "bf16"}), OBS, ACT)
+
+
+@needs_bf16
 def test_bf16_train_steps_are_finite_and_close_to_float32():
     f32 = Dreamer(config.load("debug", {"seed": 3}), OBS, ACT)
     b16 = Dreamer(config.load("debug", {"seed": 3, "precision": "bf16"}), OBS, ACT)

@@ -9,6 +9,7 @@ no global Keras state. Every head returns a float32 distribution.
 """
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import keras
@@ -20,7 +21,7 @@ from dreamer_tf.models.distributions import OneHotDist, TanhNormal, to_float32
 
 tfd = tfp.distributions
 
-__all__ = ["Initializers", "dtype_policy", "preprocess_image", "ConvEncoder", "ConvDecoder",
+__all__ = ["Initializers", "dtype_policy", "bf16_unsupported", "preprocess_image", "ConvEncoder", "ConvDecoder",
            "MLP", "DenseHead", "ActionHead", "StateModel",
            "StateEncoder", "StateDecoder", "IMAGE_SHAPE"]
 
@@ -29,11 +30,45 @@ IMAGE_SHAPE = (64, 64, 3)
 
 def dtype_policy(precision: int | str) -> keras.DTypePolicy:
     """Per-layer policy: 32 -> float32; 16 -> mixed_float16 and "bf16" -> mixed_bfloat16 (low-precision
-    compute, float32 variables)."""
+    compute, float32 variables). Refuses bf16 where it cannot run (`bf16_unsupported`)."""
     policies = {32: "float32", 16: "mixed_float16", "bf16": "mixed_bfloat16"}
     if precision not in policies:
         raise ValueError(f"precision must be 16, 32 or 'bf16', got {precision!r}")
+    if precision == "bf16" and (reason := bf16_unsupported()):
+        raise ValueError(f"precision bf16 cannot run here: {reason}; use precision 32")
     return keras.DTypePolicy(policies[precision])
+
+
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below AVX512_CORE_BF16: no bfloat16 kernels.
+_NO_BF16_ISAS = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
+def bf16_unsupported(flags: set[str] | None = None, environ: dict | None = None) -> str | None:
+    """Why mixed bfloat16 cannot train here, or None. On the CPU with oneDNN on (dreamer_tf's
+    default), TensorFlow's oneDNN convolutions fail for bfloat16 ("could not create a primitive
+    descriptor") unless the CPU has AVX512_BF16 or AMX-BF16 and ONEDNN_MAX_CPU_ISA does not cap
+    oneDNN below them (results/bench_bf16/). A GPU, or oneDNN off (slow Eigen kernels), is fine."""
+    if tf.config.list_physical_devices("GPU"):
+        return None
+    from tensorflow.python.util import _pywrap_util_port
+    if not _pywrap_util_port.IsMklEnabled():
+        return None
+    environ = os.environ if environ is None else environ
+    cap = (environ.get("ONEDNN_MAX_CPU_ISA") or environ.get("DNNL_MAX_CPU_ISA") or "").upper()
+    if cap in _NO_BF16_ISAS:
+        return f"ONEDNN_MAX_CPU_ISA={cap} leaves oneDNN without bfloat16 kernels"
+    flags = _cpu_flags() if flags is None else flags
+    if flags and not flags & {"avx512_bf16", "amx_bf16"}:
+        return "this CPU has neither AVX512_BF16 nor AMX-BF16, which oneDNN's bfloat16 convolutions need"
+    return None
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()  # unknown: let TensorFlow try
 
 
 class Initializers:
