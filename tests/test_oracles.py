@@ -17,6 +17,8 @@ from dreamer_tf.agent import Dreamer, behavior, explore, inputs
 from dreamer_tf.agent.world_model import WorldModel, world_model_loss
 from dreamer_tf.models import RSSM, ConvDecoder, DenseHead, Initializers
 from dreamer_tf.run.collect import Collector
+from dreamer_tf.run.learner import Learner
+from dreamer_tf.run.logger import Stopwatch
 from dreamer_tf.run.loop import Trainer
 
 tfd = tfp.distributions
@@ -480,7 +482,9 @@ def test_loop_switches_from_random_to_policy_at_prefill(tmp_path, prefill):
     trainer.collector = Collector(envs, envs.action_space, ["image", "state"])
     trainer.agent, trainer.replay, trainer.rng = StubAgent(), StubReplay(), np.random.default_rng(0)
     trainer._progress = NS(set=lambda **kwargs: None, update=lambda step: None)
-    trainer._train_metrics, trainer._train_time, trainer._clock = {}, 0.0, (time.time(), 0, 0.0)
+    trainer._clock, trainer._watch, trainer._pending = (time.time(), 0, 0.0), Stopwatch(), []
+    trainer.learner = Learner(trainer.agent, trainer.replay, cfg.batch_size, cfg.batch_length, trainer._check)
+    trainer.acting = trainer.learner.acting(lambda: pytest.fail("no acting copy in the sequential loop"))
     s = trainer.state
     s.next_eval = s.next_ckpt = s.next_log = 10**9
     trainer.collector.reset()

@@ -147,12 +147,12 @@ def test_divergence_guard_counts_skips_and_stops(tmp_path):
     trainer = Trainer(config.load("debug", {"max_nonfinite": 3}), tmp_path, tensorboard=False)
     batches = itertools.repeat({})
     trainer.agent = _NonFiniteAgent(bad=2)
-    trainer._train_metrics = metrics = {}
+    skipped = []
     for _ in range(3):  # two skipped, then a good update resets the streak
-        trainer._record(trainer.agent.train(next(batches)))
-    assert metrics["skipped_updates"] == [1.0, 1.0, 0.0] and trainer.state.nonfinite_streak == 0
+        skipped.append(trainer._check(trainer.agent.train(next(batches)))["skipped_updates"])
+    assert skipped == [1.0, 1.0, 0.0] and trainer.state.nonfinite_streak == 0
     trainer.agent = _NonFiniteAgent(bad=10)
     with pytest.raises(Diverged, match=r"3 consecutive non-finite updates .*model_loss=nan"):
         for _ in range(5):
-            trainer._record(trainer.agent.train(next(batches)))
+            trainer._check(trainer.agent.train(next(batches)))
     assert trainer.agent.calls == 3
