@@ -270,6 +270,12 @@ def test_busy_run_is_not_started_twice(tmp_path, fake_train, capsys, monkeypatch
         first.wait(30)
 
 
+def _default_sigint() -> None:
+    """In the launcher's process: SIGINT as in a terminal. A suite started as a background job of a
+    non-interactive shell inherits SIGINT ignored, and Python then installs no KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _wait_for(condition, process: subprocess.Popen, timeout: float = 60.0) -> None:
     deadline = time.time() + timeout
     while not condition():
@@ -285,7 +291,8 @@ def test_interrupted_launcher_stops_trainers_and_resumes(tmp_path, fake_train, m
     argv = _argv(tmp_path, fake_train, "--tasks", "dmc_cup_catch", "dmc_reacher_easy",
                  "--seeds", "0", "--jobs", "2")
     launcher = subprocess.Popen([sys.executable, "-m", "dreamer_tf.study.benchmark", *argv],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=_default_sigint)
     cup = tmp_path / "dmc_cup_catch/dreamer/0"
     _wait_for(lambda: (cup / "metrics.jsonl").exists() and len(_rows(cup)) >= 2, launcher)
     launcher.send_signal(signal.SIGINT)
@@ -330,7 +337,8 @@ def test_real_debug_run_is_interrupted_resumed_and_then_skipped(tmp_path):
     argv = [sys.executable, "-m", "dreamer_tf.study.benchmark", "--root", str(tmp_path), "--preset", "debug",
             "--tasks", "dmc_cartpole_balance", "--seeds", "0", "--retries", "0"]
     logdir = tmp_path / "dmc_cartpole_balance/dreamer/0"
-    launcher = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    launcher = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=_default_sigint)
     try:
         # debug preset: 600 steps, checkpoint every 200; interrupt once past the first checkpoint.
         _wait_for(lambda: int(benchmark._read_status(logdir).get("step", 0)) >= 300, launcher, 400)
