@@ -54,9 +54,10 @@ def test_real_trace_parts(debug_profile):
                  f"grad {ENCODER}", f"grad {DECODER}", f"grad {OBSERVE}", f"grad {IMAGINE}"):
         assert _part(r, part)["share"] > 0, part
     # The convolutions are where the names say: the encoder's forward convs, the decoder's
-    # transposed convs (Conv2DBackpropInput kernels), and their gradients.
-    assert "Conv2D" in _part(r, ENCODER)["top_kinds"][0][0]
-    assert "Conv2DBackpropInput" in _part(r, DECODER)["top_kinds"][0][0]
+    # transposed convs (Conv2DBackpropInput kernels), and their gradients. Among the largest kinds,
+    # not necessarily first: at the debug size a descheduled Cast can outlast the tiny convolutions.
+    assert any("Conv2D" in kind for kind, *_ in _part(r, ENCODER)["top_kinds"]), _part(r, ENCODER)["top_kinds"]
+    assert any("Conv2DBackpropInput" in kind for kind, *_ in _part(r, DECODER)["top_kinds"])
     # "other" holds only unscoped glue (time-major transposes, lambda-return arithmetic, sampling
     # noise, the likelihood target's preprocessing): about 3% of the debug step's ops and 5% of
     # its time. A mapping that lost a part (gradients are over half the ops, the optimiser a
