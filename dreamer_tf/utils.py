@@ -14,6 +14,21 @@ from pathlib import Path
 from typing import Any
 
 
+def cpu_model_and_flags() -> tuple[str | None, set[str]]:
+    """The CPU's model name and its flags from /proc/cpuinfo (None and an empty set where unreadable)."""
+    model, flags = None, set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip() and model is None:
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return model, flags
+
+
 def fsync_dir(directory: str | os.PathLike) -> None:
     """Make a rename inside `directory` durable (no-op where directories cannot be opened)."""
     try:

@@ -18,6 +18,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from dreamer_tf.models.distributions import OneHotDist, TanhNormal, to_float32
+from dreamer_tf.utils import cpu_model_and_flags
 
 tfd = tfp.distributions
 
@@ -57,18 +58,10 @@ def bf16_unsupported(flags: set[str] | None = None, environ: dict | None = None)
     cap = (environ.get("ONEDNN_MAX_CPU_ISA") or environ.get("DNNL_MAX_CPU_ISA") or "").upper()
     if cap in _NO_BF16_ISAS:
         return f"ONEDNN_MAX_CPU_ISA={cap} leaves oneDNN without bfloat16 kernels"
-    flags = _cpu_flags() if flags is None else flags
+    flags = cpu_model_and_flags()[1] if flags is None else flags  # empty where unknown: let TensorFlow try
     if flags and not flags & {"avx512_bf16", "amx_bf16"}:
         return "this CPU has neither AVX512_BF16 nor AMX-BF16, which oneDNN's bfloat16 convolutions need"
     return None
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-    except OSError:
-        return set()  # unknown: let TensorFlow try
 
 
 class Initializers:

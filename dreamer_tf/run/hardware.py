@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dreamer_tf.utils import atomic_write_json
+from dreamer_tf.utils import atomic_write_json, cpu_model_and_flags
 
 __all__ = ["HARDWARE_FILE", "hardware_info", "record_hardware", "read_hardware"]
 
@@ -23,17 +23,8 @@ HARDWARE_FILE = "hardware.json"
 
 
 def _cpuinfo() -> tuple[str, set[str]]:
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and value.strip():
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    return model, flags
+    model, flags = cpu_model_and_flags()
+    return model or platform.processor() or platform.machine(), flags
 
 
 def _memory_gb() -> float | None:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["Learner", "policy_variables"]
+__all__ = ["Learner", "policy_variables", "seed_for"]
 
 
 def policy_variables(agent) -> list:
@@ -33,7 +33,8 @@ class Learner:
     """Runs `agent.train` on batches of `replay`, here or in a background thread (`overlap`).
 
     check: called with each update's metrics, in the thread that runs the update; returns metrics of
-    its own to record with them (first). It may raise (e.g. `Diverged`); in overlapped mode the error is raised again by the next `join()`.
+    its own to record with them (first). It may raise (e.g. `Diverged`); in overlapped mode the
+    error is raised again by the next `join()`.
     The metrics of finished updates are handed over at `join()` (`pop_metrics`), so a logged row
     never depends on how far the background updates have got.
     """
@@ -142,7 +143,7 @@ class Learner:
         if self._acting is None:
             return
         assert not self.busy, "sync_policy while updates run"
-        for target, source in zip(policy_variables(self._acting), policy_variables(self.agent)):
+        for target, source in zip(policy_variables(self._acting), policy_variables(self.agent), strict=True):
             target.assign(source)
         self._acting.rng.reset_from_seed(int(seed))
 

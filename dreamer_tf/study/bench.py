@@ -15,7 +15,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import shlex
 import statistics
 import subprocess
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from dreamer_tf.utils import cpu_model_and_flags
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -102,13 +103,8 @@ def start_isa_probe(env: Mapping[str, str]) -> subprocess.Popen:
 
 def cpu_info() -> dict:
     """The CPU model, core count and vector ISA, without importing TensorFlow."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        text = ""
-    cpu, flags = (re.search(rf"^{key}\s*:(.*)$", text, re.M) for key in ("model name", "flags"))
-    return {"cpu": cpu[1].strip() if cpu else "unknown", "cores": os.cpu_count(),
-            "isa": [f for f in ISA_FLAGS if flags and f in flags[1].split()],
+    cpu, flags = cpu_model_and_flags()
+    return {"cpu": cpu or "unknown", "cores": os.cpu_count(), "isa": [f for f in ISA_FLAGS if f in flags],
             "python": platform.python_version(), "platform": platform.platform()}
 
 

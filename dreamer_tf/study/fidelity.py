@@ -34,6 +34,7 @@ from dreamer_tf import config as configlib
 from dreamer_tf.agent import Dreamer, behavior, inputs, optim, world_model
 from dreamer_tf.agent import dreamer as dreamer_module
 from dreamer_tf.models import IMAGE_SHAPE, distributions, networks, rssm
+from dreamer_tf.utils import cpu_model_and_flags
 
 __all__ = ["ACTIONS", "COMPILED", "MODES", "make_config", "build_agent", "make_batch", "recorded_updates",
            "ReluProbe", "float64_code", "float64_agent", "division_preprocess", "Evaluation", "FidelityRunner",
@@ -423,17 +424,8 @@ def time_preprocess(cfg: configlib.Config, batch: Mapping[str, Any], repeats: in
 def environment() -> dict:
     """CPU model and flags, core count, library versions, oneDNN and Grappler settings."""
     import tensorflow_probability as tfp
-    cpu, flags = "unknown", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and cpu == "unknown":
-                    cpu = value.strip()
-                elif key.strip() == "flags" and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
+    cpu, flags = cpu_model_and_flags()
+    cpu = cpu or "unknown"
     return dict(cpu=cpu, avx512f="avx512f" in flags, cores=os.cpu_count(), python=platform.python_version(),
                 tensorflow=tf.__version__, tensorflow_probability=tfp.__version__, keras=keras.__version__,
                 numpy=np.__version__, onednn=os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
