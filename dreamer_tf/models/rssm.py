@@ -41,9 +41,12 @@ def scan(fn: Callable, elems, init, unroll: bool):
         length = tf.nest.flatten(elems)[0].shape[0]
         if length is None:
             raise ValueError("unrolled scan needs a static sequence length; use unroll=False")
+        # Unstacked once: the gradient of tf.unstack is one tf.stack, where per-step slices x[t] would
+        # each get a full-size StridedSliceGrad and an AddN over all T of them.
+        steps = [tf.unstack(x, num=length) for x in tf.nest.flatten(elems)]
         carry, outputs = init, []
         for t in range(length):
-            carry, out = fn(carry, tf.nest.map_structure(lambda x: x[t], elems))
+            carry, out = fn(carry, tf.nest.pack_sequence_as(elems, [xs[t] for xs in steps]))
             outputs.append(out)
         return tf.nest.map_structure(lambda *xs: tf.stack(xs, 0), *outputs)
 
@@ -57,6 +60,25 @@ def scan(fn: Callable, elems, init, unroll: bool):
     rest = tf.nest.map_structure(lambda x: x[1:], elems)
     _, outs = tf.scan(step, rest, initializer=(carry0, out0))
     return tf.nest.map_structure(lambda a, b: tf.concat([a[None], b], 0), out0, outs)
+
+
+class GRUCell(keras.layers.GRUCell):
+    """Keras' GRU cell (same variables, same math, reset gate after the recurrent matmul) with the
+    gates split by one Split op: Keras slices the recurrent projection three times, and each slice's
+    gradient is a full-size StridedSliceGrad plus an AddN, at every step of every loop."""
+
+    def call(self, inputs: tf.Tensor, states, training: bool = False):
+        if not (self.reset_after and self.use_bias and self.dropout == 0 and self.recurrent_dropout == 0):
+            return super().call(inputs, states, training)
+        h = states[0] if isinstance(states, (list, tuple)) else states
+        input_bias, recurrent_bias = tf.unstack(self.bias)
+        x_z, x_r, x_h = tf.split(tf.nn.bias_add(tf.matmul(inputs, self.kernel), input_bias), 3, -1)
+        h_z, h_r, h_h = tf.split(tf.nn.bias_add(tf.matmul(h, self.recurrent_kernel), recurrent_bias), 3, -1)
+        z = self.recurrent_activation(x_z + h_z)
+        r = self.recurrent_activation(x_r + h_r)
+        candidate = self.activation(x_h + r * h_h)
+        h = z * h + (1 - z) * candidate
+        return h, [h]
 
 
 def _time_major(x: tf.Tensor) -> tf.Tensor:
@@ -84,7 +106,7 @@ class RSSM(keras.layers.Layer):
             units, activation=act_, kernel_initializer=init.glorot(), dtype=policy, name=name_)
         # Transition model (prior): dense(concat(s, a)) -> GRU -> dense -> (mean, std).
         self.transition_in = dense(hidden_size, act, "transition_in")
-        self.transition_gru = keras.layers.GRUCell(
+        self.transition_gru = GRUCell(
             deter_size, kernel_initializer=init.glorot(), recurrent_initializer=init.orthogonal(),
             dtype=policy, name="transition_gru")
         self.transition_hidden = dense(hidden_size, act, "transition_hidden")
