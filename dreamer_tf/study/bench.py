@@ -220,6 +220,12 @@ def time_policy_step(config, num_envs: int = 1, repeats: int = 50, actions: int 
     return {"seconds": statistics.median(times), "steps_per_second": num_envs / statistics.median(times)}
 
 
+# Config overrides per variant. float16 and bf16 run on the CPU too (float16 emulated; bf16 native
+# only with AVX512_BF16/AMX); scan/unroll: the RSSM loops as tf.scan or unrolled (same math).
+VARIANTS = {"float32": {}, "xla": {"jit": True}, "float16": {"precision": 16}, "bf16": {"precision": "bf16"},
+            "scan": {"unroll": False}, "unroll": {"unroll": True}}
+
+
 def measure(presets: Sequence[str], variants: Sequence[str], repeats: int, matmul_size: int = 2048,
             prefix: str = "") -> dict:
     """Machine info, matmul peak, train and policy step timings in this process (no files)."""
@@ -233,10 +239,7 @@ def measure(presets: Sequence[str], variants: Sequence[str], repeats: int, matmu
     print(f"{prefix}matmul peak: {results['matmul_gflops']:.1f} GFLOP/s", flush=True)
     for preset in presets:
         for variant in variants:
-            # float16 and bf16 run on the CPU too (float16 emulated; bf16 native only with AVX512_BF16/AMX).
-            overrides = {"float16": {"precision": 16}, "bf16": {"precision": "bf16"}, "xla": {"jit": True},
-                         "float32": {}}[variant]
-            config = configlib.load(preset, overrides)
+            config = configlib.load(preset, VARIANTS[variant])
             flops = train_step_flops(config)["total"]
             timing = time_train_step(config, repeats=repeats)
             row = {"preset": preset, "variant": variant, "device": "GPU" if has_gpu else "CPU",
@@ -449,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dreamer-tf bench", description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["cpu", "paper"])
     parser.add_argument("--variants", nargs="+", default=["float32", "xla", "float16"],
-                        choices=["float32", "xla", "float16", "bf16"])
+                        choices=list(VARIANTS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--settings", nargs="+", metavar="SETTING",
                         help=f"run each of {', '.join(SETTINGS)} in a fresh child process, one after another, "
