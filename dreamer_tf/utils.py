@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -27,6 +28,20 @@ def cpu_model_and_flags() -> tuple[str | None, set[str]]:
     except OSError:
         pass
     return model, flags
+
+
+def git_commit(root: str | os.PathLike) -> str:
+    """The short commit of the checkout at `root`, "+dirty" when tracked files changed; "unknown"
+    outside git (results name the code that made them)."""
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True)
+    except OSError:
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() or dirty.returncode else "")
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:

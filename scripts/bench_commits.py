@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     from dreamer_tf import config as configlib
     from dreamer_tf.study.flops import train_step_flops
+    from dreamer_tf.utils import atomic_write_text, git_commit
     commits = {c: _git("rev-parse", "--short", c) for c in args.commits}
     flops = {p: train_step_flops(configlib.load(p))["total"] for p in args.presets}
     rows = []
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     base = {(r["setting"], r["preset"]): r["seconds"] for r in rows if r["commit"] == commits[args.commits[0]]}
     lines = ["# Train-step speed by commit, one run", "",
              f"Command: `python scripts/bench_commits.py {' '.join(argv if argv is not None else sys.argv[1:])}`; "
-             f"{datetime.datetime.now().isoformat(timespec='seconds')}; made at commit {_git('rev-parse', '--short', 'HEAD')}.",
+             f"{datetime.datetime.now().isoformat(timespec='seconds')}; made at commit {git_commit(ROOT)}.",
              "", "Each commit's own `dreamer-tf bench` (float32, median of 3 steps after a warm-up call) from a clean "
              "`git archive`, the commits one after another within each setting, each child measuring its own "
              "matmul peak. GFLOP per step from this checkout's `flops.py` (the work the step executes): "
@@ -85,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"({r['peak']:.0f}) | {r['cores']:.2f} | {base[(r['setting'], r['preset'])] / r['seconds']:.2f}x |")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "bench_commits.md"
-    path.with_suffix(".tmp").write_text("\n".join(lines) + "\n")
-    path.with_suffix(".tmp").replace(path)
+    atomic_write_text(path, "\n".join(lines) + "\n")
     print("\n".join(lines[-len(rows) - 2:]))
     print(f"wrote {path}")
     return 0

@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from dreamer_tf.utils import import_tensorflow_quietly
+from dreamer_tf.utils import atomic_write_text, git_commit, import_tensorflow_quietly
 
 tf = import_tensorflow_quietly()
 import keras  # noqa: E402
@@ -167,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     peak = bench.matmul_peak(2048)
     machine = bench.machine_info()
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "native")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit(Path(__file__).resolve().parent.parent)
     command = " ".join(([f"ONEDNN_MAX_CPU_ISA={isa}"] if isa != "native" else [])
                        + ["python", "scripts/bench_conv_forms.py", *(argv if argv is not None else sys.argv[1:])])
     lines = [f"## {args.preset} preset ({batch} images), oneDNN on, ONEDNN_MAX_CPU_ISA={isa}", "",
@@ -194,9 +193,7 @@ def main(argv: list[str] | None = None) -> int:
               *[f"- **{name}**: {text}" for name, text in forms.items()], ""]
     text = (path.read_text() if args.append and path.exists() else "\n".join(header) + "\n")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text + "\n".join(lines) + "\n\n")
-    tmp.replace(path)
+    atomic_write_text(path, text + "\n".join(lines) + "\n\n")
     print(f"wrote {path}")
     return 0
 

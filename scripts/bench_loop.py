@@ -142,9 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     from dreamer_tf import config as configlib
     from dreamer_tf.run.hardware import hardware_info
+    from dreamer_tf.utils import git_commit
     c = configlib.load(args.preset, {})
-    commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty=+dirty"],
-                            capture_output=True, text=True).stdout.strip()
+    commit = git_commit(ROOT)
     result = {"command": "python scripts/bench_loop.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "date": time.strftime("%Y-%m-%d"), "commit": commit, "machine": hardware_info(),
               "preset": args.preset, "task": c.task, "train_every": c.train_every, "train_steps": c.train_steps,

@@ -26,7 +26,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from dreamer_tf.utils import cpu_model_and_flags
+from dreamer_tf.utils import cpu_model_and_flags, git_commit
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -126,15 +126,7 @@ def provenance(argv: Sequence[str], settings: bool = False) -> dict:
     default TF_ENABLE_ONEDNN_OPTS=1), the date and the commit ("+dirty": tracked files changed)."""
     env = [f"{k}={shlex.quote(v)}" for k, v in os.environ.items() if k in COMMAND_ENV
            and not (settings and k in SETTING_KEYS + CLEARED_ENV) and (k, v) != ("TF_ENABLE_ONEDNN_OPTS", "1")]
-    root, commit = str(Path(__file__).resolve().parents[2]), "unknown"
-    try:
-        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True)
-        if head.returncode == 0:
-            commit = head.stdout.strip() + ("+dirty" if dirty.stdout.strip() or dirty.returncode else "")
-    except OSError:
-        pass
+    commit = git_commit(Path(__file__).resolve().parents[2])
     return {"command": " ".join(env + ["dreamer-tf", "bench"] + [shlex.quote(a) for a in argv]),
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "commit": commit}
 
