@@ -1,5 +1,5 @@
 """The switches that reproduce the TF2 reference implementation where it differs from dreamer_tf's
-defaults (README, "Differences from the reference implementation")."""
+defaults (docs/differences.md, "Differences from the reference implementation")."""
 from __future__ import annotations
 
 import json
