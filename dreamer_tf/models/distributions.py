@@ -121,7 +121,7 @@ class TanhNormal(tfd.TransformedDistribution):
         return tanh_normal_mode(self._loc, self._scale)
 
     def _mean(self, **kwargs):
-        raise NotImplementedError("TanhNormal has no closed-form mean; use mode(), median() or samples")
+        raise NotImplementedError("TanhNormal has no closed-form mean; use mode() or samples")
 
     def _entropy(self, seed=None, sample_count: int = 16, **kwargs):
         gaussian = tf.reduce_sum(0.5 * np.log(2.0 * np.pi * np.e) + tf.math.log(self._scale), -1)
