@@ -157,3 +157,14 @@ def test_paper_replay_ratio_is_an_override():
     paper = config.load("state", {"batch_size": 50, "batch_length": 50, "train_steps": 100})
     assert ratio == pytest.approx(25.6)
     assert paper.train_steps * paper.batch_size * paper.batch_length / paper.train_every == 250
+
+
+def test_eval_video_of_a_state_run_renders_frames(tmp_path):
+    """`dreamer-tf eval --video` on a run from states: the evaluation env renders the GIF's frames
+    (the old code asked it for none and failed with KeyError 'image')."""
+    from dreamer_tf.run.score import score
+    config.save(config.load("debug", {"observation": "state", "time_limit": 20}), tmp_path / "config.yaml")
+    result, _ = score(tmp_path, 1, random=True, video=True)
+    import imageio.v3 as iio
+    frames = iio.imread(tmp_path / "eval" / "eval-random.gif")
+    assert result["episodes"] == 1 and frames.shape[0] == 11 and frames.std() > 5

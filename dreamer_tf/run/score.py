@@ -24,7 +24,8 @@ def score(logdir: str | Path, episodes: int, checkpoint: str | None = None, seed
     if not (logdir / "config.yaml").exists():
         raise RunError(f"{logdir} is not a run directory (no config.yaml)")
     config = configlib.load_file(logdir / "config.yaml")
-    env = make_envs(config, 1, seed=seed if seed is not None else config.seed * 1000 + 777)
+    # video: a state-observation run's env renders frames for the GIF only (the agent never sees them)
+    env = make_envs(config, 1, seed=seed if seed is not None else config.seed * 1000 + 777, video=video)
     try:
         obs_space, act_space = spaces(env)
         if random:
