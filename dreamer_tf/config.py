@@ -209,14 +209,29 @@ def _looks_numeric(text: str) -> bool:
         return False
 
 
+# Defaults that depend on the task's suite, applied where neither the preset nor the user sets the
+# key. Gymnasium envs are not the paper's DMC tasks: no action repeat unless asked for (Atari's
+# settings are a whole preset, `atari`).
+TASK_DEFAULTS = {"gym_": {"action_repeat": 1}}
+
+
+def _task_defaults(values: dict, *explicit: Mapping[str, Any]) -> None:
+    for prefix, defaults in TASK_DEFAULTS.items():
+        if str(values["task"]).startswith(prefix):
+            values.update({k: v for k, v in defaults.items() if not any(k in e for e in explicit)})
+
+
 def load(preset: str = "paper", overrides: Mapping[str, Any] | None = None) -> Config:
-    """The resolved config: YAML defaults, then the preset, then `overrides`."""
+    """The resolved config: YAML defaults, then the preset, then `overrides`; then the task's suite
+    defaults (TASK_DEFAULTS) for keys neither the preset nor `overrides` set."""
     spec = _read_spec()
     if preset not in spec["presets"]:
         raise ConfigError(f"unknown preset {preset!r} (known presets: {', '.join(spec['presets'])})")
     values = dict(spec["defaults"])
-    _apply(values, spec["presets"][preset] or {}, spec)
-    _apply(values, dict(overrides or {}), spec)
+    preset_values, overrides = spec["presets"][preset] or {}, _renamed(overrides or {})
+    _apply(values, preset_values, spec)
+    _apply(values, overrides, spec)
+    _task_defaults(values, preset_values, overrides)
     return Config(values)
 
 

@@ -143,3 +143,11 @@ def test_every_key_has_a_comment():
     for line in defaults.splitlines():
         if line.startswith("  ") and not line.strip().startswith("#") and ":" in line:
             assert "#" in line, f"no comment on config line: {line.strip()}"
+
+
+def test_gymnasium_tasks_default_to_action_repeat_one():
+    """The paper's action repeat 2 is for DMC; a gym_ task gets 1 unless the preset or user sets it."""
+    assert config.load("debug", {"task": "gym_Pendulum-v1"}).action_repeat == 1
+    assert config.load("state", {"task": "gym_Pendulum-v1", "action_repeat": 2}).action_repeat == 2
+    assert config.load("debug").action_repeat == 2  # DMC keeps the paper's
+    assert config.load("atari", {"task": "gym_Pendulum-v1"}).action_repeat == 4  # the preset's choice
