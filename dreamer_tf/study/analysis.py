@@ -37,6 +37,7 @@ __all__ = [
     "Run", "SeedResult", "TaskSummary", "published_dir", "load_run", "find_runs", "run_identity",
     "load_published_curves", "load_paper_table", "load_baselines", "bin_curve", "bin_runs",
     "final_score", "summarize", "iqm", "stratified_bootstrap_ci", "aggregate", "aggregate_tasks",
+    "comparable",
 ]
 
 # The 20 DeepMind Control Suite tasks of the paper (Hafner et al., 2020, Fig. 2 and appendix).
@@ -447,16 +448,27 @@ def stratified_bootstrap_ci(scores_per_task: Sequence[np.ndarray], statistic: st
     return point, float(low), float(high)
 
 
+def _scored(summaries: Mapping[str, Mapping[str, TaskSummary]], method: str, task: str) -> bool:
+    return task in summaries[method] and summaries[method][task].n > 0
+
+
 def aggregate_tasks(summaries: Mapping[str, Mapping[str, TaskSummary]], tasks: Iterable[str],
                     methods: Iterable[str] = ()) -> list[str]:
-    """Tasks to aggregate over so methods are compared on equal footing: those of `tasks` where
-    any of `methods` has a final score; all of `tasks` when `methods` is empty or has none."""
+    """Tasks to aggregate over so methods are compared on equal footing: those of `tasks` where every
+    one of `methods` that has any final score has one. When they share no task: those where any has
+    one (`comparable` then tells the rows apart). All of `tasks` when no method has a score."""
     tasks = list(tasks)
-    methods = [m for m in methods if m in summaries]
+    methods = [m for m in methods if m in summaries and any(_scored(summaries, m, t) for t in tasks)]
     if not methods:
         return tasks
-    chosen = [t for t in tasks if any(t in summaries[m] and summaries[m][t].n for m in methods)]
-    return chosen or tasks
+    common = [t for t in tasks if all(_scored(summaries, m, t) for m in methods)]
+    return common or [t for t in tasks if any(_scored(summaries, m, t) for m in methods)]
+
+
+def comparable(summaries: Mapping[str, Mapping[str, TaskSummary]], method: str, tasks: Sequence[str]) -> int:
+    """How many of `tasks` `method` has final scores on: an aggregate over fewer than len(tasks) is
+    not comparable with one over all of them."""
+    return sum(1 for t in tasks if method in summaries and _scored(summaries, method, t))
 
 
 def aggregate(summaries: Mapping[str, TaskSummary], tasks: Iterable[str] | None = None,

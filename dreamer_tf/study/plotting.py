@@ -169,9 +169,9 @@ def plot_aggregate(summaries: dict[str, dict[str, analysis.TaskSummary]], out_pr
         if agg is None:
             entries.append((f"{method} (this run) [no final scores yet]", None, "k", False))
             continue
-        count = sum(1 for t in tasks if (s := summaries[method].get(t)) and s.n)
+        count = analysis.comparable(summaries, method, tasks)
         label = ("Dreamer, published curves" if method == PUBLISHED_METHOD
-                 else f"{method} (this run)") + f" [{count} tasks]"
+                 else f"{method} (this run)") + f" [{count} tasks{'; not comparable' if count < len(tasks) else ''}]"
         color = _PUBLISHED_COLOR if method == PUBLISHED_METHOD else _RUN_COLORS[i % len(_RUN_COLORS)]
         entries.append((label, agg, color, True))
     for column, color in _BASELINE_STYLE.items():
@@ -199,7 +199,7 @@ def plot_aggregate(summaries: dict[str, dict[str, analysis.TaskSummary]], out_pr
     axes[0].set_yticks(range(len(entries)))
     axes[0].set_yticklabels([e[0] for e in entries], fontsize=8)
     axes[0].invert_yaxis()
-    subset = (f" (the {len(tasks)} tasks where this run has final scores)"
+    subset = (f" (the {len(tasks)} tasks where every method of this run has final scores)"
               if len(tasks) < len(all_tasks) else "")
     figure.suptitle(f"Final scores over tasks{subset} and seeds: bars = 95% stratified-bootstrap CI "
                     "(rliable);\ndiamonds = paper table (one score per task, no CI)", fontsize=9)
