@@ -151,8 +151,8 @@ def plot_curves(runs: Sequence[Run], out_prefix: str | Path, tasks: Sequence[str
     for index in range(len(tasks), rows * columns):
         axes[index // columns][index % columns].set_visible(False)
     what = "mean ± 1 std across seeds" if spread == "std" else "mean and 95% bootstrap CI across seeds"
-    figure.suptitle(f"Test return in {format_steps(bin_size)}-env-step bins: {what}; dashed: final scores of the "
-                    "paper's table", fontsize=10)
+    dashed = "; dashed: final scores of the paper's table" if any(PAPER_COLUMNS[c] in handles for c in PAPER_COLUMNS) else ""
+    figure.suptitle(f"Test return in {format_steps(bin_size)}-env-step bins: {what}{dashed}", fontsize=10)
     figure.legend(list(handles.values()), list(handles.keys()), loc="lower center",
                   ncol=min(len(handles), 6), fontsize=8, frameon=False)
     figure.tight_layout(rect=(0, 0.5 / (2.6 * rows + 0.9) + 0.02, 1, 0.97))
