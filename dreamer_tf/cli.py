@@ -41,7 +41,7 @@ def resolve_config(args: argparse.Namespace) -> configlib.Config:
     if args.seed is not None:
         overrides["seed"] = args.seed
     if stored.exists() and args.preset is None:
-        return configlib.load_file(stored).replace(**overrides)
+        return configlib.load_file(stored, fill_missing=args.force).replace(**overrides)
     return configlib.load(args.preset or "paper", overrides)
 
 

@@ -247,8 +247,25 @@ def save(config: Config, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-def load_file(path: str | os.PathLike) -> Config:
-    """Read a config written by `save`, validated against the current defaults."""
+# Keys added to configs/dreamer.yaml after the first run directories were written; their defaults
+# are what those runs did, so an older config.yaml may lack them. Lacking any other key means the
+# file was cut short or edited: filling in defaults would build another agent than the checkpoints
+# hold. A new key belongs here too (tests/test_config.py checks the list against the defaults).
+ADDED_KEYS = frozenset({
+    "eval_start", "unroll", "loggers", "render_msaa", "atari_sticky", "atari_life_done", "atari_noops",
+    "gym_import", "observation", "state_layers", "overlap", "replay_sampler", "replay_store", "expl_schedule"})
+
+
+def missing_keys(values: Mapping[str, Any]) -> list[str]:
+    """Keys of the defaults that a stored config lacks and that existed when any run was written."""
+    present = _renamed(values)
+    return [k for k in _read_spec()["defaults"] if k not in present and k not in ADDED_KEYS]
+
+
+def load_file(path: str | os.PathLike, fill_missing: bool = False) -> Config:
+    """Read a config written by `save`, validated against the current defaults. Keys added since the
+    file was written take their defaults; other missing keys raise ConfigError naming the file and
+    the keys, unless `fill_missing` (train's --force). Every error names the file."""
     path = Path(path)
     try:
         with open(path) as f:
@@ -260,7 +277,16 @@ def load_file(path: str | os.PathLike) -> Config:
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} does not hold a mapping of keys to values")
     spec = _read_spec()
-    return Config(_apply(dict(spec["defaults"]), values, spec))
+    try:
+        missing = missing_keys(values)
+        config = Config(_apply(dict(spec["defaults"]), values, spec))
+    except ConfigError as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+    if missing and not fill_missing:
+        shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} keys)" if len(missing) > 8 else "")
+        raise ConfigError(f"config file {path} lacks {shown}: cut short or edited? Restore it, or resume "
+                          f"with `dreamer-tf train --logdir {path.parent} --force` to take the defaults")
+    return config
 
 
 def diff(a: Mapping[str, Any], b: Mapping[str, Any], ignore: Iterable[str] = ()) -> dict:

@@ -235,3 +235,30 @@ def test_extending_a_finished_run_with_set_steps(finished_run):
     assert [r["train_episodes"] for r in rows if "train_return" in r] == list(range(1, 8))
     from dreamer_tf import config
     assert config.load_file(finished_run / "config.yaml").steps == 700
+
+
+def _cli_without_tf(*args: str) -> tuple[int, str, bool]:
+    """`dreamer-tf ARGS` in a fresh interpreter: (exit status, stderr, whether TensorFlow was imported)."""
+    code = ("import sys; from dreamer_tf import cli; rc = cli.main(sys.argv[1:]); "
+            "print('tensorflow' in sys.modules); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120, env=ENV)
+    return proc.returncode, proc.stderr, proc.stdout.strip().endswith("True")
+
+
+def test_truncated_stored_config_is_refused_before_anything_is_touched(tmp_path):
+    from dreamer_tf import config
+    logdir = tmp_path / "cut"
+    logdir.mkdir()
+    config.save(config.load("debug", {"task": TASK}), logdir / "config.yaml")
+    text = (logdir / "config.yaml").read_text()
+    (logdir / "config.yaml").write_text("".join(text.splitlines(keepends=True)[:10]))
+    status = '{"status": "interrupted", "step": 400}'
+    (logdir / "status.json").write_text(status)
+    for command in ("train",):
+        code, err, tf = _cli_without_tf(command, "--logdir", str(logdir))
+        assert code == 2 and f"config file {logdir / 'config.yaml'} lacks" in err and "time_limit" in err, err
+        assert len(err.strip().splitlines()) == 1 and not tf
+    assert (logdir / "status.json").read_text() == status
+    (logdir / "config.yaml").write_text(text.replace("batch_size: 3", "batch_size: banana"))
+    code, err, tf = _cli_without_tf("train", "--logdir", str(logdir))
+    assert code == 2 and f"config file {logdir / 'config.yaml'}: config key 'batch_size'" in err and not tf

@@ -81,7 +81,7 @@ def prepare_logdir(config: configlib.Config, logdir: Path, force: bool = False) 
     logdir.mkdir(parents=True, exist_ok=True)
     path = logdir / "config.yaml"
     if path.exists():
-        stored = configlib.load_file(path)
+        stored = configlib.load_file(path, fill_missing=force)
         differ = configlib.diff(stored, config, ignore=RESUMABLE_KEYS)
         if differ and not force:
             lines = ", ".join(f"{k}: stored {a!r} vs new {b!r}" for k, (a, b) in differ.items())
