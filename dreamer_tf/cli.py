@@ -23,10 +23,11 @@ def _quiet_tf() -> None:
     import_tensorflow_quietly()
 
 
-def _check_task(task: str) -> None:
-    from dreamer_tf.envs.tasks import parse_task
+def _check_env(config: configlib.Config) -> None:
+    """An unknown task or gym id, or a bad env option: one line before a run directory is made."""
+    from dreamer_tf.run.collect import check_envs
     try:
-        parse_task(task)
+        check_envs(config)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -57,7 +58,7 @@ def _lock_run(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    _check_task(resolve_config(args).task)  # bad input is refused before anything is created
+    _check_env(resolve_config(args))  # bad input is refused before anything is created
     with _lock_run(args) as lock:
         config = resolve_config(args)  # again under the lock: another run may have stored its config
         _quiet_tf()
@@ -78,19 +79,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    if not (Path(args.logdir) / "config.yaml").exists():
+def _check_eval(args: argparse.Namespace) -> None:
+    """A bad stored config or a missing checkpoint: one line before TensorFlow's 10+ s import."""
+    logdir = Path(args.logdir)
+    if not (logdir / "config.yaml").exists():
         raise UsageError(f"{args.logdir} is not a run directory (no config.yaml)")
+    _check_env(configlib.load_file(logdir / "config.yaml"))
+    if args.random:
+        return
+    from dreamer_tf.run.checkpoint import Checkpointer
+    if args.checkpoint and not Path(args.checkpoint).exists():
+        raise UsageError(f"checkpoint {args.checkpoint} does not exist")
+    if not args.checkpoint and Checkpointer(logdir / "checkpoints").latest() is None:
+        raise UsageError(f"no checkpoint found in {logdir / 'checkpoints'} (train first, or pass --checkpoint)")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    _check_eval(args)
     with _lock_run(args):  # eval writes eval/ into the run directory (and may set a bad checkpoint aside)
-        _quiet_tf()
+        if not args.random:  # the random policy needs no TensorFlow
+            _quiet_tf()
         from dreamer_tf.run.logdir import RunError
         from dreamer_tf.run.score import score
         try:
             result, path = score(args.logdir, args.episodes, args.checkpoint, args.seed, args.random, args.video)
         except RunError as e:
             raise UsageError(str(e)) from None
-    print(f"{result['policy']} policy at step {result['step']}: return {result['mean']:.1f} +- {result['std']:.1f} "
-          f"over {args.episodes} episodes -> {path}")
+    policy = "random policy" if args.random else f"{result['policy']} policy at step {result['step']}"
+    print(f"{policy}: return {result['mean']:.1f} +- {result['std']:.1f} over {args.episodes} episodes -> {path}")
+    if args.video:
+        print(f"video: {path.with_suffix('.gif')}")
     return 0
 
 
