@@ -307,3 +307,14 @@ def test_eval_random_policy_names_no_step_and_prints_the_video_path(tmp_path):
     assert code == 0, err
     assert out.startswith("random policy: return") and "step" not in out.splitlines()[0]
     assert f"video: {tmp_path / 'eval' / 'eval-random.gif'}" in out and (tmp_path / "eval" / "eval-random.gif").exists()
+
+
+def test_every_train_and_eval_option_has_help_with_its_default():
+    from dreamer_tf import cli
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    for name in ("train", "eval"):
+        for action in commands[name]._actions:
+            assert action.help, f"{name} {action.option_strings} has no help"
+            if action.default not in (None, False) and action.dest != "help":
+                assert str(action.default) in action.help, f"{name} {action.option_strings}: default not shown"
