@@ -75,8 +75,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         except Stopped as e:
             print(f"dreamer-tf: {e}", file=sys.stderr)
             return 128 + e.signum
-    print(f"finished: {state['step']} env steps, {state['episodes']} episodes, logdir {args.logdir}")
+    print(f"finished: {state['step']} env steps, {state['episodes']} episodes{_last_test_return(args.logdir)}, "
+          f"logdir {args.logdir}")
     return 0
+
+
+def _last_test_return(logdir: str) -> str:
+    """', last test return 31.9 (step 600)' from metrics.jsonl, or '' before any evaluation."""
+    from dreamer_tf.run.logger import read_metrics
+    rows = [r for r in read_metrics(logdir) if "test_return" in r]
+    return f", last test return {rows[-1]['test_return']:.1f} (step {rows[-1]['step']})" if rows else ""
 
 
 def _check_eval(args: argparse.Namespace) -> None:

@@ -26,7 +26,9 @@ def cli(*args, timeout=600, check=True):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     logdir = tmp_path_factory.mktemp("run") / "debug"
-    cli("train", "--task", TASK, "--preset", "debug", "--logdir", str(logdir))
+    proc = cli("train", "--task", TASK, "--preset", "debug", "--logdir", str(logdir))
+    (logdir.parent / "stdout").write_text(proc.stdout)
+    (logdir.parent / "stderr").write_text(proc.stderr)
     return logdir
 
 
@@ -56,6 +58,14 @@ def test_end_to_end_debug_run(finished_run):
     assert (logdir / "checkpoints" / "latest").read_text().strip() == "ckpt-000000000600"
     from dreamer_tf import config
     assert config.load_file(logdir / "config.yaml") == config.load("debug", {"task": TASK})
+
+
+def test_last_progress_line_and_finished_line_show_the_final_test_return(finished_run):
+    final = [r for r in read_metrics(finished_run) if "test_return" in r][-1]
+    assert final["step"] == 600
+    progress = [l for l in (finished_run.parent / "stderr").read_text().splitlines() if l.startswith("[")]
+    assert progress[-1].startswith("[600/600]") and f"test_return={final['test_return']:.1f}" in progress[-1]
+    assert f"last test return {final['test_return']:.1f} (step 600)" in (finished_run.parent / "stdout").read_text()
 
 
 def test_eval_command_scores_saved_agent(finished_run):
