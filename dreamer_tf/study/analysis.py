@@ -509,12 +509,20 @@ def task_order(tasks: Iterable[str] | None, runs: Iterable[Run]) -> list[str]:
     return list(BENCHMARK_TASKS) + sorted({r.task for r in runs} - set(BENCHMARK_TASKS))
 
 
+def check_tasks(tasks: Iterable[str] | None) -> None:
+    """ValueError (one line, listing the valid names) for a --tasks entry that is no task."""
+    from dreamer_tf.envs.tasks import parse_task
+    for task in tasks or ():
+        parse_task(task)
+
+
 def tool_main(args, verb: str, body: Callable[[], int]) -> int:
     """The frame `dreamer-tf plot` and `table` share: check the selection, run `body`, and turn a
     missing file or a bad value into one line on stderr and exit status 2."""
     error = selection_error(args, verb)
     if error is None:
         try:
+            check_tasks(args.tasks)
             if args.out:  # an unwritable --out is one line, before any work
                 make_dir(Path(args.out).parent, f"--out {args.out}: directory")
             return body()
