@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seeds environments, initialisation and sampling "
                    "(default: the preset's, 0, or the stored config's)")
     p.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE", help="config overrides")
-    p.add_argument("--force", action="store_true", help="resume even if the stored config differs")
+    p.add_argument("--force", action="store_true", help="resume even if the stored config differs, or lacks keys (their defaults are taken)")
     p.add_argument("--no-tensorboard", action="store_true", help="write metrics.jsonl only")
     p.set_defaults(func=cmd_train)
 
