@@ -23,10 +23,11 @@ def _quiet_tf() -> None:
     import_tensorflow_quietly()
 
 
-def _check_task(task: str) -> None:
-    from dreamer_tf.envs.tasks import parse_task
+def _check_env(config: configlib.Config) -> None:
+    """An unknown task or gym id, or a bad env option: one line before a run directory is made."""
+    from dreamer_tf.run.collect import check_envs
     try:
-        parse_task(task)
+        check_envs(config)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -41,7 +42,7 @@ def resolve_config(args: argparse.Namespace) -> configlib.Config:
     if args.seed is not None:
         overrides["seed"] = args.seed
     if stored.exists() and args.preset is None:
-        return configlib.load_file(stored).replace(**overrides)
+        return configlib.load_file(stored, fill_missing=args.force).replace(**overrides)
     return configlib.load(args.preset or "paper", overrides)
 
 
@@ -57,7 +58,7 @@ def _lock_run(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    _check_task(resolve_config(args).task)  # bad input is refused before anything is created
+    _check_env(resolve_config(args))  # bad input is refused before anything is created
     with _lock_run(args) as lock:
         config = resolve_config(args)  # again under the lock: another run may have stored its config
         _quiet_tf()
@@ -74,23 +75,48 @@ def cmd_train(args: argparse.Namespace) -> int:
         except Stopped as e:
             print(f"dreamer-tf: {e}", file=sys.stderr)
             return 128 + e.signum
-    print(f"finished: {state['step']} env steps, {state['episodes']} episodes, logdir {args.logdir}")
+    print(f"finished: {state['step']} env steps, {state['episodes']} episodes{_last_test_return(args.logdir)}, "
+          f"logdir {args.logdir}")
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    if not (Path(args.logdir) / "config.yaml").exists():
+def _last_test_return(logdir: str) -> str:
+    """', last test return 31.9 (step 600)' from metrics.jsonl, or '' before any evaluation."""
+    from dreamer_tf.run.logger import read_metrics
+    rows = [r for r in read_metrics(logdir) if "test_return" in r]
+    return f", last test return {rows[-1]['test_return']:.1f} (step {rows[-1]['step']})" if rows else ""
+
+
+def _check_eval(args: argparse.Namespace) -> None:
+    """A bad stored config or a missing checkpoint: one line before TensorFlow's 10+ s import."""
+    logdir = Path(args.logdir)
+    if not (logdir / "config.yaml").exists():
         raise UsageError(f"{args.logdir} is not a run directory (no config.yaml)")
+    _check_env(configlib.load_file(logdir / "config.yaml"))
+    if args.random:
+        return
+    from dreamer_tf.run.checkpoint import Checkpointer
+    if args.checkpoint and not Path(args.checkpoint).exists():
+        raise UsageError(f"checkpoint {args.checkpoint} does not exist")
+    if not args.checkpoint and Checkpointer(logdir / "checkpoints").latest() is None:
+        raise UsageError(f"no checkpoint found in {logdir / 'checkpoints'} (train first, or pass --checkpoint)")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    _check_eval(args)
     with _lock_run(args):  # eval writes eval/ into the run directory (and may set a bad checkpoint aside)
-        _quiet_tf()
+        if not args.random:  # the random policy needs no TensorFlow
+            _quiet_tf()
         from dreamer_tf.run.logdir import RunError
         from dreamer_tf.run.score import score
         try:
             result, path = score(args.logdir, args.episodes, args.checkpoint, args.seed, args.random, args.video)
         except RunError as e:
             raise UsageError(str(e)) from None
-    print(f"{result['policy']} policy at step {result['step']}: return {result['mean']:.1f} +- {result['std']:.1f} "
-          f"over {args.episodes} episodes -> {path}")
+    policy = "random policy" if args.random else f"{result['policy']} policy at step {result['step']}"
+    print(f"{policy}: return {result['mean']:.1f} +- {result['std']:.1f} over {args.episodes} episodes -> {path}")
+    if args.video:
+        print(f"video: {path.with_suffix('.gif')}")
     return 0
 
 
@@ -112,15 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logdir", required=True, help="run directory; an existing one is resumed")
     p.add_argument("--task", help="e.g. dmc_walker_walk (default: the preset's)")
     p.add_argument("--preset", help=f"one of {', '.join(configlib.presets())} (default: paper, or the stored config)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="seeds environments, initialisation and sampling "
+                   "(default: the preset's, 0, or the stored config's)")
     p.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE", help="config overrides")
-    p.add_argument("--force", action="store_true", help="resume even if the stored config differs")
+    p.add_argument("--force", action="store_true", help="resume even if the stored config differs, or lacks keys (their defaults are taken)")
     p.add_argument("--no-tensorboard", action="store_true", help="write metrics.jsonl only")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="score a saved agent")
-    p.add_argument("--logdir", required=True)
-    p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--logdir", required=True, help="the run directory of `dreamer-tf train` (required)")
+    p.add_argument("--episodes", type=int, default=10, help="evaluation episodes (default: 10)")
     p.add_argument("--checkpoint", help="a checkpoint directory (default: the newest)")
     p.add_argument("--seed", type=int, help="environment seed (default: one not used in training)")
     p.add_argument("--video", action="store_true", help="save the first episode as a GIF")

@@ -209,14 +209,29 @@ def _looks_numeric(text: str) -> bool:
         return False
 
 
+# Defaults that depend on the task's suite, applied where neither the preset nor the user sets the
+# key. Gymnasium envs are not the paper's DMC tasks: no action repeat unless asked for (Atari's
+# settings are a whole preset, `atari`).
+TASK_DEFAULTS = {"gym_": {"action_repeat": 1}}
+
+
+def _task_defaults(values: dict, *explicit: Mapping[str, Any]) -> None:
+    for prefix, defaults in TASK_DEFAULTS.items():
+        if str(values["task"]).startswith(prefix):
+            values.update({k: v for k, v in defaults.items() if not any(k in e for e in explicit)})
+
+
 def load(preset: str = "paper", overrides: Mapping[str, Any] | None = None) -> Config:
-    """The resolved config: YAML defaults, then the preset, then `overrides`."""
+    """The resolved config: YAML defaults, then the preset, then `overrides`; then the task's suite
+    defaults (TASK_DEFAULTS) for keys neither the preset nor `overrides` set."""
     spec = _read_spec()
     if preset not in spec["presets"]:
         raise ConfigError(f"unknown preset {preset!r} (known presets: {', '.join(spec['presets'])})")
     values = dict(spec["defaults"])
-    _apply(values, spec["presets"][preset] or {}, spec)
-    _apply(values, dict(overrides or {}), spec)
+    preset_values, overrides = spec["presets"][preset] or {}, _renamed(overrides or {})
+    _apply(values, preset_values, spec)
+    _apply(values, overrides, spec)
+    _task_defaults(values, preset_values, overrides)
     return Config(values)
 
 
@@ -232,8 +247,25 @@ def save(config: Config, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-def load_file(path: str | os.PathLike) -> Config:
-    """Read a config written by `save`, validated against the current defaults."""
+# Keys added to configs/dreamer.yaml after the first run directories were written; their defaults
+# are what those runs did, so an older config.yaml may lack them. Lacking any other key means the
+# file was cut short or edited: filling in defaults would build another agent than the checkpoints
+# hold. A new key belongs here too (tests/test_config.py checks the list against the defaults).
+ADDED_KEYS = frozenset({
+    "eval_start", "unroll", "loggers", "render_msaa", "atari_sticky", "atari_life_done", "atari_noops",
+    "gym_import", "observation", "state_layers", "overlap", "replay_sampler", "replay_store", "expl_schedule"})
+
+
+def missing_keys(values: Mapping[str, Any]) -> list[str]:
+    """Keys of the defaults that a stored config lacks and that existed when any run was written."""
+    present = _renamed(values)
+    return [k for k in _read_spec()["defaults"] if k not in present and k not in ADDED_KEYS]
+
+
+def load_file(path: str | os.PathLike, fill_missing: bool = False) -> Config:
+    """Read a config written by `save`, validated against the current defaults. Keys added since the
+    file was written take their defaults; other missing keys raise ConfigError naming the file and
+    the keys, unless `fill_missing` (train's --force). Every error names the file."""
     path = Path(path)
     try:
         with open(path) as f:
@@ -245,7 +277,16 @@ def load_file(path: str | os.PathLike) -> Config:
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} does not hold a mapping of keys to values")
     spec = _read_spec()
-    return Config(_apply(dict(spec["defaults"]), values, spec))
+    try:
+        missing = missing_keys(values)
+        config = Config(_apply(dict(spec["defaults"]), values, spec))
+    except ConfigError as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+    if missing and not fill_missing:
+        shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} keys)" if len(missing) > 8 else "")
+        raise ConfigError(f"config file {path} lacks {shown}: cut short or edited? Restore it, or resume "
+                          f"with `dreamer-tf train --logdir {path.parent} --force` to take the defaults")
+    return config
 
 
 def diff(a: Mapping[str, Any], b: Mapping[str, Any], ignore: Iterable[str] = ()) -> dict:

@@ -266,3 +266,21 @@ def test_table_of_published_data_alone(tmp_path, capsys):
     assert "| dmc_acrobot_swingup | 464.8 ± 49.2 (n=3/5, 2 incomplete) | 365.3 |" in markdown
     assert table.main(["--no-published"]) == 2
     assert "nothing to tabulate" in capsys.readouterr().err
+
+
+def test_aggregates_compare_methods_over_the_tasks_they_all_have(root, tmp_path):
+    """dreamer has walker and cheetah, dreamer_contrastive walker only: every aggregate runs over
+    walker (the report says so); methods that share no task are marked not comparable."""
+    write_run(root, "dmc_walker_walk", "dreamer_contrastive", 0, [(1000, 100)])
+    tbl = table.build_table(root, reps=50)
+    assert tbl.aggregate_tasks == ["dmc_walker_walk"]
+    assert tbl.aggregates["dreamer"]["mean"][0] == pytest.approx(0.7667, abs=1e-4)  # walker seeds only
+    markdown = table.aggregate_markdown(tbl)
+    assert "over the 1 task where every method of this run has final scores (dmc_walker_walk)" in markdown
+    assert "not comparable" not in markdown
+    write_run(root, "dmc_hopper_hop", "reward_only", 0, [(1000, 50)])  # shares no task with the others
+    tbl = table.build_table(root, reps=50)
+    assert set(tbl.aggregate_tasks) == {"dmc_cheetah_run", "dmc_walker_walk", "dmc_hopper_hop"}
+    markdown = table.aggregate_markdown(tbl)
+    assert "| reward_only (this run) ⚠ not comparable: 1 of 3 tasks |" in markdown
+    assert "| dreamer (this run) ⚠ not comparable: 2 of 3 tasks |" in markdown

@@ -160,6 +160,20 @@ def test_plan_rejects_bad_requests_with_clear_errors(tmp_path, capsys):
     assert "--jobs must be at least 1" in capsys.readouterr().err
 
 
+def test_unknown_tasks_are_refused_at_plan_time_and_by_table(tmp_path, capsys):
+    """`benchmark --tasks dmc_foo` fails once, at plan time (not in every run and retry); `table
+    --tasks dmc_foo` writes nothing. One line each, exit 2."""
+    from dreamer_tf.study import table
+    assert benchmark.main(["--root", str(tmp_path / "b"), "--tasks", "dmc_foo", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown task 'dmc_foo'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "b").exists()
+    assert table.main(["--tasks", "dmc_foo", "--out", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown task 'dmc_foo'" in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("t_table.*"))
+
+
 # ------------------------------------------------------------------------------------------------
 # Local backend
 

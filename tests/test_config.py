@@ -143,3 +143,32 @@ def test_every_key_has_a_comment():
     for line in defaults.splitlines():
         if line.startswith("  ") and not line.strip().startswith("#") and ":" in line:
             assert "#" in line, f"no comment on config line: {line.strip()}"
+
+
+def test_gymnasium_tasks_default_to_action_repeat_one():
+    """The paper's action repeat 2 is for DMC; a gym_ task gets 1 unless the preset or user sets it."""
+    assert config.load("debug", {"task": "gym_Pendulum-v1"}).action_repeat == 1
+    assert config.load("state", {"task": "gym_Pendulum-v1", "action_repeat": 2}).action_repeat == 2
+    assert config.load("debug").action_repeat == 2  # DMC keeps the paper's
+    assert config.load("atari", {"task": "gym_Pendulum-v1"}).action_repeat == 4  # the preset's choice
+
+
+def test_stored_config_lacking_keys_is_refused_naming_the_file_and_keys(tmp_path):
+    """A config.yaml cut short would be resumed with defaults for the lost keys (another agent than
+    its checkpoints hold): refused, naming the file and the keys; --force (fill_missing) takes the
+    defaults. Keys added since old runs were written (tests/golden/run_v0) are filled silently."""
+    from pathlib import Path
+    path = tmp_path / "config.yaml"
+    config.save(config.load("debug"), path)
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:10]))
+    with pytest.raises(config.ConfigError, match=rf"config file {path} lacks .*action_repeat.*--force"):
+        config.load_file(path)
+    assert config.load_file(path, fill_missing=True).batch_size == config.load().batch_size
+    golden = Path(__file__).parent / "golden" / "run_v0" / "config.yaml"
+    assert config.load_file(golden).replay_sampler == "uniform"  # an old run still resumes
+    assert set(config.ADDED_KEYS) <= set(config.load())  # no stale names in the list
+    full = tmp_path / "full.yaml"
+    config.save(config.load("debug"), full)
+    full.write_text(full.read_text().replace("batch_size: 3", "batch_size: banana"))
+    with pytest.raises(config.ConfigError, match=rf"config file {full}: config key 'batch_size': value 'banana'"):
+        config.load_file(full)

@@ -242,7 +242,7 @@ def test_parallel_and_config_env():
         assert rewards.tolist() == [1.0, 1.0] and not dones.any()
     cfg = config.load(preset="debug", overrides={"task": "gym_CartPole-v1", "time_limit": 6})
     with envs.make_config_env(cfg) as env:  # render_shadow is not passed to gym tasks
-        assert env.action_repeat == 2 and env.time_limit == 6
+        assert env.action_repeat == 1 and env.time_limit == 6  # gym: no action repeat by default
         assert env.reset()["image"].shape == (64, 64, 3)
 
 

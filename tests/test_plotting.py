@@ -29,7 +29,7 @@ def test_curve_stats_mean_and_std_across_seeds():
     a = analysis.Run("t", "m", "0", None, np.array([50, 150, 160]), np.array([100.0, 200.0, 400.0]))
     b = analysis.Run("t", "m", "1", None, np.array([50]), np.array([300.0]))
     x, mean, low, high = plotting.curve_stats([a, b], bin_size=100, max_step=300)
-    assert list(x) == [50, 150, 250]
+    assert list(x) == [50, 155, 250]  # where the evaluations are (the empty bin: its centre)
     std = np.std([100.0, 300.0], ddof=1)
     np.testing.assert_allclose([mean[0], low[0], high[0]], [200.0, 200 - std, 200 + std])
     np.testing.assert_allclose([mean[1], low[1], high[1]], [300.0, 300.0, 300.0])  # one seed: no spread
@@ -85,3 +85,19 @@ def test_random_policy_baseline_option(tmp_path, capsys):
     assert "TASK=RETURN, got 'dmc_cheetah_run:7.4'" in capsys.readouterr().err
     assert plotting.main(args + ["--ymax", "0"]) == 2
     assert "--ymax must be positive, got" in capsys.readouterr().err
+
+
+def test_closeup_points_sit_at_the_evaluation_steps_and_offscale_lines_leave_the_legend(tmp_path, monkeypatch):
+    """Evaluations at 0/300/600 env steps in 150-step bins are drawn at 0/300/600 (not at the bins'
+    centres); the paper's lines far above a zoomed y-axis are neither drawn nor in the legend."""
+    runs = [analysis.Run("dmc_cartpole_balance", "dreamer", str(s), None, np.array([0, 300, 600]),
+                         np.array([30.0, 40.0, 50.0 + s])) for s in range(2)]
+    x, mean, _, _ = plotting.curve_stats(runs, bin_size=150, max_step=600)
+    assert list(x[np.isfinite(mean)]) == [0, 300, 600]
+    from matplotlib.figure import Figure
+    legends = []
+    monkeypatch.setattr(Figure, "legend", lambda self, handles, labels, **kw: legends.append(labels))
+    paper = analysis.load_paper_table()
+    plotting.plot_curves(runs, tmp_path / "closeup", ["dmc_cartpole_balance"], (), paper, 30, 600,
+                         ymax=70.0, random_policy={"dmc_cartpole_balance": 20.0})
+    assert legends == [["dreamer (this run)", "random policy"]]

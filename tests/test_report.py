@@ -150,3 +150,28 @@ def test_units_and_html_helpers():
     page = report_html.render("# T\n\n| a | b \\| c |\n|---|---|\n| `x` | **1.5** |\n\n- *it* [l](#t)\n", ".")
     assert "<th>a</th><th>b | c</th>" in page and '<td class="num"><strong>1.5</strong></td>' in page
     assert "<li><em>it</em> <a href=\"#t\">l</a></li>" in page and "<td><code>x</code></td>" in page
+
+
+def test_report_and_table_on_a_run_directory_or_any_parent(root, tmp_path, capsys):
+    """`--root` may be one run directory or a directory of runs at any depth: the runs are found by
+    their files, task and seed from their config. A root without runs is one line, exit 2."""
+    import shutil
+    from dreamer_tf.study import analysis, table
+    markdown, _ = _report(tmp_path, "--no-published", "--root", str(root / "dmc_walker_walk" / "dreamer" / "0"))
+    assert "1 run(s) under" in markdown and _row(markdown, "| dmc_walker_walk | dreamer | 0 |")[6] == "750.0"
+    nested = tmp_path / "nested" / "runs"
+    for task in ("dmc_walker_walk", "dmc_cheetah_run"):  # the runs two levels below a root
+        shutil.copytree(root / task, nested / task)
+    runs = analysis.find_runs(nested.parent)
+    assert sorted((r.task, r.method, r.seed) for r in runs) == sorted(
+        (r.task, r.method, r.seed) for r in analysis.find_runs(nested))
+    assert len(runs) == 5
+    assert table.main(["--no-published", "--root", str(nested / "dmc_walker_walk"), "--out", str(tmp_path / "t"),
+                       "--reps", "20"]) == 0
+    assert "| dmc_walker_walk | 700.0 ± 70.7 (n=2/2) |" in (tmp_path / "t_table.md").read_text()
+    capsys.readouterr()
+    (tmp_path / "empty").mkdir()
+    assert report.main(["--root", str(tmp_path / "empty"), "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert "no runs under" in err and "ROOT/<task>/<method>/<seed>/" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "e" / "report.md").exists()

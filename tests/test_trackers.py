@@ -233,6 +233,21 @@ def test_wandb_offline_run_holds_the_metrics_and_resume_continues_it(tmp_path, t
     assert values["batch_size"] == 3 and values["task"] == "dmc_cartpole_balance"
 
 
+def test_wandb_prints_no_run_summary_on_the_console(tmp_path, tracker_env):
+    """Without WANDB_SILENT, W&B's end-of-run history and summary (~35 lines) stay off the console;
+    the run's data is still written."""
+    code = ("from dreamer_tf import config\nfrom dreamer_tf.run.logger import Logger\n"
+            f"log = Logger({str(tmp_path)!r}, tensorboard=False, trackers=['wandb'], config=config.load('debug'))\n"
+            "for step in (0, 100):\n    log.write(step, {'model_loss': 1.0, 'test_return': 2.0})\n"
+            "log.commit(100)\nlog.close()\n")
+    env = {k: v for k, v in dict(os.environ, **tracker_env).items() if k not in ("WANDB_SILENT", "WANDB_CONSOLE")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = [l for l in (proc.stdout + proc.stderr).splitlines() if l.startswith("wandb:")]
+    assert len(printed) <= 4 and not any("Run summary" in l or "Run history" in l for l in printed), printed
+    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
 # ------------------------------------------------------------------------------------------------
 # A real training run
 

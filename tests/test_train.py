@@ -26,7 +26,9 @@ def cli(*args, timeout=600, check=True):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     logdir = tmp_path_factory.mktemp("run") / "debug"
-    cli("train", "--task", TASK, "--preset", "debug", "--logdir", str(logdir))
+    proc = cli("train", "--task", TASK, "--preset", "debug", "--logdir", str(logdir))
+    (logdir.parent / "stdout").write_text(proc.stdout)
+    (logdir.parent / "stderr").write_text(proc.stderr)
     return logdir
 
 
@@ -56,6 +58,14 @@ def test_end_to_end_debug_run(finished_run):
     assert (logdir / "checkpoints" / "latest").read_text().strip() == "ckpt-000000000600"
     from dreamer_tf import config
     assert config.load_file(logdir / "config.yaml") == config.load("debug", {"task": TASK})
+
+
+def test_last_progress_line_and_finished_line_show_the_final_test_return(finished_run):
+    final = [r for r in read_metrics(finished_run) if "test_return" in r][-1]
+    assert final["step"] == 600
+    progress = [l for l in (finished_run.parent / "stderr").read_text().splitlines() if l.startswith("[")]
+    assert progress[-1].startswith("[600/600]") and f"test_return={final['test_return']:.1f}" in progress[-1]
+    assert f"last test return {final['test_return']:.1f} (step 600)" in (finished_run.parent / "stdout").read_text()
 
 
 def test_eval_command_scores_saved_agent(finished_run):
@@ -235,3 +245,86 @@ def test_extending_a_finished_run_with_set_steps(finished_run):
     assert [r["train_episodes"] for r in rows if "train_return" in r] == list(range(1, 8))
     from dreamer_tf import config
     assert config.load_file(finished_run / "config.yaml").steps == 700
+
+
+def _cli_without_tf(*args: str) -> tuple[int, str, bool, str]:
+    """`dreamer-tf ARGS` in a fresh interpreter: (exit status, stderr, whether TensorFlow was imported,
+    stdout)."""
+    code = ("import sys; from dreamer_tf import cli; rc = cli.main(sys.argv[1:]); "
+            "print('tensorflow' in sys.modules); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120, env=ENV)
+    return proc.returncode, proc.stderr, proc.stdout.strip().endswith("True"), proc.stdout
+
+
+def test_truncated_stored_config_is_refused_before_anything_is_touched(tmp_path):
+    from dreamer_tf import config
+    logdir = tmp_path / "cut"
+    logdir.mkdir()
+    config.save(config.load("debug", {"task": TASK}), logdir / "config.yaml")
+    text = (logdir / "config.yaml").read_text()
+    (logdir / "config.yaml").write_text("".join(text.splitlines(keepends=True)[:10]))
+    status = '{"status": "interrupted", "step": 400}'
+    (logdir / "status.json").write_text(status)
+    for command in ("train",):
+        code, err, tf, _ = _cli_without_tf(command, "--logdir", str(logdir))
+        assert code == 2 and f"config file {logdir / 'config.yaml'} lacks" in err and "time_limit" in err, err
+        assert len(err.strip().splitlines()) == 1 and not tf
+    assert (logdir / "status.json").read_text() == status
+    (logdir / "config.yaml").write_text(text.replace("batch_size: 3", "batch_size: banana"))
+    code, err, tf, _ = _cli_without_tf("train", "--logdir", str(logdir))
+    assert code == 2 and f"config file {logdir / 'config.yaml'}: config key 'batch_size'" in err and not tf
+
+
+def test_bad_task_or_missing_checkpoint_is_one_line_before_tensorflow_and_leaves_no_run(tmp_path):
+    """A mistyped gym id makes no run directory (so the corrected command is not refused); eval of a
+    run without a checkpoint, or of a directory whose task cannot be built, is one line; none of these
+    waits for TensorFlow's import."""
+    from dreamer_tf import config
+    bad = tmp_path / "typo"
+    code, err, tf, _ = _cli_without_tf("train", "--preset", "debug", "--task", "gym_Taxi-v3", "--logdir", str(bad))
+    assert code == 2 and "unknown gymnasium id 'Taxi-v3'" in err and len(err.strip().splitlines()) == 1, err
+    assert not bad.exists() and not tf
+    logdir = tmp_path / "nockpt"
+    logdir.mkdir()
+    config.save(config.load("debug", {"task": TASK}), logdir / "config.yaml")
+    code, err, tf, _ = _cli_without_tf("eval", "--logdir", str(logdir))
+    assert code == 2 and "no checkpoint found" in err and len(err.strip().splitlines()) == 1 and not tf, err
+    config.save(config.load("debug", {"task": "gym_NoSuchEnv-v0"}), logdir / "config.yaml")
+    code, err, tf, _ = _cli_without_tf("eval", "--logdir", str(logdir), "--random")
+    assert code == 2 and "NoSuchEnv" in err and len(err.strip().splitlines()) == 1 and not tf, err
+
+
+def test_a_run_dir_without_checkpoint_or_episodes_takes_the_corrected_config(tmp_path):
+    """A start that failed on its task (ids a gym_import module registers are checked only in the
+    worker) leaves config.yaml and status.json: the corrected command replaces them; a run with
+    episodes or a checkpoint is still protected."""
+    from dreamer_tf import config
+    from dreamer_tf.run.logdir import RunError, prepare_logdir
+    config.save(config.load("debug", {"task": "gym_Mine-v0", "gym_import": "mypkg"}), tmp_path / "config.yaml")
+    (tmp_path / "status.json").write_text('{"status": "failed", "step": 0}')
+    fixed = config.load("debug", {"task": "gym_Pendulum-v1"})
+    assert prepare_logdir(fixed, tmp_path) == fixed and config.load_file(tmp_path / "config.yaml") == fixed
+    (tmp_path / "train_episodes").mkdir()
+    (tmp_path / "train_episodes" / "ep-0.npz").write_bytes(b"")
+    with pytest.raises(RunError, match="different config"):
+        prepare_logdir(config.load("debug"), tmp_path)
+
+
+def test_eval_random_policy_names_no_step_and_prints_the_video_path(tmp_path):
+    from dreamer_tf import config
+    config.save(config.load("debug", {"time_limit": 10}), tmp_path / "config.yaml")
+    code, err, tf, out = _cli_without_tf("eval", "--logdir", str(tmp_path), "--random", "--episodes", "1", "--video")
+    assert code == 0, err
+    assert out.startswith("random policy: return") and "step" not in out.splitlines()[0]
+    assert f"video: {tmp_path / 'eval' / 'eval-random.gif'}" in out and (tmp_path / "eval" / "eval-random.gif").exists()
+
+
+def test_every_train_and_eval_option_has_help_with_its_default():
+    from dreamer_tf import cli
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    for name in ("train", "eval"):
+        for action in commands[name]._actions:
+            assert action.help, f"{name} {action.option_strings} has no help"
+            if action.default not in (None, False) and action.dest != "help":
+                assert str(action.default) in action.help, f"{name} {action.option_strings}: default not shown"

@@ -152,8 +152,9 @@ def world_model_loss(model: WorldModel, data: Mapping[str, tf.Tensor], *, kl_sca
     kl, kl_clipped, post_dist, prior_dist = kl_loss(post, prior, free_nats)
     loss = kl_scale * kl_clipped - tf.add_n(list(likes.values()))
     metrics = dict(kl=kl, prior_ent=tf.reduce_mean(prior_dist.entropy()),
-                   post_ent=tf.reduce_mean(post_dist.entropy()),
-                   image_loss=-likes.get("image", tf.constant(0.0)), reward_loss=-likes["reward"])
+                   post_ent=tf.reduce_mean(post_dist.entropy()), reward_loss=-likes["reward"])
+    if "image" in likes:  # only with a decoder: no 0.0 for runs from states or without reconstruction
+        metrics["image_loss"] = -likes["image"]
     if "state" in likes:
         metrics["state_loss"] = -likes["state"]
     if "pcont" in likes:

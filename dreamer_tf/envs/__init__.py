@@ -23,7 +23,7 @@ from .spaces import Box, Discrete
 from .tasks import ATARI_FORM, GYM_FORM, TASKS, build_local, resolve
 
 __all__ = ["TASKS", "ATARI_FORM", "GYM_FORM", "make", "make_batch", "make_config_env",
-           "make_config_batch",
+           "make_config_batch", "check_config_env",
            "Env", "ProcessEnv", "Parallel", "WorkerError", "WorkerValueError", "Box",
            "Discrete", "spaces"]
 
@@ -116,3 +116,9 @@ def make_config_batch(cfg: Mapping[str, Any], n: int | None = None, seed: int | 
     kwargs = _config_kwargs(cfg)
     return make_batch(cfg["task"], cfg["envs"] if n is None else n,
                       cfg["seed"] if seed is None else seed, **kwargs, **options)
+
+
+def check_config_env(cfg: Mapping[str, Any], **options: Any) -> None:
+    """Validate what `make_config_batch(cfg, **options)` would build, without starting a worker: an
+    unknown task or gym id, a bad option value. Raises ValueError (one line)."""
+    resolve(cfg["task"], cfg["seed"], **_config_kwargs(cfg), **options)

@@ -10,7 +10,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["Collector", "random_actions", "evaluate", "RandomAgent", "make_envs", "spaces", "obs_keys"]
+__all__ = ["Collector", "random_actions", "evaluate", "RandomAgent", "make_envs", "check_envs", "env_options",
+           "spaces", "obs_keys"]
 
 
 class Collector:
@@ -87,6 +88,19 @@ def make_envs(config, num: int, seed: int, video: bool = False):
     """`num` environment worker processes for the config's task, seeded seed, seed+1, ...
     video: also render frames when the agent observes only the state (evaluation videos)."""
     from dreamer_tf import envs as envlib
+    return envlib.make_config_batch(config, num, seed, **env_options(config, video))
+
+
+def check_envs(config) -> None:
+    """Raise ValueError (one line) if `make_envs` could not build the config's task (an unknown task
+    or gym id, a bad option), without starting a worker; ids a gym_import module registers are only
+    checked in the worker."""
+    from dreamer_tf import envs as envlib
+    envlib.check_config_env(config, **env_options(config))
+
+
+def env_options(config, video: bool = False) -> dict:
+    """The suite's options from the config for `dreamer_tf.envs.make`."""
     if config.task.startswith("atari_"):
         options = dict(repeat_action_probability=config.atari_sticky,
                        terminal_on_life_loss=config.atari_life_done, noops=config.atari_noops)
@@ -98,7 +112,7 @@ def make_envs(config, num: int, seed: int, video: bool = False):
         options = {}
     if video and config.observation == "state":
         options["video"] = True
-    return envlib.make_config_batch(config, num, seed, **options)
+    return options
 
 
 def spaces(envs) -> tuple[dict, Any]:

@@ -13,7 +13,7 @@ from dreamer_tf import config as configlib
 from dreamer_tf.utils import DISK_ERRNOS, atomic_write_json, describe_write_error
 
 __all__ = ["RESUMABLE_KEYS", "Diverged", "RunError", "Stopped", "WriteFailed", "write_status",
-           "record_failure", "prepare_logdir", "move_newer_episodes"]
+           "record_failure", "prepare_logdir", "never_started", "move_newer_episodes"]
 
 # Keys that may change when a run is resumed (extending the budget, logging cadence, trackers).
 RESUMABLE_KEYS = ("steps", "eval_every", "log_every", "checkpoint_every", "video_every", "eval_episodes",
@@ -81,14 +81,21 @@ def prepare_logdir(config: configlib.Config, logdir: Path, force: bool = False) 
     logdir.mkdir(parents=True, exist_ok=True)
     path = logdir / "config.yaml"
     if path.exists():
-        stored = configlib.load_file(path)
+        stored = configlib.load_file(path, fill_missing=force)
         differ = configlib.diff(stored, config, ignore=RESUMABLE_KEYS)
-        if differ and not force:
+        if differ and not force and never_started(logdir):  # e.g. a mistyped task: nothing to keep
+            print(f"{logdir}: replacing the config of a run that has no checkpoint and no episodes", file=sys.stderr)
+        elif differ and not force:
             lines = ", ".join(f"{k}: stored {a!r} vs new {b!r}" for k, (a, b) in differ.items())
             raise RunError(f"logdir {logdir} was written with a different config ({lines}); "
                            f"use another logdir, or --force to resume with the new config")
     configlib.save(config, path)
     return config
+
+
+def never_started(logdir: Path) -> bool:
+    """No checkpoint and no stored episode: a start that failed on its config or task."""
+    return not any((logdir / "checkpoints").glob("ckpt-*")) and not any((logdir / "train_episodes").glob("*.npz"))
 
 
 def move_newer_episodes(logdir: Path, episode_dir: Path, last_episode: str) -> None:

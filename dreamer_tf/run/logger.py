@@ -228,11 +228,12 @@ class Progress:
         for key, value in info.items():
             self.info[key] = f"{value:.1f}" if isinstance(value, float) else str(value)
 
-    def update(self, step: int) -> None:
+    def update(self, step: int, force: bool = False) -> None:
+        """Advance to `step`; without a terminal, a line a minute (`force`: now)."""
         if self._bar is not None:
             self._bar.update(step - self.step)
-            self._bar.set_postfix(self.info, refresh=False)
-        elif time.time() - self._last_print > 60 or step >= self.total:
+            self._bar.set_postfix(self.info, refresh=force)
+        elif time.time() - self._last_print > 60 or force:
             rate = (step - self._start_step) / max(time.time() - self._start_time, 1e-6)
             eta = (self.total - step) / rate if rate > 0 else float("inf")
             extras = " ".join(f"{k}={v}" for k, v in self.info.items())

@@ -161,6 +161,7 @@ class Trainer:
             if s.step >= s.next_eval:
                 self._evaluate()
             self._checkpoint()
+            self._progress.update(s.step, force=True)  # the last line shows the final evaluation
             write_status(self.logdir, "finished", s.step, c.steps)
         except (Stopped, Diverged) as e:
             if isinstance(e, Diverged):

@@ -24,7 +24,10 @@ def score(logdir: str | Path, episodes: int, checkpoint: str | None = None, seed
     if not (logdir / "config.yaml").exists():
         raise RunError(f"{logdir} is not a run directory (no config.yaml)")
     config = configlib.load_file(logdir / "config.yaml")
-    env = make_envs(config, 1, seed=seed if seed is not None else config.seed * 1000 + 777)
+    try:  # video: a state-observation run's env renders frames for the GIF only (the agent never sees them)
+        env = make_envs(config, 1, seed=seed if seed is not None else config.seed * 1000 + 777, video=video)
+    except ValueError as e:  # the run's task cannot be built here (e.g. a mistyped gym id): one line
+        raise RunError(f"{logdir}: cannot make the environment of task {config.task!r}: {e}") from None
     try:
         obs_space, act_space = spaces(env)
         if random:

@@ -285,7 +285,11 @@ class WandbTracker(Tracker):
                     "WANDB_RUN_GROUP": ("group", self.config.get("task")),
                     "WANDB_DIR": ("dir", str(self.logdir))}
         kwargs = {arg: value for env, (arg, value) in defaults.items() if not os.environ.get(env) and value}
-        self.run = wandb.init(id=run_id, resume="allow", reinit="create_new", **kwargs)
+        # quiet: no ~35-line history and summary on the console at the end (the run keeps them); the
+        # user's WANDB_QUIET / WANDB_SILENT win.
+        quiet = {} if os.environ.get("WANDB_QUIET") or os.environ.get("WANDB_SILENT") else {"quiet": True}
+        self.run = wandb.init(id=run_id, resume="allow", reinit="create_new", settings=wandb.Settings(**quiet),
+                              **kwargs)
         self.run.define_metric("env_steps")
         for prefix in ("train", "test", "perf", "eval", "video"):
             self.run.define_metric(f"{prefix}/*", step_metric="env_steps")

@@ -1,6 +1,7 @@
 """Loading benchmark runs and published scores; binning, final scores, IQM and bootstrap CIs.
 
-A run directory is `ROOT/<task>/<method>/<seed>/` holding `metrics.jsonl` (rows with `step` and
+A run directory is `ROOT/<task>/<method>/<seed>/` (or any directory holding a config.yaml, with
+task and seed from that config: see `find_runs`) holding `metrics.jsonl` (rows with `step` and
 `test_return` / `train_return`), `config.yaml` and `status.json` (written by `dreamer_tf.train`).
 
 Final score rule (used for the table and the aggregate figure, and applied identically to the
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -32,9 +34,10 @@ from dreamer_tf.utils import DISK_ERRNOS, describe_write_error, make_dir
 
 __all__ = [
     "BENCHMARK_TASKS", "DMC_MAX_RETURN", "PUBLISHED_BUDGET", "PUBLISHED_METHOD", "PAPER_COLUMNS",
-    "Run", "SeedResult", "TaskSummary", "published_dir", "load_run", "find_runs",
+    "Run", "SeedResult", "TaskSummary", "published_dir", "load_run", "find_runs", "run_identity",
     "load_published_curves", "load_paper_table", "load_baselines", "bin_curve", "bin_runs",
     "final_score", "summarize", "iqm", "stratified_bootstrap_ci", "aggregate", "aggregate_tasks",
+    "comparable",
 ]
 
 # The 20 DeepMind Control Suite tasks of the paper (Hafner et al., 2020, Fig. 2 and appendix).
@@ -181,20 +184,25 @@ def _series(rows: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(steps, dtype=np.int64), np.asarray(values, dtype=np.float64)
 
 
+def _read_config(path: Path) -> dict:
+    """The run's config.yaml as a dict ({} when missing or unreadable: that only costs what it says)."""
+    config_path = path / "config.yaml"
+    if not config_path.exists():
+        return {}
+    from ruamel.yaml import YAML
+
+    try:
+        values = YAML(typ="safe").load(config_path.read_text())
+    except Exception:
+        return {}
+    return values if isinstance(values, dict) else {}
+
+
 def _read_budget(path: Path, status: Mapping) -> int | None:
     if isinstance(status.get("steps"), (int, float)):
         return int(status["steps"])
-    config_path = path / "config.yaml"
-    if config_path.exists():
-        from ruamel.yaml import YAML
-
-        try:
-            values = YAML(typ="safe").load(config_path.read_text())
-            if isinstance(values, dict) and isinstance(values.get("steps"), (int, float)):
-                return int(values["steps"])
-        except Exception:  # an unreadable config only costs the budget, reported as unknown
-            pass
-    return None
+    steps = _read_config(path).get("steps")
+    return int(steps) if isinstance(steps, (int, float)) else None
 
 
 def load_run(path: str | Path, task: str | None = None, method: str | None = None,
@@ -232,23 +240,58 @@ def load_run(path: str | Path, task: str | None = None, method: str | None = Non
 
 
 _RUN_FILES = ("metrics.jsonl", "status.json", "config.yaml")
+LAYOUT = "ROOT/<task>/<method>/<seed>/"
+
+
+def _run_dirs(root: Path) -> list[Path]:
+    """Run directories at or below `root`: any directory holding config.yaml, and in the layout's
+    <task>/<method>/<seed>/ also one holding only metrics.jsonl or status.json (a run just starting).
+    A run's own subdirectories (checkpoints/, wandb/, ...) are not searched."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        depth = len(Path(dirpath).relative_to(root).parts)
+        if "config.yaml" in filenames or (depth == 3 and any(n in filenames for n in _RUN_FILES)):
+            found.append(Path(dirpath))
+            dirnames[:] = []
+        else:
+            dirnames.sort()
+    return sorted(found)
+
+
+def run_identity(root: Path, path: Path) -> tuple[str, str, str]:
+    """(task, method, seed) of the run at `path`: its place in ROOT/<task>/<method>/<seed>/ when it is
+    there (and its config does not name another task); otherwise the config's task and seed, and as
+    method the directory's name (its parent's when the name is a number, i.e. a seed directory)."""
+    parts = path.relative_to(root).parts
+    config = _read_config(path)
+    if len(parts) == 3 and config.get("task", parts[0]) == parts[0]:
+        return parts[0], parts[1], parts[2]
+    absolute = path.resolve()
+    name = absolute.name
+    method = absolute.parent.name if name.isdigit() else name
+    seed = config.get("seed", name)
+    return str(config.get("task", absolute.parent.parent.name)), method, str(seed)
 
 
 def find_runs(root: str | Path, tasks: Iterable[str] | None = None,
               methods: Iterable[str] | None = None) -> list[Run]:
-    """All runs `ROOT/<task>/<method>/<seed>/` that hold metrics, a status or a config."""
+    """All runs at or below `root`: the layout ROOT/<task>/<method>/<seed>/, a single run directory,
+    or directories of runs at any depth (see `run_identity`). Raises FileNotFoundError when `root`
+    does not exist or holds no run."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"benchmark root {root} does not exist")
+    paths = _run_dirs(root)
+    if not paths:
+        raise FileNotFoundError(f"no runs under {root}: expected run directories (config.yaml and "
+                                f"metrics.jsonl) in the layout {LAYOUT}, or a run directory itself")
     tasks = set(tasks) if tasks is not None else None
     methods = set(methods) if methods is not None else None
     runs = []
-    for path in sorted(p for p in root.glob("*/*/*") if p.is_dir()):
-        if not any((path / name).exists() for name in _RUN_FILES):
-            continue
-        task, method = path.parent.parent.name, path.parent.name
+    for path in paths:
+        task, method, seed = run_identity(root, path)
         if (tasks is None or task in tasks) and (methods is None or method in methods):
-            runs.append(load_run(path))
+            runs.append(load_run(path, task, method, seed))
     return runs
 
 
@@ -405,16 +448,27 @@ def stratified_bootstrap_ci(scores_per_task: Sequence[np.ndarray], statistic: st
     return point, float(low), float(high)
 
 
+def _scored(summaries: Mapping[str, Mapping[str, TaskSummary]], method: str, task: str) -> bool:
+    return task in summaries[method] and summaries[method][task].n > 0
+
+
 def aggregate_tasks(summaries: Mapping[str, Mapping[str, TaskSummary]], tasks: Iterable[str],
                     methods: Iterable[str] = ()) -> list[str]:
-    """Tasks to aggregate over so methods are compared on equal footing: those of `tasks` where
-    any of `methods` has a final score; all of `tasks` when `methods` is empty or has none."""
+    """Tasks to aggregate over so methods are compared on equal footing: those of `tasks` where every
+    one of `methods` that has any final score has one. When they share no task: those where any has
+    one (`comparable` then tells the rows apart). All of `tasks` when no method has a score."""
     tasks = list(tasks)
-    methods = [m for m in methods if m in summaries]
+    methods = [m for m in methods if m in summaries and any(_scored(summaries, m, t) for t in tasks)]
     if not methods:
         return tasks
-    chosen = [t for t in tasks if any(t in summaries[m] and summaries[m][t].n for m in methods)]
-    return chosen or tasks
+    common = [t for t in tasks if all(_scored(summaries, m, t) for m in methods)]
+    return common or [t for t in tasks if any(_scored(summaries, m, t) for m in methods)]
+
+
+def comparable(summaries: Mapping[str, Mapping[str, TaskSummary]], method: str, tasks: Sequence[str]) -> int:
+    """How many of `tasks` `method` has final scores on: an aggregate over fewer than len(tasks) is
+    not comparable with one over all of them."""
+    return sum(1 for t in tasks if method in summaries and _scored(summaries, method, t))
 
 
 def aggregate(summaries: Mapping[str, TaskSummary], tasks: Iterable[str] | None = None,
@@ -430,8 +484,8 @@ def aggregate(summaries: Mapping[str, TaskSummary], tasks: Iterable[str] | None 
 
 def add_selection_args(p) -> None:
     """The options `dreamer-tf plot` and `dreamer-tf table` share: which runs, and how to score them."""
-    p.add_argument("--root", default=None, help="benchmark root ROOT/<task>/<method>/<seed>/ "
-                   "(default: none, the published data alone)")
+    p.add_argument("--root", default=None, help="benchmark root ROOT/<task>/<method>/<seed>/, a run "
+                   "directory, or any directory of runs (default: none, the published data alone)")
     p.add_argument("--tasks", nargs="+", default=None, help="default: the 20 paper tasks")
     p.add_argument("--methods", nargs="+", default=None, help="default: every method under ROOT")
     p.add_argument("--window", type=float, default=0.1,
@@ -455,12 +509,20 @@ def task_order(tasks: Iterable[str] | None, runs: Iterable[Run]) -> list[str]:
     return list(BENCHMARK_TASKS) + sorted({r.task for r in runs} - set(BENCHMARK_TASKS))
 
 
+def check_tasks(tasks: Iterable[str] | None) -> None:
+    """ValueError (one line, listing the valid names) for a --tasks entry that is no task."""
+    from dreamer_tf.envs.tasks import parse_task
+    for task in tasks or ():
+        parse_task(task)
+
+
 def tool_main(args, verb: str, body: Callable[[], int]) -> int:
     """The frame `dreamer-tf plot` and `table` share: check the selection, run `body`, and turn a
     missing file or a bad value into one line on stderr and exit status 2."""
     error = selection_error(args, verb)
     if error is None:
         try:
+            check_tasks(args.tasks)
             if args.out:  # an unwritable --out is one line, before any work
                 make_dir(Path(args.out).parent, f"--out {args.out}: directory")
             return body()

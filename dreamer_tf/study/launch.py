@@ -112,6 +112,14 @@ def _check_name(kind: str, value: str) -> str:
     return value
 
 
+def _check_env(cfg) -> None:
+    from dreamer_tf.run.collect import check_envs
+    try:
+        check_envs(cfg)
+    except ValueError as e:
+        raise BenchmarkError(str(e)) from None
+
+
 def plan(root: str | Path, tasks: Sequence[str] = BENCHMARK_TASKS, seeds: Sequence[int] = range(5),
          method: str = "dreamer", preset: str = "paper", overrides: Sequence[str] = (),
          steps: int | None = None, train_cmd: Sequence[str] | None = None) -> list[RunSpec]:
@@ -140,6 +148,8 @@ def plan(root: str | Path, tasks: Sequence[str] = BENCHMARK_TASKS, seeds: Sequen
         overrides.append(f"steps={int(steps)}")
         parsed["steps"] = int(steps)
     resolved = config.load(preset, parsed)  # ConfigError names a bad preset, key or value
+    for task in tasks:  # an unknown task fails here, once, not in every run and its retries
+        _check_env(config.load(preset, {**parsed, "task": task}))
     base = list(train_cmd) if train_cmd else [sys.executable, "-m", "dreamer_tf.train"]
     root = Path(root).absolute()
     specs = []

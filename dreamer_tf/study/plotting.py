@@ -35,7 +35,9 @@ _RUN_COLORS = ["#1f77b4", "#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#bcbd22"]
 def curve_stats(runs: Sequence[Run], bin_size: float = 1e5, max_step: float | None = None,
                 spread: str = "std", reps: int = 1000,
                 seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(bin centres, mean, low, high) across seeds of binned test returns.
+    """(x, mean, low, high) across seeds of binned test returns; x is the mean env step of the
+    evaluations in each bin (the bin's centre when it has none), so points sit where the runs were
+    evaluated, not between evaluations.
 
     spread 'std': mean ± one sample std (ddof=1; zero width with one seed); 'ci': 95% bootstrap
     percentile interval of the mean over seeds. Bins without data are NaN; a bin's statistics
@@ -44,6 +46,9 @@ def curve_stats(runs: Sequence[Run], bin_size: float = 1e5, max_step: float | No
     if spread not in ("std", "ci"):
         raise ValueError(f"spread must be 'std' or 'ci', got {spread!r}")
     centres, values = analysis.bin_runs(runs, bin_size, max_step)
+    steps = np.concatenate([r.eval_steps for r in runs]).astype(np.float64) if runs else np.zeros(0)
+    at = analysis.bin_curve(steps, steps, bin_size, centres[-1] + bin_size / 2)[1][:centres.size]
+    x = np.where(np.isfinite(at), at, centres)
     mean = np.full(centres.shape, np.nan)
     low, high = mean.copy(), mean.copy()
     rng = np.random.default_rng(seed)
@@ -58,7 +63,7 @@ def curve_stats(runs: Sequence[Run], bin_size: float = 1e5, max_step: float | No
         else:
             boot = column[rng.integers(0, column.size, (reps, column.size))].mean(axis=1)
             low[k], high[k] = np.percentile(boot, [2.5, 97.5])
-    return centres, mean, low, high
+    return x, mean, low, high
 
 
 def _figure(width: float, height: float):
@@ -123,12 +128,12 @@ def plot_curves(runs: Sequence[Run], out_prefix: str | Path, tasks: Sequence[str
                             markersize=4)
             ax.fill_between(x, low, high, color=color, alpha=0.2, lw=0)
             handles.setdefault(label, line)
-        if task in random_policy:
+        if task in random_policy and random_policy[task] <= ymax:
             line = ax.axhline(random_policy[task], color="black", ls=":", lw=1.2, label="random policy")
             handles.setdefault("random policy", line)
         for column, color in _BASELINE_STYLE.items():
             value = paper.get(task, {}).get(column)
-            if value is not None:
+            if value is not None and value <= ymax:  # above a zoomed axis: neither drawn nor in the legend
                 line = ax.axhline(value, color=color, ls="--", lw=1.0, label=PAPER_COLUMNS[column])
                 handles.setdefault(PAPER_COLUMNS[column], line)
         seeds = {m: len([r for r in runs if r.task == task and r.method == m]) for m in methods}
@@ -146,8 +151,8 @@ def plot_curves(runs: Sequence[Run], out_prefix: str | Path, tasks: Sequence[str
     for index in range(len(tasks), rows * columns):
         axes[index // columns][index % columns].set_visible(False)
     what = "mean ± 1 std across seeds" if spread == "std" else "mean and 95% bootstrap CI across seeds"
-    figure.suptitle(f"Test return in {format_steps(bin_size)}-env-step bins: {what}; dashed: final scores of the "
-                    "paper's table", fontsize=10)
+    dashed = "; dashed: final scores of the paper's table" if any(PAPER_COLUMNS[c] in handles for c in PAPER_COLUMNS) else ""
+    figure.suptitle(f"Test return in {format_steps(bin_size)}-env-step bins: {what}{dashed}", fontsize=10)
     figure.legend(list(handles.values()), list(handles.keys()), loc="lower center",
                   ncol=min(len(handles), 6), fontsize=8, frameon=False)
     figure.tight_layout(rect=(0, 0.5 / (2.6 * rows + 0.9) + 0.02, 1, 0.97))
@@ -169,9 +174,9 @@ def plot_aggregate(summaries: dict[str, dict[str, analysis.TaskSummary]], out_pr
         if agg is None:
             entries.append((f"{method} (this run) [no final scores yet]", None, "k", False))
             continue
-        count = sum(1 for t in tasks if (s := summaries[method].get(t)) and s.n)
+        count = analysis.comparable(summaries, method, tasks)
         label = ("Dreamer, published curves" if method == PUBLISHED_METHOD
-                 else f"{method} (this run)") + f" [{count} tasks]"
+                 else f"{method} (this run)") + f" [{count} tasks{'; not comparable' if count < len(tasks) else ''}]"
         color = _PUBLISHED_COLOR if method == PUBLISHED_METHOD else _RUN_COLORS[i % len(_RUN_COLORS)]
         entries.append((label, agg, color, True))
     for column, color in _BASELINE_STYLE.items():
@@ -199,7 +204,7 @@ def plot_aggregate(summaries: dict[str, dict[str, analysis.TaskSummary]], out_pr
     axes[0].set_yticks(range(len(entries)))
     axes[0].set_yticklabels([e[0] for e in entries], fontsize=8)
     axes[0].invert_yaxis()
-    subset = (f" (the {len(tasks)} tasks where this run has final scores)"
+    subset = (f" (the {len(tasks)} tasks where every method of this run has final scores)"
               if len(tasks) < len(all_tasks) else "")
     figure.suptitle(f"Final scores over tasks{subset} and seeds: bars = 95% stratified-bootstrap CI "
                     "(rliable);\ndiamonds = paper table (one score per task, no CI)", fontsize=9)

@@ -150,20 +150,29 @@ def aggregate_markdown(table: Table) -> str:
 
 def _aggregate_lines(table: Table) -> list[str]:
     rows = []
+    total = len(table.aggregate_tasks)
+    partial = False  # a row over fewer tasks than the others: not comparable with them
     for method in table.methods:
         agg = table.aggregates.get(method)
         if agg:
-            tasks = sum(1 for t in table.aggregate_tasks if (s := table.summaries[method].get(t)) and s.n)
+            tasks = analysis.comparable(table.summaries, method, table.aggregate_tasks)
+            flag = f" ⚠ not comparable: {tasks} of {total} tasks" if tasks < total else ""
+            partial |= tasks < total
             fmt = lambda ci: f"{ci[0]:.3f} [{ci[1]:.3f}, {ci[2]:.3f}]"  # noqa: E731
-            rows.append(f"| {_label(method)} | {fmt(agg['mean'])} | {fmt(agg['iqm'])} | {tasks} |")
+            rows.append(f"| {_label(method)}{flag} | {fmt(agg['mean'])} | {fmt(agg['iqm'])} | {tasks} |")
     for column, agg in table.paper_aggregates.items():
         rows.append(f"| {PAPER_COLUMNS[column]} (one score per task) | {agg['mean']:.3f} | "
                     f"{agg['iqm']:.3f} | {agg['tasks']} |")
     if not rows:
         return []
-    subset = (f" Aggregates run over the {len(table.aggregate_tasks)} tasks where this run has final "
-              "scores, for every method, so they compare like with like."
-              if len(table.aggregate_tasks) < len(table.tasks) else "")
+    own = [m for m in table.methods if m != PUBLISHED_METHOD]
+    names = "every method of this run" if len(own) > 1 else "this run"
+    subset = (f" Aggregates run over the {total} task{'s' if total != 1 else ''} where {names} has final scores "
+              f"({', '.join(table.aggregate_tasks)}), for every method, so they compare like with like."
+              if total < len(table.tasks) else "")
+    if partial:
+        subset += (" Rows marked ⚠ have final scores on fewer of these tasks than the others: their "
+                   "aggregates are over other tasks and not comparable with them.")
     return ["Aggregate normalised final score (return / 1000) over tasks and seeds, with 95% "
             "stratified-bootstrap percentile CIs (rliable methodology, Agarwal et al., 2021; "
             "fixed bootstrap seed). The pooled mean weights each task by its number of seeds with a "
