@@ -24,6 +24,8 @@ def score(logdir: str | Path, episodes: int, checkpoint: str | None = None, seed
     if not (logdir / "config.yaml").exists():
         raise RunError(f"{logdir} is not a run directory (no config.yaml)")
     config = configlib.load_file(logdir / "config.yaml")
+    from dreamer_tf.run.devices import configure_gpus
+    configure_gpus(config.gpu_memory)  # before the first tensor (run/devices.py)
     env = make_envs(config, 1, seed=seed if seed is not None else config.seed * 1000 + 777)
     try:
         obs_space, act_space = spaces(env)
