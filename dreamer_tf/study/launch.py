@@ -441,7 +441,8 @@ def _execute(spec: RunSpec, attempt: int, env: dict[str, str] | None = None,
 def _report(result: RunResult, out) -> None:
     spec = result.spec
     if result.outcome == "finished":
-        print(f"finished  {spec.name} in {result.seconds / 60:.1f} min", file=out, flush=True)
+        where = f" on {result.node}" if result.node else ""
+        print(f"finished  {spec.name} in {result.seconds / 60:.1f} min{where}", file=out, flush=True)
     elif result.outcome == "busy":
         print(f"busy      {spec.name}: {result.message}", file=out, flush=True)
     elif result.outcome == DISK_FULL:
