@@ -341,7 +341,7 @@ class _Process:
         self.start = time.time()
         self.log = open(spec.logdir / LOG_NAME, "ab")
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        where = "" if self.gpu is None else f" ({CUDA_ENV}={self.gpu!r})"
+        where = f" ({', '.join(f'{k}={v!r}' for k, v in env.items())})" if env else ""
         self.log.write(f"\n=== benchmark attempt {attempt} at {stamp}{where}: "
                        f"{shlex.join(spec.command)}\n".encode())
         self.log.flush()

@@ -17,10 +17,11 @@ import sys
 from typing import Sequence
 
 from dreamer_tf.study.launch import (CUDA_ENV, RAY_INSTALL_HINT, BenchmarkError, RunResult, RunSpec, _execute,
-                                     _initial, _Interrupted, _report)
+                                     _initial, _Interrupted, _read_status, _report)
 
 __all__ = ["run_ray", "LOST_RETRIES", "LOCK_WAIT"]
 
+NODE_ENV = "DREAMER_TF_RAY_NODE"  # the Ray node id, in the trainer's environment
 LOST_RETRIES = 3  # resubmissions of a run whose node or worker was lost
 LOCK_WAIT = 300.0  # s a resubmitted run waits for the lost trainer to release the run's lock
 # Ray's errors for a task whose worker process or node went away (not the run's own failure).
@@ -32,9 +33,11 @@ def _ray_execute(spec: RunSpec, attempt: int, lock_wait: float = 0.0) -> tuple:
     returns its result plus 'node <id> (<host>), GPU <ids>'."""
     import ray
     gpus = ",".join(str(g) for g in ray.get_gpu_ids())
-    node = f"node {ray.get_runtime_context().get_node_id()[:8]} ({socket.gethostname()})"
+    node_id = ray.get_runtime_context().get_node_id()
+    node = f"node {node_id[:8]} ({socket.gethostname()})"
     where = f"{node}, GPU {gpus}" if gpus else node
-    return (*_execute(spec, attempt, {CUDA_ENV: gpus}, lock_wait), where)
+    env = {CUDA_ENV: gpus, NODE_ENV: node_id}  # the node also goes into train.log's attempt line
+    return (*_execute(spec, attempt, env, lock_wait), where)
 
 
 def _lost(error: BaseException) -> bool:
@@ -99,8 +102,10 @@ def run_ray(specs: Sequence[RunSpec], address: str | None = None, gpus_per_run: 
                 try:
                     code, seconds, outcome, step, message, tail, node = ray.get(done[0])
                 except Exception as e:  # the worker died (node lost, OOM kill)
-                    code, seconds, outcome, step, node = None, 0.0, "failed", 0, result.node
-                    message, tail = f"Ray task error: {type(e).__name__}: {e}".splitlines()[0], []
+                    code, seconds, outcome, node = None, 0.0, "failed", result.node
+                    step = int(_read_status(result.spec.logdir).get("step", 0) or 0)
+                    first = (str(e).splitlines() or [""])[0].split(". ")[0]  # Ray's first sentence
+                    message, tail = f"Ray task error: {type(e).__name__}: {first}", []
                     gone = _lost(e)
                 result.returncode, result.outcome, result.step = code, outcome, step
                 result.seconds += seconds
