@@ -171,13 +171,14 @@ def part_tasks(root: Path, steps: int, log) -> dict:
         ray.shutdown()
         cluster.shutdown()
     seconds = time.time() - start
+    load = os.getloadavg()[1]  # 5-minute load: the machine may be shared
     placed = {spec.name: [n[:8] for _, n in attempt_nodes(spec.logdir)] for spec in specs}
     report_dir = REPO / "results" / "ray_nodes"
     from dreamer_tf.study import report
     with redirect_stdout(io.StringIO()):
         code = report.main(["--root", str(root), "--out", str(report_dir), "--reps", "200", "--no-published"])
     return {"seconds": seconds, "launcher": tee.launcher_lines(), "placed": placed, "head": head_id,
-            "worker": worker_id, "report_exit": code,
+            "worker": worker_id, "report_exit": code, "load": load,
             "finished": sum(r.outcome == "finished" for r in results), "runs": len(results)}
 
 
@@ -218,7 +219,8 @@ def render(argv: list[str], failure: dict | None, tasks: dict | None, steps: int
                 on[n] = on.get(n, 0) + 1
         lines += ["## The 20 DMC tasks", "",
                   f"`debug` preset, 1 seed, `steps={steps}` (evaluations at 0 and {steps}), "
-                  f"{tasks['finished']} of {tasks['runs']} runs finished in {tasks['seconds'] / 60:.1f} min. "
+                  f"{tasks['finished']} of {tasks['runs']} runs finished in {tasks['seconds'] / 60:.1f} min "
+                  f"(5-minute load average {tasks['load']:.1f} at the end, on {os.cpu_count()} CPUs). "
                   f"Attempts per node: " + ", ".join(f"`{n}` ({'head' if tasks['head'].startswith(n) else 'worker'}): {k}"
                                                     for n, k in sorted(on.items())) + ". "
                   f"`dreamer-tf report --root ROOT --out results/ray_nodes --no-published --reps 200` "
