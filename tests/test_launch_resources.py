@@ -113,6 +113,9 @@ def test_concurrency_follows_the_gpu_slots():
     jobs, line = launch.concurrency(8, ["0", "1"], 2)
     assert jobs == 4 and "--jobs 8 capped to the GPU slots (GPUs 0,1 x 2 run(s) per GPU)" in line
     assert launch.concurrency(1, ["0", "1"])[0] == 1
+    for bad in ((0, None, 1), (None, None, 0), (None, ["0"], 0)):
+        with pytest.raises(launch.BenchmarkError, match="must be at least 1, got 0"):
+            launch.concurrency(*bad)
     assert launch.parse_gpu_ids("2,GPU-ab12, 3") == ["2", "GPU-ab12", "3"]
     assert launch.parse_gpu_ids("0,-1,1") == ["0"] and launch.parse_gpu_ids("") == []
 
@@ -131,7 +134,7 @@ def _overlaps(records: list[dict]) -> int:
 @pytest.mark.parametrize("gpus,per_gpu,runs", [("0,1", 1, 4), ("7", 2, 3)])
 def test_local_runs_get_their_own_gpu_slot(tmp_path, fake, capsys, monkeypatch, gpus, per_gpu, runs):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", gpus)  # the default --gpus: all visible
-    monkeypatch.setenv("FAKE_HOLD", "0.6")
+    monkeypatch.setenv("FAKE_HOLD", "1.0")  # longer than a trainer's start-up jitter
     tasks = ["dmc_cup_catch", "dmc_walker_walk", "dmc_cheetah_run", "dmc_reacher_easy"][:runs]
     root = tmp_path / "root"
     argv = ["--root", str(root), "--train-cmd", fake, "--steps", "1000", "--seeds", "0",

@@ -13,6 +13,12 @@ While a run trains, the launcher (or Ray worker) holds the run directory's lock 
 a second launcher nor a `dreamer-tf train` by hand writes into the directory at the same time; the
 trainer is started with a parent-death signal so it stops when its launcher is killed.
 
+GPUs (local backend): each concurrent run gets `CUDA_VISIBLE_DEVICES=<one GPU id>`, at most
+`runs_per_gpu` runs per GPU (`GpuSlots`); the slots bound the concurrency (`concurrency`). Disk:
+the plan estimates what each run writes (`dreamer_tf.study.disk`) and `disk_preflight` refuses a
+plan whose unfinished runs need more than ROOT's free space. A run that stops on a full disk is
+reported as `disk-full` and not retried.
+
 This module does not import TensorFlow (nor Ray, until the Ray backend is asked for).
 """
 from __future__ import annotations
@@ -266,6 +272,8 @@ def concurrency(jobs: int | None, gpus: Sequence[str] | None, per_gpu: int = 1) 
     `per_gpu` slots bound the concurrency: --jobs defaults to them and is capped at them."""
     if jobs is not None and jobs < 1:
         raise BenchmarkError(f"--jobs must be at least 1, got {jobs}")
+    if per_gpu < 1:
+        raise BenchmarkError(f"--runs-per-gpu must be at least 1, got {per_gpu}")
     if not gpus:
         why = "no GPUs given: CUDA_VISIBLE_DEVICES='' for every run" if gpus is not None else \
             "no GPUs found: each run inherits CUDA_VISIBLE_DEVICES"
