@@ -118,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"# {len(specs)} runs under {Path(args.root).absolute()}; command of the first:")
             print(f"# {shlex.join(specs[0].command)}")
         print(f"# {how}")
+        if not args.dry_run:
+            make_dir(args.root, "--root")  # one line now rather than a failure per run
         # A dry run shows a plan that does not fit (and says so); a start refuses it unless --force.
         print(f"# {disk_preflight(specs, args.root, args.force or args.dry_run)}", flush=True)
         if args.dry_run:
@@ -126,7 +128,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{run_state(spec):<9} {spec.name:<45} {spec.logdir}  needs {human(disk_needed(spec))}  "
                       f"(step {int(status.get('step', 0) or 0)}/{spec.steps})")
             return 0
-        make_dir(args.root, "--root")  # one line now rather than a failure per run
         if args.backend == "ray":
             results = run_ray(specs, args.address, args.gpus_per_run, args.cpus_per_run, args.retries)
         else:
