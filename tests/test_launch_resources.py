@@ -208,6 +208,14 @@ def test_preflight_refuses_a_plan_that_does_not_fit(tmp_path, fake, capsys, monk
     assert benchmark.main(argv + ["--dry-run"]) == 0
     out = capsys.readouterr().out
     assert f"# disk: the unfinished runs need {disk.human(need / 2)}," in out and ": fits" in out
+    half = root / "dmc_cup_catch/dreamer/0"  # half done, with checkpoints: the rest, one more checkpoint
+    (half / "checkpoints/ckpt-000002500000").mkdir(parents=True)
+    (half / "status.json").write_text(json.dumps({"status": "running", "step": 2_500_000}))
+    assert benchmark.main(argv + ["--dry-run"]) == 0
+    rest = disk.estimate(config.load("paper")).remaining(0.5, True)
+    assert f"# disk: the unfinished runs need {disk.human(rest)}," in capsys.readouterr().out
+    for run in (half, done):
+        (run / "status.json").unlink()
     # --force starts what does not fit.
     monkeypatch.setattr(launch.shutil, "disk_usage", lambda p: types.SimpleNamespace(free=1000))
     assert benchmark.main(argv + ["--steps", "1000"]) == 2
