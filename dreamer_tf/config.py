@@ -102,6 +102,18 @@ def _type_name(value: Any) -> str:
 
 # Keys whose values are of the default's type or one of these words (`precision: bf16`).
 _WORDS = {"precision": ("bf16",)}
+# Keys whose value is a word of `_range` (the default's type) or a positive whole number of MiB.
+_WORD_OR_MIB = frozenset({"gpu_memory"})
+
+
+def _word_or_mib(key: str, value: Any, spec: dict) -> str | int:
+    """`gpu_memory: growth` or `gpu_memory: 8192` (MiB); anything else is one ConfigError line."""
+    if type(value) is float and value.is_integer():
+        value = int(value)
+    if (type(value) is int and value > 0) or value in spec["_range"][key]:
+        return value
+    raise ConfigError(f"config key {key!r}: value {value!r} is not one of {spec['_range'][key]} "
+                      f"or a positive whole number of MiB")
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
@@ -176,6 +188,9 @@ def _apply(values: dict, overrides: Mapping[str, Any], spec: dict) -> dict:
             close = [k for k in defaults if k.split("_")[0] == key.split("_")[0] or key in k]
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise ConfigError(f"unknown config key {key!r}{hint} (known keys: {', '.join(sorted(defaults))})")
+        if key in _WORD_OR_MIB:
+            values[key] = _word_or_mib(key, value, spec)
+            continue
         value = _coerce(key, value, defaults[key])
         _check_range(key, value, spec)
         values[key] = value

@@ -17,7 +17,7 @@ __all__ = ["RESUMABLE_KEYS", "Diverged", "RunError", "Stopped", "WriteFailed", "
 
 # Keys that may change when a run is resumed (extending the budget, logging cadence, trackers).
 RESUMABLE_KEYS = ("steps", "eval_every", "log_every", "checkpoint_every", "video_every", "eval_episodes",
-                  "max_nonfinite", "envs", "loggers")
+                  "max_nonfinite", "envs", "loggers", "gpu_memory")
 
 
 class Diverged(RuntimeError):

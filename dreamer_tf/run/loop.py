@@ -92,7 +92,9 @@ class Trainer:
         import tensorflow as tf
         from dreamer_tf.agent import Dreamer
         from dreamer_tf.data import Replay
+        from dreamer_tf.run.devices import configure_gpus
         c = self.config
+        configure_gpus(c.gpu_memory)  # before the first tensor: TF maps all GPU memory otherwise
         tf.keras.utils.set_random_seed(c.seed)
         self.envs = make_envs(c, c.envs, seed=c.seed * 1000)
         self.eval_env = make_envs(c, 1, seed=c.seed * 1000 + 500, video=bool(c.video_every))

@@ -33,6 +33,8 @@ def score(logdir: str | Path, episodes: int, checkpoint: str | None = None, seed
         if random:
             agent, step = RandomAgent(act_space, seed or 0), 0
         else:
+            from dreamer_tf.run.devices import configure_gpus
+            configure_gpus(config.gpu_memory)  # before the first tensor (run/devices.py)
             from dreamer_tf.agent import Dreamer
             from dreamer_tf.run.checkpoint import CheckpointError
             agent = Dreamer(config, obs_space, act_space)

@@ -13,15 +13,23 @@ While a run trains, the launcher (or Ray worker) holds the run directory's lock 
 a second launcher nor a `dreamer-tf train` by hand writes into the directory at the same time; the
 trainer is started with a parent-death signal so it stops when its launcher is killed.
 
+GPUs (local backend): each concurrent run gets `CUDA_VISIBLE_DEVICES=<one GPU id>`, at most
+`runs_per_gpu` runs per GPU (`GpuSlots`); the slots bound the concurrency (`concurrency`). Disk:
+the plan estimates what each run writes (`dreamer_tf.study.disk`) and `disk_preflight` refuses a
+plan whose unfinished runs need more than ROOT's free space. A run that stops on a full disk is
+reported as `disk-full` and not retried.
+
 This module does not import TensorFlow (nor Ray, until the Ray backend is asked for).
 """
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,15 +41,20 @@ from pathlib import Path
 from typing import Sequence
 
 from dreamer_tf.run.lock import Locked, RunLock, is_locked
+from dreamer_tf.study import disk as disklib
+from dreamer_tf.study.disk import DiskEstimate
 from dreamer_tf.study.analysis import BENCHMARK_TASKS
 
-__all__ = ["RunSpec", "RunResult", "BenchmarkError", "RAY_INSTALL_HINT", "plan", "run_state", "run_local"]
+__all__ = ["RunSpec", "RunResult", "BenchmarkError", "RAY_INSTALL_HINT", "DISK_FULL", "GpuSlots", "concurrency",
+           "parse_gpu_ids", "disk_needed", "disk_preflight", "free_bytes", "plan", "run_state", "run_local", "visible_gpus"]
 
 RAY_INSTALL_HINT = ('the ray backend needs Ray, which is not installed. Install it with\n'
                     '    pip install "dreamer_tf[cluster]"\n'
                     'or  pip install "ray[default]"')
 LOG_NAME = "train.log"
 TAIL_LINES = 20
+CUDA_ENV = "CUDA_VISIBLE_DEVICES"
+DISK_FULL = "disk-full"  # outcome of a run that stopped on a full disk (or quota): never retried
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
@@ -57,6 +70,7 @@ class RunSpec:
     logdir: Path
     steps: int  # planned env steps (finished means status.json step >= steps)
     command: tuple[str, ...]
+    disk: DiskEstimate | None = None  # what the whole run writes (study/disk.py)
 
     @property
     def name(self) -> str:
@@ -74,6 +88,7 @@ class RunResult:
     step: int = 0
     message: str = ""
     log_tail: list[str] = field(default_factory=list)
+    node: str = ""  # Ray backend: the node (and GPU ids) of the last attempt
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,6 +167,7 @@ def plan(root: str | Path, tasks: Sequence[str] = BENCHMARK_TASKS, seeds: Sequen
         _check_env(config.load(preset, {**parsed, "task": task}))
     base = list(train_cmd) if train_cmd else [sys.executable, "-m", "dreamer_tf.train"]
     root = Path(root).absolute()
+    estimate = disklib.estimate(resolved)
     specs = []
     for task in tasks:
         for seed in seeds:
@@ -160,8 +176,125 @@ def plan(root: str | Path, tasks: Sequence[str] = BENCHMARK_TASKS, seeds: Sequen
                               "--preset", preset]
             if overrides:
                 command += ["--set", *overrides]
-            specs.append(RunSpec(task, method, seed, logdir, int(resolved.steps), tuple(command)))
+            specs.append(RunSpec(task, method, seed, logdir, int(resolved.steps), tuple(command), estimate))
     return specs
+
+
+# ----------------------------------------------------------------------------------------------
+# Disk preflight
+
+
+def disk_needed(spec: RunSpec) -> float:
+    """Bytes the run still adds under ROOT: nothing once finished, the rest of a partly done one."""
+    if spec.disk is None:
+        return 0.0
+    status = _read_status(spec.logdir)
+    step = int(status.get("step", 0) or 0)
+    if status.get("status") == "finished" and step >= spec.steps:
+        return 0.0
+    has_checkpoints = any((spec.logdir / "checkpoints").glob("ckpt-*"))
+    return spec.disk.remaining(step / spec.steps, has_checkpoints)
+
+
+def free_bytes(path: str | Path) -> int:
+    """Free bytes on the filesystem of `path` (or of its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def disk_preflight(specs: Sequence[RunSpec], root: str | Path, force: bool = False) -> str:
+    """One plan line: the disk the unfinished runs still need against ROOT's free space. Raises
+    BenchmarkError (one line naming both numbers) when it does not fit, unless `force`."""
+    needed = sum(disk_needed(spec) for spec in specs)
+    free = free_bytes(root)
+    human = disklib.human
+    per_run = ""
+    if specs and specs[0].disk is not None:
+        d = specs[0].disk
+        per_run = (f" (a whole run: {human(d.total)} = replay {human(d.replay)} + checkpoints "
+                   f"{human(d.checkpoints)} + videos {human(d.videos)} + logs {human(d.logs)})")
+    if needed > free and not force:
+        raise BenchmarkError(f"the plan needs {human(needed)} of disk under {Path(root).absolute()} but only "
+                             f"{human(free)} is free there; free space, use a smaller replay_store "
+                             f"(--set replay_store=cache), or pass --force")
+    fits = "fits" if needed <= free else "DOES NOT FIT (a start is refused without --force)"
+    return f"disk: the unfinished runs need {human(needed)}, {human(free)} free under ROOT: {fits}{per_run}"
+
+
+# ----------------------------------------------------------------------------------------------
+# GPUs of the local backend
+
+
+def parse_gpu_ids(text: str) -> list[str]:
+    """'0,1' -> ['0', '1'] as CUDA reads CUDA_VISIBLE_DEVICES: it stops at the first invalid id
+    ('-1' hides every GPU). Ids may be indices or UUIDs (GPU-...)."""
+    ids = []
+    for gpu in text.split(","):
+        gpu = gpu.strip()
+        if not gpu or gpu.startswith("-"):
+            break
+        ids.append(gpu)
+    return ids
+
+
+def visible_gpus() -> list[str]:
+    """This machine's GPU ids: from CUDA_VISIBLE_DEVICES if set, else nvidia-smi's, else none."""
+    if CUDA_ENV in os.environ:
+        return parse_gpu_ids(os.environ[CUDA_ENV])
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        listed = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in listed.stdout.splitlines() if line.strip()] if listed.returncode == 0 else []
+
+
+class GpuSlots:
+    """`per_gpu` concurrent runs on each GPU: a run `take`s the least loaded GPU and `give`s it
+    back when its trainer has exited."""
+
+    def __init__(self, gpus: Sequence[str], per_gpu: int = 1):
+        if per_gpu < 1:
+            raise BenchmarkError(f"--runs-per-gpu must be at least 1, got {per_gpu}")
+        if len(set(gpus)) != len(gpus):
+            raise BenchmarkError(f"--gpus contains duplicates: {list(gpus)}")
+        self.free = {gpu: per_gpu for gpu in gpus}
+        self.capacity = per_gpu * len(self.free)
+
+    def take(self) -> str:
+        gpu = max(self.free, key=self.free.__getitem__)  # the first of the least loaded
+        if self.free[gpu] <= 0:
+            raise RuntimeError("no free GPU slot")  # the caller keeps at most `capacity` runs
+        self.free[gpu] -= 1
+        return gpu
+
+    def give(self, gpu: str) -> None:
+        self.free[gpu] += 1
+
+
+def concurrency(jobs: int | None, gpus: Sequence[str] | None, per_gpu: int = 1) -> tuple[int, str]:
+    """(concurrent runs, one line for the plan). `gpus` None: no GPU set-up (each run inherits
+    CUDA_VISIBLE_DEVICES), []: CPU only (CUDA_VISIBLE_DEVICES='' for every run), else the ids whose
+    `per_gpu` slots bound the concurrency: --jobs defaults to them and is capped at them."""
+    if jobs is not None and jobs < 1:
+        raise BenchmarkError(f"--jobs must be at least 1, got {jobs}")
+    if per_gpu < 1:
+        raise BenchmarkError(f"--runs-per-gpu must be at least 1, got {per_gpu}")
+    if not gpus:
+        why = "no GPUs given: CUDA_VISIBLE_DEVICES='' for every run" if gpus is not None else \
+            "no GPUs found: each run inherits CUDA_VISIBLE_DEVICES"
+        return jobs or 1, f"{jobs or 1} concurrent run(s) ({why})"
+    capacity = GpuSlots(gpus, per_gpu).capacity
+    where = f"GPUs {','.join(gpus)} x {per_gpu} run(s) per GPU"
+    if jobs is None:
+        return capacity, f"{capacity} concurrent run(s), one per GPU slot ({where})"
+    if jobs > capacity:
+        return capacity, f"{capacity} concurrent run(s): --jobs {jobs} capped to the GPU slots ({where})"
+    return jobs, f"{jobs} concurrent run(s) ({where})"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,25 +331,42 @@ def _tail(path: Path, lines: int = TAIL_LINES) -> list[str]:
     return text.splitlines()[-lines:]
 
 
+def _acquire(spec: RunSpec, lock_wait: float) -> RunLock:
+    """The run's lock for the launcher to hand down; with `lock_wait` > 0 wait up to that long for
+    a holder to let go (the trainer of a lost Ray node still saving its checkpoint) before
+    raising `Locked`."""
+    deadline = time.time() + lock_wait
+    while True:
+        try:
+            return RunLock(spec.logdir).acquire(f"dreamer-tf benchmark (launcher of {spec.name})",
+                                                pass_down=True)
+        except Locked:
+            if time.time() >= deadline:
+                raise
+            time.sleep(1.0)
+
+
 class _Process:
     """A training subprocess holding the run's lock, with its output appended to train.log.
     Raises `Locked` when another process holds the run directory."""
 
-    def __init__(self, spec: RunSpec, attempt: int):
+    def __init__(self, spec: RunSpec, attempt: int, env: dict[str, str] | None = None,
+                 lock_wait: float = 0.0):
         self.spec = spec
         spec.logdir.mkdir(parents=True, exist_ok=True)
-        self.lock = RunLock(spec.logdir).acquire(f"dreamer-tf benchmark (launcher of {spec.name})",
-                                                  pass_down=True)
+        self.lock = _acquire(spec, lock_wait)
+        self.gpu = (env or {}).get(CUDA_ENV)  # this run's GPU share, None: as inherited
         self.start = time.time()
         self.log = open(spec.logdir / LOG_NAME, "ab")
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        self.log.write(f"\n=== benchmark attempt {attempt} at {stamp}: "
+        where = f" ({', '.join(f'{k}={v!r}' for k, v in env.items())})" if env else ""
+        self.log.write(f"\n=== benchmark attempt {attempt} at {stamp}{where}: "
                        f"{shlex.join(spec.command)}\n".encode())
         self.log.flush()
         try:
             self.popen = subprocess.Popen(
                 spec.command, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=self.lock.child_env(_child_env()), start_new_session=True,
+                env=self.lock.child_env({**_child_env(), **(env or {})}), start_new_session=True,
                 pass_fds=(self.lock.fileno(),), preexec_fn=_parent_death_signal)
         except OSError as e:
             self.log.write(f"=== could not start: {e}\n".encode())
@@ -256,6 +406,15 @@ class _Process:
         self.lock.release()  # the trainer's inherited copy keeps the lock until it exits
 
 
+# The trainer's one line for a full disk or quota (run/logdir.py record_failure: strerror, the file
+# and the free space); retrying it would only fail again at the same place.
+_DISK_FULL_WORDS = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))
+
+
+def _disk_full(status: dict, message: str) -> bool:
+    return status.get("status") == "failed" and any(w in message for w in _DISK_FULL_WORDS)
+
+
 def _judge(spec: RunSpec, returncode: int) -> tuple[str, int, str]:
     """(outcome, step, message): finished needs exit code 0 AND status.json finished at the budget."""
     status = _read_status(spec.logdir)
@@ -263,20 +422,24 @@ def _judge(spec: RunSpec, returncode: int) -> tuple[str, int, str]:
     message = str(status.get("message", ""))
     if returncode == 0 and status.get("status") == "finished" and step >= spec.steps:
         return "finished", step, message
+    if _disk_full(status, message):
+        return DISK_FULL, step, message
     if returncode == 0:
         message = (f"exited 0 but status.json says {status.get('status', 'nothing')!r} at step "
                    f"{step} of {spec.steps}" + (f": {message}" if message else ""))
     return "failed", step, message
 
 
-def _execute(spec: RunSpec, attempt: int) -> tuple[int, float, str, int, str, list[str]]:
-    """Run one training process to its end (used by Ray workers).
+def _execute(spec: RunSpec, attempt: int, env: dict[str, str] | None = None,
+             lock_wait: float = 0.0) -> tuple[int, float, str, int, str, list[str]]:
+    """Run one training process to its end (used by Ray workers), with `env` added to its
+    environment; `lock_wait`: see `_acquire`.
 
     Returns (returncode, seconds, outcome, step, message, log_tail); outcome 'busy' when another
     launcher holds the run's lock.
     """
     try:
-        process = _Process(spec, attempt)
+        process = _Process(spec, attempt, env, lock_wait)
     except Locked as e:
         return -1, 0.0, "busy", 0, str(e), []
     try:
@@ -285,7 +448,7 @@ def _execute(spec: RunSpec, attempt: int) -> tuple[int, float, str, int, str, li
         process.terminate(grace=30.0)
         process.close()
     outcome, step, message = _judge(spec, returncode)
-    tail = _tail(spec.logdir / LOG_NAME) if outcome != "finished" else []
+    tail = _tail(spec.logdir / LOG_NAME) if outcome not in ("finished", DISK_FULL) else []
     return returncode, time.time() - process.start, outcome, step, message, tail
 
 
@@ -296,9 +459,13 @@ def _execute(spec: RunSpec, attempt: int) -> tuple[int, float, str, int, str, li
 def _report(result: RunResult, out) -> None:
     spec = result.spec
     if result.outcome == "finished":
-        print(f"finished  {spec.name} in {result.seconds / 60:.1f} min", file=out, flush=True)
+        where = f" on {result.node}" if result.node else ""
+        print(f"finished  {spec.name} in {result.seconds / 60:.1f} min{where}", file=out, flush=True)
     elif result.outcome == "busy":
         print(f"busy      {spec.name}: {result.message}", file=out, flush=True)
+    elif result.outcome == DISK_FULL:
+        print(f"DISK FULL {spec.name} at step {result.step}/{spec.steps}, not retried: {result.message}",
+              file=out, flush=True)
     else:
         print(f"FAILED    {spec.name} (exit code {result.returncode}, attempt {result.attempts}, "
               f"step {result.step}/{spec.steps}){': ' + result.message if result.message else ''}\n"
@@ -320,13 +487,14 @@ def _initial(specs: Sequence[RunSpec]) -> list[RunResult]:
     return results
 
 
-def run_local(specs: Sequence[RunSpec], jobs: int = 1, retries: int = 1, grace: float = 30.0,
-              out=None) -> list[RunResult]:
-    """Run the unfinished specs as subprocesses, `jobs` at a time; failed runs are retried
-    (resumed) up to `retries` times. Ctrl-C / SIGTERM stop all trainers (SIGINT; SIGTERM and SIGKILL
-    after `grace` s) and mark them interrupted."""
-    if jobs < 1:
-        raise BenchmarkError(f"--jobs must be at least 1, got {jobs}")
+def run_local(specs: Sequence[RunSpec], jobs: int | None = None, retries: int = 1, grace: float = 30.0,
+              out=None, gpus: Sequence[str] | None = None, runs_per_gpu: int = 1) -> list[RunResult]:
+    """Run the unfinished specs as subprocesses, `jobs` at a time (see `concurrency` for `gpus` and
+    `runs_per_gpu`: each run gets CUDA_VISIBLE_DEVICES=<its GPU>); failed runs are retried
+    (resumed) up to `retries` times, except on a full disk. Ctrl-C / SIGTERM stop all trainers
+    (SIGINT; SIGTERM and SIGKILL after `grace` s) and mark them interrupted."""
+    jobs, _ = concurrency(jobs, gpus, runs_per_gpu)
+    slots = GpuSlots(gpus, runs_per_gpu) if gpus else None
     out = out or sys.stdout
     results = _initial(specs)
     queue = deque(r for r in results if r.outcome == "pending")
@@ -341,18 +509,20 @@ def run_local(specs: Sequence[RunSpec], jobs: int = 1, retries: int = 1, grace: 
             while queue and len(running) < jobs:
                 result = queue.popleft()
                 result.attempts += 1
+                gpu = slots.take() if slots else ("" if gpus is not None else None)
                 try:
-                    process = _Process(result.spec, result.attempts)
-                except Locked as e:
-                    result.outcome, result.message = "busy", str(e)
-                    _report(result, out)
-                    continue
-                except OSError as e:
-                    result.outcome, result.message = "failed", f"could not start: {e}"
+                    process = _Process(result.spec, result.attempts,
+                                       None if gpu is None else {CUDA_ENV: gpu})
+                except (Locked, OSError) as e:
+                    if slots:
+                        slots.give(gpu)
+                    result.outcome = "busy" if isinstance(e, Locked) else "failed"
+                    result.message = str(e) if isinstance(e, Locked) else f"could not start: {e}"
                     _report(result, out)
                     continue
                 state = result.before if result.attempts == 1 else "resume"
-                print(f"start     {result.spec.name} ({state}, attempt {result.attempts})",
+                on_gpu = "" if not gpu else f", GPU {gpu}"
+                print(f"start     {result.spec.name} ({state}, attempt {result.attempts}{on_gpu})",
                       file=out, flush=True)
                 running[id(result)] = (result, process)
             time.sleep(0.2)
@@ -362,6 +532,8 @@ def run_local(specs: Sequence[RunSpec], jobs: int = 1, retries: int = 1, grace: 
                     continue
                 process.reap_group()
                 process.close()
+                if slots:
+                    slots.give(process.gpu)  # free only now: the trainer and its workers are gone
                 del running[key]
                 result.returncode = code
                 result.seconds += time.time() - process.start

@@ -1,13 +1,48 @@
-"""The Ray backend of the benchmark launcher: one Ray task per run, with its GPU and CPU share."""
+"""The Ray backend of the benchmark launcher: one Ray task per run, with its GPU and CPU share.
+
+A run's trainer sees exactly the GPUs Ray assigned to its task (CUDA_VISIBLE_DEVICES from
+`ray.get_gpu_ids()`, '' for a task without GPUs), so runs sharing a GPU (`--gpus-per-run 0.5`) share
+only that one, each taking memory as it needs (config `gpu_memory: growth`, the default).
+
+A lost node or worker (NodeDiedError, WorkerCrashedError, ...) is not the run's failure: the run is
+resubmitted (up to LOST_RETRIES times, besides --retries) and Ray places it on a live node. Its
+trainer on the lost node gets its parent-death signal and saves a checkpoint on the way out; the
+new attempt waits up to LOCK_WAIT s for that trainer's lock on the shared ROOT, then resumes from
+the checkpoint.
+"""
 from __future__ import annotations
 
+import socket
 import sys
 from typing import Sequence
 
-from dreamer_tf.study.launch import (RAY_INSTALL_HINT, BenchmarkError, RunResult, RunSpec, _execute, _initial,
-                                     _Interrupted, _report)
+from dreamer_tf.study.launch import (CUDA_ENV, RAY_INSTALL_HINT, BenchmarkError, RunResult, RunSpec, _execute,
+                                     _initial, _Interrupted, _read_status, _report)
 
-__all__ = ["run_ray"]
+__all__ = ["run_ray", "LOST_RETRIES", "LOCK_WAIT"]
+
+NODE_ENV = "DREAMER_TF_RAY_NODE"  # the Ray node id, in the trainer's environment
+LOST_RETRIES = 3  # resubmissions of a run whose node or worker was lost
+LOCK_WAIT = 300.0  # s a resubmitted run waits for the lost trainer to release the run's lock
+# Ray's errors for a task whose worker process or node went away (not the run's own failure).
+LOST_ERRORS = ("NodeDiedError", "WorkerCrashedError", "LocalRayletDiedError", "OwnerDiedError")
+
+
+def _ray_execute(spec: RunSpec, attempt: int, lock_wait: float = 0.0) -> tuple:
+    """In a Ray worker: `_execute` with CUDA_VISIBLE_DEVICES = the GPUs Ray assigned this task;
+    returns its result plus 'node <id> (<host>), GPU <ids>'."""
+    import ray
+    gpus = ",".join(str(g) for g in ray.get_gpu_ids())
+    node_id = ray.get_runtime_context().get_node_id()
+    node = f"node {node_id[:8]} ({socket.gethostname()})"
+    where = f"{node}, GPU {gpus}" if gpus else node
+    env = {CUDA_ENV: gpus, NODE_ENV: node_id}  # the node also goes into train.log's attempt line
+    return (*_execute(spec, attempt, env, lock_wait), where)
+
+
+def _lost(error: BaseException) -> bool:
+    """Whether a task error means its node or worker went away (by class name: no Ray import here)."""
+    return any(cls.__name__ in LOST_ERRORS for cls in type(error).__mro__)
 
 
 def _import_ray():
@@ -50,9 +85,11 @@ def run_ray(specs: Sequence[RunSpec], address: str | None = None, gpus_per_run: 
                     f"each run asks for {need:g} {key}(s) but the Ray cluster has "
                     f"{available.get(key, 0):g} in total; lower --{key.lower()}s-per-run "
                     f"(e.g. --gpus-per-run 0 on a CPU-only cluster)")
-        remote = ray.remote(_execute).options(num_gpus=gpus_per_run, num_cpus=cpus_per_run,
-                                              max_retries=0)
+        # max_retries=0: this loop resubmits, so it can tell a lost node from a failed run.
+        remote = ray.remote(_ray_execute).options(num_gpus=gpus_per_run, num_cpus=cpus_per_run,
+                                                  max_retries=0)
         inflight = {}
+        lost: dict[int, int] = {}  # id(result) -> resubmissions after a lost node or worker
         for result in pending:
             result.attempts += 1
             inflight[remote.remote(result.spec, result.attempts)] = result
@@ -61,19 +98,29 @@ def run_ray(specs: Sequence[RunSpec], address: str | None = None, gpus_per_run: 
             while inflight:
                 done, _ = ray.wait(list(inflight), num_returns=1)
                 result = inflight.pop(done[0])
+                gone = False
                 try:
-                    code, seconds, outcome, step, message, tail = ray.get(done[0])
+                    code, seconds, outcome, step, message, tail, node = ray.get(done[0])
                 except Exception as e:  # the worker died (node lost, OOM kill)
-                    code, seconds, outcome, step = None, 0.0, "failed", 0
-                    message, tail = f"Ray task error: {type(e).__name__}: {e}".splitlines()[0], []
+                    code, seconds, outcome, node = None, 0.0, "failed", result.node
+                    step = int(_read_status(result.spec.logdir).get("step", 0) or 0)
+                    first = (str(e).splitlines() or [""])[0].split(". ")[0]  # Ray's first sentence
+                    message, tail = f"Ray task error: {type(e).__name__}: {first}", []
+                    gone = _lost(e)
                 result.returncode, result.outcome, result.step = code, outcome, step
                 result.seconds += seconds
-                result.message, result.log_tail = message, tail
+                result.message, result.log_tail, result.node = message, tail, node
                 _report(result, out)
-                if outcome == "failed" and result.attempts <= retries:
+                if gone and lost.get(id(result), 0) < LOST_RETRIES:
+                    lost[id(result)] = lost.get(id(result), 0) + 1
+                    result.attempts += 1
+                    print(f"retry     {result.spec.name} (node or worker lost; resuming elsewhere after "
+                          f"its lock is free)", file=out, flush=True)
+                    inflight[remote.remote(result.spec, result.attempts, LOCK_WAIT)] = result
+                elif outcome == "failed" and result.attempts - lost.get(id(result), 0) <= retries:
                     result.attempts += 1
                     print(f"retry     {result.spec.name} (resuming)", file=out, flush=True)
-                    inflight[remote.remote(result.spec, result.attempts)] = result
+                    inflight[remote.remote(result.spec, result.attempts, LOCK_WAIT if gone else 0.0)] = result
         except KeyboardInterrupt:
             print(f"interrupted: cancelling {len(inflight)} Ray task(s)", file=out, flush=True)
             for ref, result in inflight.items():
