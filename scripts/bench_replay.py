@@ -150,8 +150,8 @@ def per_task(episodes: dict[str, list[dict]]) -> list[dict]:
     from dreamer_tf.data import chunks
 
     codecs = _codecs()
-    candidates = [("lz4hc9", 8), ("lz4hc9", 16), ("lz4hc9", 32), ("lz4hc4", 16), ("lz4", 16),
-                  ("zlib6", 16), ("zlib6", 64)] + [(c, 16) for c in ("zstd1", "zstd3") if c in codecs]
+    candidates = [("lz4hc9", 16), ("lz4hc9", 32), ("lz4hc4", 32), ("lz4", 32), ("zlib6", 32),
+                  ("zlib6", 64)] + [(c, 32) for c in ("zstd1", "zstd3") if c in codecs]
     rows = []
     for task, eps in episodes.items():
         frames = sum(len(e["image"]) for e in eps)

@@ -6,7 +6,7 @@ small arrays (action, reward, discount, state) of every episode are, 4 bytes per
 ``Replay(store=...)``:
 
 * ``"chunks"`` (`ChunkStore`): every episode is written once as a chunked file
-  (`dreamer_tf.data.chunks`: LZ4-compressed chunks of 16 frames plus an index); a sampled window
+  (`dreamer_tf.data.chunks`: LZ4-compressed chunks of 32 frames plus an index); a sampled window
   is one ``pread`` of the chunks it overlaps, decoded in a small thread pool (LZ4 releases the
   GIL). About a quarter of the disk of ``"frames"`` (`DISK_BYTES_PER_FRAME`) and no second copy.
   Plain ``.npz`` episodes of older runs are rewritten as chunked files once, atomically, when a
@@ -239,7 +239,7 @@ class CacheStore:
 class ChunkStore:
     """Chunked episode files (`dreamer_tf.data.chunks`): one compressed copy, random access by chunk.
 
-    Keeps per episode only its `chunks.ChunkIndex` (8 bytes per chunk of 16 frames); no decoded
+    Keeps per episode only its `chunks.ChunkIndex` (8 bytes per chunk of 32 frames); no decoded
     frames are cached: with uniform sampling over millions of frames a cache would hit rarely.
     """
 
