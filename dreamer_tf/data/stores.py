@@ -316,11 +316,12 @@ class ChunkStore:
 
 STORES = ("chunks", "frames", "cache")
 
-# Disk per stored 64x64x3 frame, for disk estimates (e.g. a launcher's preflight). "chunks": the
-# largest chunked-file size per frame measured over the 20 DMC benchmark tasks' real frames
-# (results/replay_memory.md, per-task table), rounded up; "frames": the raw frame file plus the
-# largest .npz; "cache": the .npz alone.
-DISK_BYTES_PER_FRAME = {"chunks": 4096, "frames": 16384, "cache": 4096}
+# Disk per stored 64x64x3 frame, for disk estimates (e.g. a launcher's preflight): the largest
+# size per frame measured over the 20 DMC benchmark tasks' real frames under random actions
+# (results/replay_memory.md, per-task table; quadruped_run is the largest), with ~4% headroom.
+# "chunks": the chunked file (measured 4661); "frames": the raw frame file plus the .npz
+# (12288 + 4331); "cache": the .npz alone (4331). A paper run stores 2.5e6 frames.
+DISK_BYTES_PER_FRAME = {"chunks": 4864, "frames": 17280, "cache": 4544}
 
 
 def disk_bytes_per_frame(store: str = "chunks") -> int:
