@@ -46,6 +46,7 @@ import collections
 import io
 import logging
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -239,6 +240,19 @@ class CacheStore:
         pass
 
 
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """The decoding pool of `threads` threads, shared by every chunk store of the process (so
+    replays opened and dropped, e.g. by tests, do not each leave idle threads behind)."""
+    with _POOLS_LOCK:
+        if threads not in _POOLS:
+            _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="replay-chunks")
+        return _POOLS[threads]
+
+
 class ChunkStore:
     """Chunked episode files (`dreamer_tf.data.chunks`): one compressed copy, random access by chunk.
 
@@ -251,7 +265,6 @@ class ChunkStore:
     def __init__(self, frames_dir: Path, threads: int = 2):
         self.frames_dir = frames_dir  # where an older run's frame files may be (deleted on migration)
         self.threads = threads
-        self._pool: ThreadPoolExecutor | None = None
 
     def attach(self, episode: EpisodeEntry, image_shape: tuple[int, ...],
                images: np.ndarray | None) -> None:
@@ -284,9 +297,7 @@ class ChunkStore:
         copies release the GIL); the first failure is returned as in `read_in_order`."""
         if self.threads < 2 or len(jobs) < 2:
             return read_in_order(self, jobs)
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="replay-chunks")
-        futures = [self._pool.submit(self.read, *job) for job in jobs]
+        futures = [_pool(self.threads).submit(self.read, *job) for job in jobs]
         failed = None
         for (episode, _, _), future in zip(jobs, futures):
             error = future.exception()  # waits; every read finishes before the batch is reused
