@@ -1,4 +1,10 @@
-"""Tests of the `chunks` replay store (dreamer_tf/data/chunks.py, stores.ChunkStore)."""
+"""Tests of the `chunks` replay store (dreamer_tf/data/chunks.py, stores.ChunkStore).
+
+Each was seen failing on a broken store: frames reversed inside a chunk (round trip, same
+batches as `frames`, migration tests), a non-atomic chunked write (crash test), migration
+disabled (crash and run_v0 tests), one chunk per frame (index test), LZ4 errors swallowed
+(corrupt-chunk test).
+"""
 import shutil
 import subprocess
 import sys
