@@ -22,6 +22,7 @@ setup(
         "dm-control==1.0.50",
         "mujoco==3.17.0",  # mujoco 4.0 breaks dm_control 1.0.50 (flex_vertedge)
         "numpy>=1.26,<3",
+        "lz4>=4.3,<5",  # the replay's chunked episode files (dreamer_tf/data/chunks.py)
         "ruamel.yaml>=0.18",
         "imageio>=2.30",
         "tqdm>=4.60",

@@ -15,7 +15,7 @@ from dreamer_tf.data import EpisodeError, Replay, episode_paths, load_episode, s
 from dreamer_tf.data import sampler as S
 from dreamer_tf.data.stores import NullStore
 
-STORES = ["frames", "cache"]
+STORES = ["chunks", "frames", "cache"]
 
 
 def make_episode(eid: int, entries: int, action_dim: int = 2, state: bool = False, size: int = 8,
@@ -110,13 +110,13 @@ def test_crash_between_temp_write_and_rename_leaves_no_episode(tmp_path):
 
 
 def test_temp_files_of_old_and_new_writers_are_removed(tmp_path):
-    Replay(tmp_path).add(make_episode(0, 10))
+    Replay(tmp_path, store="frames").add(make_episode(0, 10))
     stale = [tmp_path / ".00000001-0123abcd-9.npz.89abcdef.tmp",  # written by earlier versions
              tmp_path / ".00000001-0123abcd-9.npz.tmp4242",  # by dreamer_tf.utils.atomic_write_bytes
              tmp_path / "frames" / ".00000001-0123abcd-9.npy.tmp4242"]
     for path in stale:
         path.write_bytes(b"partial")
-    replay = Replay(tmp_path)
+    replay = Replay(tmp_path, store="frames")
     assert not any(path.exists() for path in stale)
     assert replay.num_episodes == 1 and len(list((tmp_path / "frames").iterdir())) == 1
 
@@ -458,7 +458,7 @@ def test_mixing_image_and_state_only_episodes_is_refused(tmp_path, first):
     with_images = make_episode(0, 10, state=True)
     state_only = make_episode(1, 10, state=True, images=False)
     images_only = make_episode(2, 10)
-    replay = Replay(tmp_path)
+    replay = Replay(tmp_path, store="frames")
     if first == "image":
         replay.add(with_images)
         others = [(state_only, ["image"]), (images_only, ["state"])]
@@ -601,7 +601,7 @@ def test_invalid_sampler_choices_and_draws_are_rejected(tmp_path):
 @pytest.mark.parametrize("delete", [False, True])
 def test_capacity_drops_the_oldest_episodes(tmp_path, delete):
     # 20 transitions per episode x action_repeat 2 = 40 env steps; capacity 100 keeps two.
-    replay = Replay(tmp_path, capacity=100, action_repeat=2, delete=delete)
+    replay = Replay(tmp_path, capacity=100, action_repeat=2, delete=delete, store="frames")
     paths = [replay.add(make_episode(i, 21)) for i in range(2)]
     assert replay.paths() == paths and replay.num_steps == 40
     paths += [replay.add(make_episode(i, 21)) for i in range(2, 4)]
@@ -642,7 +642,7 @@ def test_cache_store_holds_at_most_cache_frames(tmp_path):
 
 def test_frames_store_keeps_no_images_in_memory_and_rebuilds_missing_files(tmp_path):
     episodes = [make_episode(i, 20) for i in range(3)]
-    replay = Replay(tmp_path)
+    replay = Replay(tmp_path, store="frames")
     for ep in episodes:
         replay.add(ep)
     assert replay.cached_frames == 0
@@ -651,7 +651,7 @@ def test_frames_store_keeps_no_images_in_memory_and_rebuilds_missing_files(tmp_p
     frames[1].unlink()  # lost
     frames[2].write_bytes(frames[2].read_bytes()[:500])  # truncated
     (tmp_path / "frames" / "99999999-00000000-5.npy").write_bytes(b"stale")  # episode gone
-    reloaded = Replay(tmp_path, seed=2)
+    reloaded = Replay(tmp_path, seed=2, store="frames")
     assert sorted((tmp_path / "frames").glob("*.npy")) == frames
     for _ in range(5):
         batch = reloaded.sample(4, 6)

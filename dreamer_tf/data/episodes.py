@@ -6,8 +6,12 @@ least one observation: ``image`` uint8 [T+1, H, W, C] and/or ``state`` float32 [
 (`check_episode`). An episode without ``image`` (an agent learning from proprioceptive states)
 has no ``image.npy`` in its file.
 
-Every episode is one compressed ``.npz`` file named ``{index:08d}-{uuid8}-{T}.npz`` (index =
-insertion order, so file name order is insertion order). Files are written atomically by
+Every episode is one file named ``{index:08d}-{uuid8}-{T}.npz`` (index = insertion order, so
+file name order is insertion order), in one of two forms: a plain compressed ``.npz`` (every
+array a deflated ``.npy``; written by the ``frames`` and ``cache`` stores and by earlier
+versions), or a chunked file (`dreamer_tf.data.chunks`: the same zip, small arrays deflated,
+images as separately compressed chunks of frames with an index; written by the ``chunks``
+store). `load_episode` reads both. Files are written atomically by
 `dreamer_tf.utils.atomic_write_bytes`: a hidden temp file ``.{name}.tmp*`` beside the target is
 written, fsynced and renamed into place, so a crash never leaves a partial ``*.npz``. A crash
 between write and rename leaves the hidden temp file; `remove_temp_files` deletes those (the
@@ -25,6 +29,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from dreamer_tf.data import chunks
 from dreamer_tf.utils import atomic_write_bytes
 
 __all__ = [
@@ -159,6 +164,11 @@ def write_npz(path: Path, episode: Mapping[str, np.ndarray]) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def write_chunked(path: Path, episode: Mapping[str, np.ndarray]) -> None:
+    """Write `episode` (with images) atomically as a chunked file (`dreamer_tf.data.chunks`)."""
+    atomic_write_bytes(path, chunks.encode(episode))
+
+
 def next_index(directory: Path) -> int:
     """One past the largest episode index in `directory` (0 if it holds none)."""
     indices = [int(m.group(1)) for p in episode_paths(directory) if (m := NAME_RE.match(p.name))]
@@ -223,21 +233,30 @@ def load_parts(path: Path, with_images: bool) -> tuple[dict[str, np.ndarray], tu
     path = Path(path)
     # Open the file ourselves: np.load leaks the handle when the zip is unreadable.
     with open(path, "rb") as fileobj, _open_npz(path, fileobj) as npz:
-        keys = sorted(k for k in npz.files)
+        chunked = chunks.is_chunked(npz.files)
+        names = [k for k in npz.files if k not in (chunks.IMAGE_MEMBER, chunks.INDEX_MEMBER)]
+        keys = sorted(names + ["image"] if chunked else names)
         check_keys(keys, f"episode file {path}")
         arrays = {}
         try:
-            for key in keys:
+            for key in names:
                 if key != "image" or with_images:
                     arrays[key] = npz[key]
             image_shape = None
-            if "image" in keys:
+            if chunked:
+                image_shape, image_dtype = tuple(chunks.read_meta(npz.zip)["shape"]), np.dtype(np.uint8)
+            elif "image" in keys:
                 with npz.zip.open("image.npy") as f:
                     image_shape, image_dtype, _ = read_npy_header(f)
         except EpisodeError:
             raise
-        except Exception as e:  # zlib.error, BadZipFile (CRC), ValueError, EOFError, ...
+        except Exception as e:  # zlib.error, BadZipFile (CRC), ValueError, EOFError, ChunkError, ...
             raise EpisodeError(f"episode file {path} is corrupt: {type(e).__name__}: {e}") from e
+    if chunked and with_images:
+        try:
+            arrays["image"] = chunks.decode_all(path)
+        except (chunks.ChunkError, OSError) as e:
+            raise EpisodeError(f"episode file {path} is corrupt: {e}") from e
     if image_shape is not None:
         if image_dtype != np.uint8:
             raise EpisodeError(f"episode file {path}: key 'image' has dtype {image_dtype}, expected uint8")

@@ -36,7 +36,6 @@ from dreamer_tf.data.episodes import (
     load_parts,
     next_index,
     remove_temp_files,
-    write_npz,
 )
 from dreamer_tf.data.sampler import (
     Sampler,
@@ -45,7 +44,7 @@ from dreamer_tf.data.sampler import (
     get_sampler,
     uniform_episodes,
 )
-from dreamer_tf.data.stores import EpisodeEntry, NullStore, store_factory
+from dreamer_tf.data.stores import EpisodeEntry, NullStore, episode_writer, store_factory
 
 __all__ = ["Replay"]
 
@@ -96,10 +95,13 @@ class Replay:
       seed: seed of the sampling generator (PCG64).
       balance: sample episodes uniformly (then a start) instead of windows uniformly; the same
         as `sampler="episode"`.
-      store: `"frames"` (uncompressed frame files, default) or `"cache"` (LRU of decoded images).
+      store: `"frames"` (uncompressed frame files beside the `.npz`, default), `"chunks"` (each
+        episode once, images in compressed chunks) or `"cache"` (LRU of decoded images); see
+        `stores`.
       delete: also delete the files of episodes dropped by `capacity`.
       action_repeat: env steps per transition, to count env steps and apply `capacity`.
-      frames_dir: where the `"frames"` store keeps its files (default `directory/frames`).
+      frames_dir: where the `"frames"` store keeps its files (default `directory/frames`); the
+        `"chunks"` store deletes an older run's frame files there.
       sampler: a name in `sampler.SAMPLERS` ("uniform": windows, "episode": episodes) or a
         sampler function (see `dreamer_tf.data.sampler`).
     """
@@ -129,7 +131,7 @@ class Replay:
         self._stored_steps = 0  # transitions of every episode loaded or added (incl. dropped)
         self._signature: dict[str, tuple] | None = None  # key -> per-step shape
         self._windows_cache: dict[int, Windows] = {}  # by length; cleared when episodes change
-        self._broken: EpisodeEntry | None = None  # episode being read by `_gather`
+        self._broken: EpisodeEntry | None = None  # episode whose read failed in `_gather`
         self._load()
 
     # -- loading and adding --------------------------------------------------------------------
@@ -178,7 +180,7 @@ class Replay:
                                         "added episode")
             length = len(episode["action"])
             path = self.directory / episode_name(self._next, length - 1)
-            write_npz(path, episode)
+            episode_writer(self.store_kind, signature)(path, episode)
             self._next += 1
             self._fix(signature)
             entry = EpisodeEntry(path, length, {k: v for k, v in episode.items() if k != "image"})
@@ -293,15 +295,17 @@ class Replay:
         batch = {k: np.empty((len(episodes), length) + shape, dtype)
                  for k, (shape, dtype) in self.signature.items()}
         # Read in episode order so one decode serves all windows of an episode (cache store).
-        for b in np.argsort(episodes, kind="stable"):
-            episode = self._episodes[episodes[b]]
-            start = int(starts[b])
-            self._broken = episode
-            if "image" in batch:  # else the replay has no image store (`NullStore`)
-                self._store.read(episode, start, batch["image"][b])
+        order = np.argsort(episodes, kind="stable")
+        if "image" in batch:  # else the replay has no image store (`NullStore`)
+            failed = self._store.read_many(
+                [(self._episodes[episodes[b]], int(starts[b]), batch["image"][b]) for b in order])
+            if failed is not None:
+                self._broken, error = failed
+                raise error
+        for b in order:
+            episode, start = self._episodes[episodes[b]], int(starts[b])
             for key, value in episode.small.items():
                 batch[key][b] = value[start:start + length]
-        self._broken = None
         return batch
 
     # -- random state --------------------------------------------------------------------------

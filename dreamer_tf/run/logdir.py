@@ -15,9 +15,10 @@ from dreamer_tf.utils import DISK_ERRNOS, atomic_write_json, describe_write_erro
 __all__ = ["RESUMABLE_KEYS", "Diverged", "RunError", "Stopped", "WriteFailed", "write_status",
            "record_failure", "prepare_logdir", "never_started", "move_newer_episodes"]
 
-# Keys that may change when a run is resumed (extending the budget, logging cadence, trackers).
+# Keys that may change when a run is resumed (extending the budget, logging cadence, trackers; the
+# replay store: every store yields the same batches, and "chunks" migrates an older run's files).
 RESUMABLE_KEYS = ("steps", "eval_every", "log_every", "checkpoint_every", "video_every", "eval_episodes",
-                  "max_nonfinite", "envs", "loggers", "gpu_memory")
+                  "max_nonfinite", "envs", "loggers", "gpu_memory", "replay_store")
 
 
 class Diverged(RuntimeError):
