@@ -402,13 +402,17 @@ def reading(rows: list[dict], tasks: list[dict]) -> list[str]:
                 f"Once the raw frame files outgrow the free page cache (12.6 GB at 1M frames) `frames` "
                 f"reads from disk and falls behind; the chunked files (3.4 GB at 2.5M) stay cached.")
         target = 60
-        lines.append(
-            f"- The {target} batches/s target was not reached in absolute terms on this machine: it ran "
-            f"at a 1-minute load of 9-14 on 2 cores (other sessions' test suites, and this branch's "
-            f"own tests for part of the run), where even `frames` reached only "
-            f"{max(r['batches_per_s'] for r in rows if r['store'] == 'frames')} batches/s at best (it "
-            f"made 313 at 50k frames on a quieter machine, results of 2026-11-25). Decoding costs "
-            f"~1-15 us per frame (per-task table), ~81 frames per sequence.")
+        if c["batches_per_s"] >= target:
+            lines.append(f"- `chunks` reaches the {target} batches/s target at {big} frames: "
+                         f"{c['batches_per_s']} batches/s (1-minute load {c['loadavg_1min']}).")
+        else:
+            lines.append(
+                f"- The {target} batches/s target was not reached in absolute terms on this machine: it ran "
+                f"at a 1-minute load of {min(r['loadavg_1min'] for r in rows)}-{max(r['loadavg_1min'] for r in rows)} "
+                f"on 2 cores (other jobs), where even `frames` reached only "
+                f"{max(r['batches_per_s'] for r in rows if r['store'] == 'frames')} batches/s at best (it "
+                f"made 313 at 50k frames on a quieter machine, results of 2026-11-25). Decoding costs "
+                f"~1-15 us per frame (per-task table), ~81 frames per sequence.")
     if "cache" in at:
         lines.append(
             f"- `cache` (50000 frames) stays the slow choice: {at['cache']['batches_per_s']} batches/s "
@@ -416,14 +420,14 @@ def reading(rows: list[dict], tasks: list[dict]) -> list[str]:
     return lines
 
 
-def save(data: dict) -> None:
+def save(data: dict, out: str = "replay_memory") -> None:
     from dreamer_tf.utils import atomic_write_text
 
     loads = [r["loadavg_1min"] for r in data["results"]]
     if loads:
         data["meta"]["loadavg_min"], data["meta"]["loadavg_max"] = min(loads), max(loads)
-    atomic_write_text(RESULTS / "replay_memory.json", json.dumps(data, indent=1) + "\n")
-    atomic_write_text(RESULTS / "replay_memory.md", markdown(data))
+    atomic_write_text(RESULTS / f"{out}.json", json.dumps(data, indent=1) + "\n")
+    atomic_write_text(RESULTS / f"{out}.md", markdown(data))
 
 
 def main() -> None:
@@ -439,6 +443,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", help="a subset of the 20 tasks (a quick check)")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite results/replay_memory.md from results/replay_memory.json")
+    parser.add_argument("--out", default="replay_memory", help="results/OUT.md and results/OUT.json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--render-task", help=argparse.SUPPRESS)
     parser.add_argument("--store", default="chunks", help=argparse.SUPPRESS)
@@ -459,8 +464,8 @@ def main() -> None:
                 print(f"rendered {task}", flush=True)
         return
     if args.report_only:
-        data = json.loads((RESULTS / "replay_memory.json").read_text())
-        RESULTS.joinpath("replay_memory.md").write_text(markdown(data))
+        data = json.loads((RESULTS / f"{args.out}.json").read_text())
+        atomic_write_text(RESULTS / f"{args.out}.md", markdown(data))
         return
 
     from dreamer_tf.utils import cpu_model_and_flags, git_commit
@@ -474,7 +479,7 @@ def main() -> None:
     }, "tasks": [], "results": []}
     episodes = real_episodes(real_dir, args.tasks or TASKS)
     data["tasks"] = per_task(episodes)
-    save(data)
+    save(data, args.out)
     pool = [e for eps in episodes.values() for e in eps]
     root = Path(args.dir) / "scaled"
     shutil.rmtree(root, ignore_errors=True)
@@ -502,7 +507,7 @@ def main() -> None:
                 row["disk"] = filler.disk()
                 data["results"].append(row)
                 print(json.dumps(row), flush=True)
-                save(data)
+                save(data, args.out)
     shutil.rmtree(root, ignore_errors=True)
 
 
