@@ -333,7 +333,7 @@ def cpu() -> tuple[str, bool]:
     return model, " avx512f " in text.replace("\n", " ")
 
 
-def report(result: dict, argv: Sequence[str]) -> str:
+def report(result: dict, argv: Sequence[str], commit: str = "unknown") -> str:
     model, avx512 = cpu()
     kills = [e for e in result["events"] if e["signal"] == "SIGKILL"]
     terms = [e for e in result["events"] if e["signal"] == "SIGTERM"]
@@ -348,7 +348,7 @@ def report(result: dict, argv: Sequence[str]) -> str:
         "# Reliability: SIGKILL and SIGTERM soak of a `debug` run",
         "",
         f"Command: `python scripts/soak.py {shlex.join(argv)}` "
-        f"({time.strftime('%Y-%m-%d')}; {os.cpu_count()} cores, {model}, "
+        f"({time.strftime('%Y-%m-%d')}, commit {commit}; {os.cpu_count()} cores, {model}, "
         f"avx512f: {'yes' if avx512 else 'no'}; the machine was shared with other jobs: load average "
         f"{result['load'][0]:.1f} at the start, {result['load'][1]:.1f} at the end).",
         "",
@@ -417,6 +417,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if logdir.exists() and any(logdir.iterdir()):
         p.error(f"--logdir {logdir} is not empty; the soak needs a fresh run")
     logdir.parent.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(ROOT))
+    from dreamer_tf.utils import git_commit
+    commit = git_commit(ROOT)  # the code under test, read before the runs
     extra = ["overlap=true"] if args.overlap else []
     reference = None
     if not args.no_compare:
@@ -427,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"reference run: {time.time() - started:.0f} s, {reference}")
     result = soak(logdir, args.kills, args.terms, args.steps, args.seed, args.jitter, args=extra,
                   reference=reference)
-    text = report(result, argv)
+    text = report(result, argv, commit)
     Path(args.out).write_text(text)
     print(text)
     print(f"run directory: {logdir}; wrote {args.out}")

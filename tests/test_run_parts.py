@@ -203,3 +203,21 @@ def test_episode_seeds_follow_role_worker_and_index_and_survive_a_resume():
     assert [worker[-1] for worker in envs.seeds] == [expected[0][-1], expected[1][-1]]
     with pytest.raises(ValueError, match="do not fit"):
         EpisodeSeeds(7, {"train": 2, "prefill": 2, "eval": 1}, {"train": [0]})
+
+
+def test_thread_pools_are_pinned_to_the_checkpoints_counts():
+    """A resume on a machine whose default pool sizes differ uses the recorded ones (with a
+    warning); equal counts or none recorded change nothing."""
+    import json
+    import subprocess
+    import sys
+    from dreamer_tf.run.threads import current_threads, pin_threads
+    pin_threads(None)
+    pin_threads(current_threads())  # the same counts: nothing to do, even with TensorFlow running
+    code = ("import json; from dreamer_tf.run.threads import current_threads, pin_threads; "
+            "pin_threads({'intra_op': 3, 'inter_op': 5}); import tensorflow as tf; tf.constant(1.0) + 1.0; "
+            "print(json.dumps(current_threads()))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.splitlines()[-1]) == {"intra_op": 3, "inter_op": 5}
+    assert "pinned TensorFlow thread pools to the checkpoint's {'intra_op': 3, 'inter_op': 5}" in proc.stderr
