@@ -120,7 +120,7 @@ def kill_schedule(seed: int, eval_step: int, checkpoint_every: int) -> list[tupl
     rng = random.Random(seed)
     term = rng.randrange(eval_step + 1, eval_step + checkpoint_every // 2)
     kill = rng.randrange(term - term % 100 + 150, 560)
-    return [("SIGKILL", 100, 1.0, "train_return"), ("SIGKILL", eval_step, 0.5, "train_updates"),
+    return [("SIGKILL", 100, 0.2, "train_return"), ("SIGKILL", eval_step, 0.5, "train_updates"),
             ("SIGTERM", term, 1.0, "step"), ("SIGKILL", kill, 1.0, "step")]
 
 
