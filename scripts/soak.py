@@ -1,7 +1,9 @@
 """Soak test of the run record: SIGKILLs and SIGTERMs at random moments of one `debug` run, then a
-check that the record reads as if nothing had happened. Writes results/reliability.md.
+check that the record reads as if nothing had happened and that it is the uninterrupted run of the
+same command, bit for bit. Writes results/reliability.md.
 
-    python scripts/soak.py --kills 6 --terms 3 --steps 3000 [--seed 0] [--logdir DIR] [--out FILE]
+    python scripts/soak.py --kills 6 --terms 3 --steps 3000 [--seed 0] [--overlap] [--no-compare]
+                           [--logdir DIR] [--out FILE]
 
 The signals go to the trainer process (not its environment workers), in a random order. Each one
 strikes once the run (after the previous resume's roll-back) has reached a random env step of its
@@ -12,7 +14,9 @@ evaluation, episode or checkpoint writes. After each one the same command resume
 * the evaluations (`test_return` rows) fall exactly at 0, eval_every, 2 eval_every, ...;
 * the episode files are N, numbered 0..N-1, and file k holds the return of counter k+1;
 * no environment worker of any attempt outlives the run, and no temp file is left;
-* the final status is `finished` at the planned step.
+* the final status is `finished` at the planned step;
+* (unless --no-compare) against an uninterrupted run of the same command, run first: the same stored
+  episodes, metric rows (wall-clock fields aside), final weights and final loop state (`compare_runs`).
 
 Reported per signal: the step it struck at, the exit code, the episodes redone (moved to
 `orphaned_episodes/` on resume) and the seconds lost (from the signal until the resumed run is
@@ -27,6 +31,7 @@ import math
 import os
 import platform
 import random
+import re
 import shlex
 import signal
 import statistics
@@ -56,6 +61,23 @@ def _max_step(logdir: Path) -> int:
         except (ValueError, KeyError, TypeError):
             continue  # a line being written
     return max(steps, default=-1)
+
+
+def _reached(logdir: Path, step: int, key: str = "step") -> bool:
+    """A row at `step` or later that has `key` is in metrics.jsonl (e.g. `model_loss`: the scalar
+    row written after that step's updates, which an evaluation due at the step follows)."""
+    try:
+        lines = (logdir / "metrics.jsonl").read_text().splitlines()[-20:]
+    except FileNotFoundError:
+        return False
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line being written
+        if int(row.get("step", -1)) >= step and key in row:
+            return True
+    return False
 
 
 def _status(logdir: Path) -> dict:
@@ -131,23 +153,98 @@ def check_record(logdir: Path, steps: int, eval_every: int) -> list[str]:
     return problems
 
 
-def soak(logdir: str | os.PathLike, kills: int = 6, terms: int = 3, steps: int = 3000, seed: int = 0,
-         jitter: float = 1.5, timeout: float = 1800.0, log: Callable[[str], None] = print) -> dict:
-    """Run a `debug` run to `steps` in `logdir` through `kills` SIGKILLs and `terms` SIGTERMs, each
-    `jitter` s at most after its target step; returns the events, the checks' problems (empty =
-    passed) and timings."""
-    logdir = Path(logdir)
+WALL_CLOCK = ("env_steps_per_second", "train_seconds", "wall_time")  # and seconds_<part>
+
+
+def comparable_rows(logdir: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock fields (time and speed differ between any two runs)."""
+    rows = [json.loads(line) for line in (Path(logdir) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in WALL_CLOCK and not k.startswith("seconds_")}
+            for row in rows]
+
+
+def _final_weights(logdir: Path) -> dict[str, np.ndarray]:
+    import tensorflow as tf
+    latest = sorted((Path(logdir) / "checkpoints").glob("ckpt-*"))[-1]
+    reader = tf.train.load_checkpoint(str(latest / "agent"))
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
+
+
+def compare_runs(reference: Path, logdir: Path) -> list[str]:
+    """How the run in `logdir` differs from the uninterrupted `reference` (empty when it is the same
+    run bit for bit): the stored episodes, the metric rows (wall-clock fields aside), the final
+    checkpoint's weights and loop state (its wall time aside)."""
+    from dreamer_tf.data import load_episode
+    problems = []
+    rows, expected = comparable_rows(logdir), comparable_rows(reference)
+    if rows != expected:
+        diff = next((i for i, (a, b) in enumerate(zip(rows, expected)) if a != b), min(len(rows), len(expected)))
+        problems.append(f"metric rows differ from the uninterrupted run's from row {diff} "
+                        f"({len(rows)} vs {len(expected)} rows): {rows[diff] if diff < len(rows) else None} "
+                        f"vs {expected[diff] if diff < len(expected) else None}")
+    files = sorted((Path(logdir) / "train_episodes").glob("*.npz"))
+    expected_files = sorted((Path(reference) / "train_episodes").glob("*.npz"))
+    if len(files) != len(expected_files):
+        problems.append(f"{len(files)} episodes stored, the uninterrupted run stored {len(expected_files)}")
+    for index, (a, b) in enumerate(zip(files, expected_files)):
+        ea, eb = load_episode(a), load_episode(b)
+        keys = [k for k in sorted(set(ea) | set(eb)) if k not in ea or k not in eb or not np.array_equal(ea[k], eb[k])]
+        if keys:
+            problems.append(f"episode {index} ({a.name}) differs from the uninterrupted run's in {keys}")
+    weights, expected_weights = _final_weights(logdir), _final_weights(reference)
+    differ = sorted(k for k in set(weights) | set(expected_weights)
+                    if k not in weights or k not in expected_weights or not np.array_equal(weights[k], expected_weights[k]))
+    if differ:
+        problems.append(f"final weights differ in {len(differ)} of {len(expected_weights)} tensors, e.g. {differ[:3]}")
+    # Episode file names hold a random uuid (data/episodes.py): compare their index and length.
+    states = [json.loads(re.sub(r"(\d{8})-[0-9a-f]{8}-(\d+)\.npz", r"\1-\2.npz",
+                                (sorted((Path(d) / "checkpoints").glob("ckpt-*"))[-1] / "state.json").read_text()))
+              for d in (logdir, reference)]
+    for state in states:
+        for key in ("wall_time", "checksums"):
+            state.pop(key, None)
+    if states[0] != states[1]:
+        keys = sorted(k for k in set(states[0]) | set(states[1]) if states[0].get(k) != states[1].get(k))
+        problems.append(f"final loop state differs in {keys}")
+    return problems
+
+
+Schedule = Sequence[tuple[str, int, float, str]]  # (signal, target step, max jitter s, key of the row)
+
+
+def random_schedule(kills: int, terms: int, steps: int, seed: int, jitter: float) -> list[tuple[str, int, float, str]]:
+    """`kills` SIGKILLs and `terms` SIGTERMs in a random order at random steps, one per episode,
+    after prefill and before the end."""
     rng = random.Random(seed)
     events = ["SIGKILL"] * kills + ["SIGTERM"] * terms
     rng.shuffle(events)
-    # One target step per signal, distinct episodes, after prefill and before the end.
     slots = range(3 * EPISODE_STEPS, steps - EPISODE_STEPS, EPISODE_STEPS)
     if len(events) > len(slots):
         raise ValueError(f"{len(events)} signals need --steps >= {(len(events) + 4) * EPISODE_STEPS}")
     targets = sorted(rng.sample(list(slots), len(events)))
-    targets = [t + rng.randrange(EPISODE_STEPS) for t in targets]
-    command = [sys.executable, "-m", "dreamer_tf", "train", "--preset", "debug", "--logdir", str(logdir),
-               "--set", f"steps={steps}"]
+    return [(event, t + rng.randrange(EPISODE_STEPS), jitter, "step") for event, t in zip(events, targets)]
+
+
+def run_command(logdir: Path, steps: int, args: Sequence[str] = ()) -> list[str]:
+    """The `debug` training command the soak (and its uninterrupted reference) runs."""
+    return [sys.executable, "-m", "dreamer_tf", "train", "--preset", "debug", "--logdir", str(logdir),
+            "--set", f"steps={steps}", *args]
+
+
+def soak(logdir: str | os.PathLike, kills: int = 6, terms: int = 3, steps: int = 3000, seed: int = 0,
+         jitter: float = 1.5, timeout: float = 1800.0, log: Callable[[str], None] = print,
+         schedule: Schedule | None = None, args: Sequence[str] = (), reference: Path | None = None) -> dict:
+    """Run a `debug` run to `steps` in `logdir` through `kills` SIGKILLs and `terms` SIGTERMs, each
+    `jitter` s at most after its target step (or through the signals of `schedule`, each once a row
+    at its step with its key is logged, plus up to its jitter); `args`: more `--set` values. Returns
+    the events, the checks' problems (empty = passed; with `reference`, an uninterrupted run of the
+    same command, also every difference from it) and timings."""
+    logdir = Path(logdir)
+    rng = random.Random(seed)
+    schedule = list(schedule) if schedule is not None else random_schedule(kills, terms, steps, seed, jitter)
+    events = [event for event, *_ in schedule]
+    kills, terms = events.count("SIGKILL"), events.count("SIGTERM")
+    command = run_command(logdir, steps, args)
     env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
     output = open(logdir.parent / f"{logdir.name}.soak.log", "ab")
     config_eval_every = 300  # the debug preset's
@@ -174,12 +271,13 @@ def soak(logdir: str | os.PathLike, kills: int = 6, terms: int = 3, steps: int =
                     pending_regain["seconds_lost"] = time.time() - pending_regain["time"]
                     pending_regain["episodes_redone"] = _orphans(logdir) - pending_regain["orphans"]
                     pending_regain = None
-                if event and resumed and reached >= targets[len(done)] and pending_regain is None:
-                    time.sleep(rng.uniform(0.0, jitter))
+                _, target, wait, key = schedule[len(done)] if event else (None, 0, 0.0, "step")
+                if event and resumed and _reached(logdir, target, key) and pending_regain is None:
+                    time.sleep(rng.uniform(0.0, wait))
                     if proc.poll() is not None:
                         break
                     workers |= _workers(proc.pid)
-                    record = {"signal": event, "target": targets[len(done)], "step": _max_step(logdir),
+                    record = {"signal": event, "target": target, "step": _max_step(logdir),
                               "time": time.time(), "orphans": _orphans(logdir), "attempt": attempts}
                     proc.send_signal(getattr(signal, event))
                     done.append(record)
@@ -215,7 +313,10 @@ def soak(logdir: str | os.PathLike, kills: int = 6, terms: int = 3, steps: int =
             problems.append(f"SIGTERM at step {record['step']} lost {record['episodes_redone']} episode(s)")
     if len(done) != len(events):
         problems.append(f"only {len(done)} of {len(events)} signals were delivered before the end")
+    if reference is not None:
+        problems += compare_runs(reference, logdir)
     return {"events": done, "problems": problems, "steps": steps, "kills": kills, "terms": terms,
+            "compared": reference is not None,
             "seed": seed, "jitter": jitter, "wall_seconds": wall, "attempts": attempts, "workers_seen": len(workers),
             "episodes_redone": _orphans(logdir), "command": shlex.join(command),
             "load": (load, os.getloadavg()[0])}
@@ -232,7 +333,7 @@ def cpu() -> tuple[str, bool]:
     return model, " avx512f " in text.replace("\n", " ")
 
 
-def report(result: dict, argv: Sequence[str]) -> str:
+def report(result: dict, argv: Sequence[str], commit: str = "unknown") -> str:
     model, avx512 = cpu()
     kills = [e for e in result["events"] if e["signal"] == "SIGKILL"]
     terms = [e for e in result["events"] if e["signal"] == "SIGTERM"]
@@ -247,7 +348,7 @@ def report(result: dict, argv: Sequence[str]) -> str:
         "# Reliability: SIGKILL and SIGTERM soak of a `debug` run",
         "",
         f"Command: `python scripts/soak.py {shlex.join(argv)}` "
-        f"({time.strftime('%Y-%m-%d')}; {os.cpu_count()} cores, {model}, "
+        f"({time.strftime('%Y-%m-%d')}, commit {commit}; {os.cpu_count()} cores, {model}, "
         f"avx512f: {'yes' if avx512 else 'no'}; the machine was shared with other jobs: load average "
         f"{result['load'][0]:.1f} at the start, {result['load'][1]:.1f} at the end).",
         "",
@@ -268,13 +369,18 @@ def report(result: dict, argv: Sequence[str]) -> str:
         f"| environment workers seen / left running | {result['workers_seen']} / 0 |"
         if not any("workers left" in p for p in result["problems"]) else
         f"| environment workers seen | {result['workers_seen']} (some left running) |",
-        f"| record check | {verdict} |",
+        f"| record check{' and comparison' if result.get('compared') else ''} | {verdict} |",
         "",
         "Checks: the episode counter runs 1..N without a gap or a duplicate; evaluations fall exactly "
         "at the planned steps; the episode files are N, numbered in order, each holding the return its "
         "counter row logged; no environment worker and no temp file is left; the final status is "
         "`finished`; every SIGKILL exits -9 and every SIGTERM exits 143 (status `interrupted`, "
-        "nothing redone).",
+        "nothing redone)." + (
+            " Comparison: the killed and resumed run is the uninterrupted run of the same command (run "
+            "first, beside it) bit for bit: the same stored episodes (every array), the same metric rows "
+            "(all fields but wall time and speeds), the same final weights (every tensor of the last "
+            "checkpoint) and the same final loop state (generator states, counters)." if result.get("compared")
+            else " No comparison with an uninterrupted run (--no-compare)."),
         "",
         "Not covered: a SIGTERM to the whole process group (e.g. Slurm's `scancel`) also reaches the "
         "environment workers, which die on it; the trainer then fails its graceful stop (status "
@@ -300,15 +406,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the signal schedule (default 0)")
     p.add_argument("--jitter", type=float, default=1.5, help="at most this many seconds after the target "
                    "step (default 1.5)")
-    p.add_argument("--logdir", default=None, help="run directory (default: a fresh temp directory)")
+    p.add_argument("--overlap", action="store_true", help="the overlapped loop (overlap=true)")
+    p.add_argument("--no-compare", action="store_true", help="skip the uninterrupted reference run (record "
+                   "checks only)")
+    p.add_argument("--logdir", default=None, help="run directory (default: a fresh temp directory); the "
+                   "reference run goes beside it, in <logdir>.reference")
     p.add_argument("--out", default=str(ROOT / "results" / "reliability.md"), help="the report (markdown)")
     args = p.parse_args(argv)
     logdir = Path(args.logdir) if args.logdir else Path(tempfile.mkdtemp(prefix="soak-")) / "run"
     if logdir.exists() and any(logdir.iterdir()):
         p.error(f"--logdir {logdir} is not empty; the soak needs a fresh run")
     logdir.parent.mkdir(parents=True, exist_ok=True)
-    result = soak(logdir, args.kills, args.terms, args.steps, args.seed, args.jitter)
-    text = report(result, argv)
+    sys.path.insert(0, str(ROOT))
+    from dreamer_tf.utils import git_commit
+    commit = git_commit(ROOT)  # the code under test, read before the runs
+    extra = ["overlap=true"] if args.overlap else []
+    reference = None
+    if not args.no_compare:
+        reference = logdir.parent / f"{logdir.name}.reference"
+        started = time.time()
+        subprocess.run(run_command(reference, args.steps, extra), check=True, stdout=subprocess.DEVNULL,
+                       env=dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2"))
+        print(f"reference run: {time.time() - started:.0f} s, {reference}")
+    result = soak(logdir, args.kills, args.terms, args.steps, args.seed, args.jitter, args=extra,
+                  reference=reference)
+    text = report(result, argv, commit)
     Path(args.out).write_text(text)
     print(text)
     print(f"run directory: {logdir}; wrote {args.out}")

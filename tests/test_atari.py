@@ -163,3 +163,22 @@ def test_bad_atari_names_and_options():
         envs.make("atari_pong", repeat_action_probability=1.5)
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['msaa'\]"):
         envs.make("atari_pong", msaa=False)
+
+
+def test_seeded_reset_reseeds_sticky_actions_and_noops():
+    """Two envs with other construction seeds and histories play the same seeded episode: the
+    reset seed fixes the no-op count and the sticky-action draws."""
+    a, b = _local(seed=1, noops=30), _local(seed=2, noops=30)
+    b.reset()
+    for t in range(20):
+        b.step(_onehot(t % 6, 6))
+    runs = []
+    for env in (a, b, a):
+        frames = [env.reset(seed=9)["image"]]
+        for t in range(150):
+            frames.append(env.step(_onehot((t * 5) % 6, 6))[0]["image"])
+        runs.append(np.stack(frames))
+    np.testing.assert_array_equal(runs[0], runs[1])
+    np.testing.assert_array_equal(runs[0], runs[2])
+    other = [a.reset(seed=10)["image"]] + [a.step(_onehot((t * 5) % 6, 6))[0]["image"] for t in range(150)]
+    assert not np.array_equal(np.stack(other), runs[0])

@@ -402,3 +402,20 @@ def test_state_only_dmc_still_checks_the_camera_and_atari_needs_pixels():
     pytest.importorskip("ale_py")
     with pytest.raises(ValueError, match="pixels=False is not available for Atari"):
         envs.make("atari_pong", pixels=False)
+
+
+def test_seeded_reset_depends_on_the_seed_alone(walker):
+    """The training loop resets each episode with a seed of its own: the same seed gives the same
+    start state whatever the env did before (other seeds, steps)."""
+    batch = envs.Parallel([walker])  # not closed: the module's walker lives on
+    first = batch.reset([11])[0]
+    batch.step([np.full(6, 0.5, np.float32)])
+    other = batch.reset_at(0, 12)
+    again = walker.reset(11)
+    assert np.array_equal(again["state"], first["state"]) and np.array_equal(again["image"], first["image"])
+    assert not np.array_equal(other["state"], first["state"])
+    assert not np.array_equal(walker.reset()["state"], first["state"])  # unseeded: the stream goes on
+    with pytest.raises(ValueError, match="reset seed"):
+        batch.reset_at(0, -1)
+    with pytest.raises(ValueError, match="expected 1 seeds"):
+        batch.reset([1, 2])

@@ -79,6 +79,9 @@ def test_run_directory_written_before_the_restructuring_resumes(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resume: restored ckpt-000000000200 at step 200" in proc.stderr
+    # No episode counters in that checkpoint: indices continue past the 2 episodes and 1 evaluation.
+    assert "ckpt-000000000200 has no episode counters" in proc.stderr
+    assert "starting episode indices at 2 (train, prefill) and 1 (eval)" in proc.stderr
     rows = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
     episodes = [r["train_episodes"] for r in rows if "train_episodes" in r]
     assert episodes == [1, 2, 3, 4]

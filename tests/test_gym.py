@@ -326,3 +326,12 @@ def test_unsupported_spaces_and_rendering_name_the_id(custom_envs):
 def test_bad_gym_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         envs.make("gym_CartPole-v1", **kwargs)
+
+
+def test_seeded_reset_is_gymnasiums_reset_seed_each_episode():
+    ref = gymnasium.make("Pendulum-v1")
+    with envs.make("gym_Pendulum-v1", seed=3, pixels=False, proprio=True) as env:
+        for seed in (5, 6, 5):
+            env.step(np.zeros(1, np.float32)) if seed == 6 else None
+            np.testing.assert_array_equal(env.reset(seed)["state"], ref.reset(seed=seed)[0])
+        np.testing.assert_array_equal(env.reset()["state"], ref.reset()[0])  # unseeded: the stream goes on

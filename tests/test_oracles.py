@@ -492,7 +492,7 @@ def test_loop_switches_from_random_to_policy_at_prefill(tmp_path, prefill):
     first_policy = None
     for k in range(15):
         before, calls = s.step, len(trainer.agent.calls)
-        trainer._iteration(stopping=False)
+        trainer._iteration()
         assert s.step == before + per_iteration
         sent = envs.sent[-1]
         if s.step < prefill:

@@ -1,5 +1,5 @@
 """The overlapped loop (`overlap: true`, run/learner.py): updates in the background, the same
-updates at the same env steps, an acting copy one phase old, and runs that resume exactly."""
+updates at the same env steps, an acting copy one phase old, and runs that resume bit-exact."""
 import contextlib
 import json
 import threading
@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from dreamer_tf.run.learner import Learner, policy_variables, seed_for
 from dreamer_tf.run.logger import read_metrics
-from test_train import TASK, cli
+from test_train import TASK, cli, kill_schedule, soak
 
 WALL_CLOCK = ("env_steps_per_second", "train_seconds", "wall_time")
 
@@ -109,34 +109,62 @@ def test_overlapped_errors_surface_at_join_and_syncs_reseed_by_step():
     assert not np.array_equal(draws[0], draws[1])
 
 
+def test_wait_hands_nothing_over_and_a_restored_learner_joins_it_later():
+    """A graceful stop waits for the updates in flight; their metrics and the logged update count
+    still change only at the next join, also in the resumed process."""
+    agent = _Agent()
+    learner = _learner(agent, overlap=True)
+    learner.update(2)
+    learner.wait()
+    assert not learner.busy and int(agent.train_step_count) == 2
+    assert learner.updates == 0 and learner.unlogged_metrics() == {}
+    unjoined = learner.unjoined_metrics()
+    assert unjoined["loss"] == [1.0, 2.0]
+    resumed = _learner(agent, overlap=True)
+    resumed.restore_metrics({}, unjoined, learner.updates)
+    assert resumed.updates == 0 and resumed.pop_metrics() == {}
+    resumed.join()
+    assert resumed.updates == 2 and resumed.pop_metrics()["loss"] == [1.0, 2.0]
+
+
 def _rows(logdir):
     return [{k: v for k, v in row.items() if k not in WALL_CLOCK and not k.startswith("seconds_")}
             for row in read_metrics(logdir)]
 
 
-def test_overlapped_runs_are_reproducible_keep_the_schedule_and_resume(tmp_path):
-    """Thread timing must not matter: two runs give the same rows bit for bit. A run stopped at a
-    checkpoint and resumed keeps the update schedule and carries the finished updates' metrics. (Its
-    episodes after the resume differ: environments are seeded when they start, in both loops.)"""
-    def run(logdir, steps):
-        return cli("train", "--task", TASK, "--preset", "debug", "--no-tensorboard", "--logdir", str(logdir),
-                   "--set", "overlap=true", "checkpoint_every=400", "eval_every=400", "video_every=0",
-                   f"steps={steps}")
-    whole, twin, split = tmp_path / "whole", tmp_path / "twin", tmp_path / "split"
-    run(whole, 600)
-    run(twin, 600)
-    run(split, 400)
-    resumed = run(split, 600)
-    assert "resume: restored ckpt-000000000400" in resumed.stderr
+ARGS = ["overlap=true", "video_every=0"]
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    """The uninterrupted overlapped debug run (600 steps) the other runs are compared with."""
+    logdir = tmp_path_factory.mktemp("overlap") / "whole"
+    cli("train", "--task", TASK, "--preset", "debug", "--no-tensorboard", "--logdir", str(logdir),
+        "--set", *ARGS, "steps=600")
+    return logdir
+
+
+def test_overlapped_runs_are_reproducible_and_keep_the_schedule(whole, tmp_path):
+    """Thread timing must not matter: two runs give the same rows bit for bit, and the replay
+    ratio is exact."""
+    twin = tmp_path / "twin"
+    cli("train", "--task", TASK, "--preset", "debug", "--no-tensorboard", "--logdir", str(twin),
+        "--set", *ARGS, "steps=600")
     rows = _rows(whole)
     assert rows == _rows(twin)  # metrics, returns and losses, bit for bit
-    split_rows = _rows(split)
-    assert split_rows[:len([r for r in rows if r["step"] <= 400])] == [r for r in rows if r["step"] <= 400]
-    schedule = lambda rs: [(r["step"], r.get("train_updates"), r.get("train_episodes"), sorted(r)) for r in rs]
-    assert schedule(split_rows) == schedule(rows)
-    # The replay ratio is exact: pretrain (2) at the end of prefill (200), then 2 updates every 100
-    # env steps; the updates issued at the last step are finished and held for the next row.
+    # Pretrain (2) at the end of prefill (200), then 2 updates every 100 env steps; the updates
+    # issued at the last step are finished and held for the next row.
     state = json.loads((whole / "checkpoints" / "ckpt-000000000600" / "state.json").read_text())
     last = max(r.get("train_updates", 0) for r in rows)
     assert last + len(state["unlogged"]["model_loss"]) == 2 + 2 * (600 - 200) // 100
     assert [r["train_episodes"] for r in rows if "train_return" in r] == list(range(1, 7))
+
+
+def test_killed_overlapped_runs_resume_bit_exact(whole, tmp_path):
+    """As test_train's test_killed_runs_resume_bit_exact, with the updates in the background: the
+    SIGTERM's stop waits for the updates in flight, saves the acting copy and hands nothing over
+    early, so the resumed run joins and syncs where the uninterrupted one does."""
+    result = soak.soak(tmp_path / "killed", steps=600, schedule=kill_schedule(1, 300, 200), args=ARGS,
+                       reference=whole, timeout=900, log=lambda line: None)
+    assert result["problems"] == [], "\n".join(result["problems"])
+    assert [e["signal"] for e in result["events"]] == ["SIGKILL", "SIGKILL", "SIGTERM", "SIGKILL"]

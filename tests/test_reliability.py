@@ -191,6 +191,30 @@ def test_check_record_sees_a_broken_record(soaked, tmp_path):
     assert any("episode counter" in p for p in problems) and any("episode files" in p for p in problems)
 
 
+def test_compare_runs_sees_every_kind_of_difference(soaked, tmp_path):
+    """The soak's comparison with an uninterrupted run: nothing for the run itself; a changed
+    metric, episode array, weight or generator state is each reported."""
+    logdir = tmp_path / "run"
+    shutil.copytree(soaked[0], logdir)
+    assert soak.compare_runs(soaked[0], logdir) == []
+    rows = (logdir / "metrics.jsonl").read_text().replace('"train_return": ', '"train_return": 1', 1)
+    (logdir / "metrics.jsonl").write_text(rows)
+    path = sorted((logdir / "train_episodes").glob("*.npz"))[3]
+    with np.load(path) as data:
+        arrays = dict(data)
+    arrays["action"][5, 0] += 1e-6
+    np.savez_compressed(path, **arrays)
+    newest = sorted((logdir / "checkpoints").glob("ckpt-*"))[-1]
+    state = json.loads((newest / "state.json").read_text())
+    state["rng"]["state"]["state"] += 1
+    (newest / "state.json").write_text(json.dumps(state))
+    shutil.copytree(sorted((soaked[0] / "checkpoints").glob("ckpt-*"))[-2], newest, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("state.json"))  # older weights under the newest name
+    problems = soak.compare_runs(soaked[0], logdir)
+    for expected in ("metric rows differ", f"episode 3 ({path.name})", "final weights differ", "final loop state differs in ['rng']"):
+        assert any(expected in p for p in problems), (expected, problems)
+
+
 def test_damaged_newest_checkpoint_falls_back_and_none_usable_is_one_line(soaked, tmp_path):
     logdir = tmp_path / "run"
     shutil.copytree(soaked[0], logdir)

@@ -156,3 +156,68 @@ def test_divergence_guard_counts_skips_and_stops(tmp_path):
         for _ in range(5):
             trainer._check(trainer.agent.train(next(batches)))
     assert trainer.agent.calls == 3
+
+
+class _SeededEnvs:
+    """Two envs with episodes of 2 and 3 steps that record the seed of every reset."""
+
+    def __init__(self):
+        self.lengths, self.t, self.seeds = [2, 3], [0, 0], [[], []]
+        self.action_space = type("Box", (), {"shape": (1,)})()
+
+    def __len__(self):
+        return 2
+
+    def reset(self, seeds):
+        return [self.reset_at(i, seed) for i, seed in enumerate(seeds)]
+
+    def reset_at(self, i, seed):
+        self.t[i] = 0
+        self.seeds[i].append(seed)
+        return {"state": np.zeros(1, np.float32)}
+
+    def step(self, actions):
+        self.t = [t + 1 for t in self.t]
+        dones = np.array([t == n for t, n in zip(self.t, self.lengths)])
+        return [{"state": np.zeros(1, np.float32)}] * 2, np.zeros(2, np.float32), dones, [{}, {}]
+
+
+def test_episode_seeds_follow_role_worker_and_index_and_survive_a_resume():
+    """Each episode's reset seed is episode_seed(seed, role, worker, index), the index counted per
+    role and worker; counters saved at a boundary give a rebuilt collector the same seeds."""
+    from dreamer_tf.run.collect import Collector, EpisodeSeeds, episode_seed
+    envs, seeds = _SeededEnvs(), EpisodeSeeds(7, {"train": 2, "prefill": 2, "eval": 1})
+    collector = Collector(envs, envs.action_space, ["state"], seeds)
+    collector.reset("prefill")
+    for t in range(6):  # episodes that start after step 2 are training episodes
+        collector.step(np.zeros((2, 1), np.float32), "prefill" if t < 2 else "train")
+    assert collector.at_boundary and seeds.to_dict() == {"train": [1, 1], "prefill": [2, 1], "eval": [0]}
+    expected = [[episode_seed(7, "prefill", 0, 0), episode_seed(7, "prefill", 0, 1)]
+                + [episode_seed(7, "train", 0, k) for k in range(2)],
+                [episode_seed(7, "prefill", 1, 0)] + [episode_seed(7, "train", 1, k) for k in range(2)]]
+    assert envs.seeds == expected
+    assert len({s for worker in expected for s in worker}) == 7  # roles, workers and indices all differ
+    resumed = Collector(envs, envs.action_space, ["state"], EpisodeSeeds(7, {"train": 2, "prefill": 2, "eval": 1},
+                                                                        seeds.to_dict()))
+    resumed.reset("train")  # a resume at this boundary restarts the episodes in progress
+    assert [worker[-1] for worker in envs.seeds] == [expected[0][-1], expected[1][-1]]
+    with pytest.raises(ValueError, match="do not fit"):
+        EpisodeSeeds(7, {"train": 2, "prefill": 2, "eval": 1}, {"train": [0]})
+
+
+def test_thread_pools_are_pinned_to_the_checkpoints_counts():
+    """A resume on a machine whose default pool sizes differ uses the recorded ones (with a
+    warning); equal counts or none recorded change nothing."""
+    import json
+    import subprocess
+    import sys
+    from dreamer_tf.run.threads import current_threads, pin_threads
+    pin_threads(None)
+    pin_threads(current_threads())  # the same counts: nothing to do, even with TensorFlow running
+    code = ("import json; from dreamer_tf.run.threads import current_threads, pin_threads; "
+            "pin_threads({'intra_op': 3, 'inter_op': 5}); import tensorflow as tf; tf.constant(1.0) + 1.0; "
+            "print(json.dumps(current_threads()))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.splitlines()[-1]) == {"intra_op": 3, "inter_op": 5}
+    assert "pinned TensorFlow thread pools to the checkpoint's {'intra_op': 3, 'inter_op': 5}" in proc.stderr

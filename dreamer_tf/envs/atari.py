@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Env, check_action
+from .base import Env, check_action, check_seed
 from .spaces import Box, Discrete
 
 __all__ = ["Atari", "AreaResize", "area_weights", "resize_area"]
@@ -91,7 +91,8 @@ class Atari(Env):
         ale.setFloat("repeat_action_probability", repeat_action_probability)
         ale.setInt("frame_skip", 1)  # the repeat and max-pooling are done here
         ale.setInt("max_num_frames_per_episode", 0)  # our own limit counts frames
-        ale.loadROM(ale_py.roms.get_rom_path(game))
+        self._rom = ale_py.roms.get_rom_path(game)
+        ale.loadROM(self._rom)
         self._actions = list(ale.getMinimalActionSet())
         self._rng = np.random.default_rng(seed)
         height, width = ale.getScreenDims()
@@ -107,9 +108,15 @@ class Atari(Env):
         self._ale.getScreenRGB(self._buffers[index])
         return self._buffers[index]
 
-    def reset(self) -> dict[str, np.ndarray]:
-        # After a life-loss "terminal" the game goes on: the next episode starts at the next life.
+    def reset(self, seed: int | None = None) -> dict[str, np.ndarray]:
+        # After a life-loss "terminal" the game goes on: the next episode starts at the next life
+        # (a seed then only reseeds the no-op generator; the sticky actions' stream goes on).
+        if seed is not None:
+            self._rng = np.random.default_rng(check_seed(seed))
         if not (self._life_lost and not self._ale.game_over()):
+            if seed is not None:  # ALE reads its seed (sticky actions) when the ROM is loaded
+                self._ale.setInt("random_seed", int(seed) % 2**31)
+                self._ale.loadROM(self._rom)
             self._ale.reset_game()
             for _ in range(self._rng.integers(1, self._noops + 1) if self._noops else 0):
                 self._ale.act(self._actions[0])  # minimal set's first action is NOOP

@@ -12,11 +12,14 @@ import numpy as np
 
 from .spaces import Box, Discrete
 
-__all__ = ["Env", "check_action"]
+__all__ = ["Env", "check_action", "check_seed"]
 
 
 class Env:
-    """Base class: `reset() -> obs`, `step(action) -> (obs, reward, done, info)`, `close()`.
+    """Base class: `reset(seed=None) -> obs`, `step(action) -> (obs, reward, done, info)`, `close()`.
+
+    `reset(seed)` with an int starts an episode determined by that seed alone (all the env's
+    randomness is reseeded); `reset()` continues the env's random stream.
 
     Subclasses set `task`, `action_repeat`, `time_limit` (frames; None only for a gym env without
     a TimeLimit), `observation_space` (dict name -> Box) and `action_space` (Box in [-1, 1] or
@@ -29,7 +32,7 @@ class Env:
     observation_space: dict[str, Box]
     action_space: Box | Discrete
 
-    def reset(self) -> dict[str, np.ndarray]:
+    def reset(self, seed: int | None = None) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
     def step(self, action: Any) -> tuple[dict[str, np.ndarray], float, bool, dict[str, Any]]:
@@ -77,3 +80,12 @@ def check_action(space: Box | Discrete, action: Any, task: str) -> np.ndarray | 
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{task}: action must be finite, got {arr}")
     return np.clip(arr, space.low, space.high)
+
+
+def check_seed(seed: Any) -> int | None:
+    """A reset seed: None or an int in [0, 2**32) (what every suite's generator accepts)."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise ValueError(f"reset seed must be an integer in [0, 2**32), got {seed!r}")
+    return int(seed)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Env, check_action
+from .base import Env, check_action, check_seed
 from .spaces import Box
 
 __all__ = ["DMC", "default_camera"]
@@ -95,7 +95,9 @@ class DMC(Env):
                 [np.asarray(observation[k], np.float32).ravel() for k in self._state_keys])
         return obs
 
-    def reset(self) -> dict[str, np.ndarray]:
+    def reset(self, seed: int | None = None) -> dict[str, np.ndarray]:
+        if seed is not None:  # the task draws the initial state from its RandomState
+            self._env.task.random.seed(check_seed(seed))
         time_step = self._env.reset()
         self._frames = 0
         return self._obs(time_step.observation)

@@ -5,7 +5,8 @@ bounds, Discrete actions are one-hot vectors; `proprio=True` gives the env's obs
 flat float32 vector obs["state"] (Discrete observations one-hot), `pixels=True` (the default)
 gives the `rgb_array` render area-resized to uint8 [size, size, 3] as obs["image"]. `terminated`
 ends the episode with discount 0, `truncated` (the env's TimeLimit) or our frame limit with
-discount 1. The first reset is seeded, later ones continue the env's random stream.
+discount 1. `reset(seed)` reseeds the env (`gymnasium reset(seed=...)`); without a seed the first
+reset uses the construction seed and later ones continue the env's random stream.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .atari import AreaResize
-from .base import Env, check_action
+from .base import Env, check_action, check_seed
 from .spaces import Box, Discrete
 
 __all__ = ["Gym", "import_gymnasium", "check_registered"]
@@ -172,8 +173,11 @@ class Gym(Env):
 
     # --- Env API ------------------------------------------------------------------------------
 
-    def reset(self) -> dict[str, np.ndarray]:
-        if self._seeded:
+    def reset(self, seed: int | None = None) -> dict[str, np.ndarray]:
+        if seed is not None:  # this episode's own seed (the training loop gives one per episode)
+            observation, _ = self._env.reset(seed=check_seed(seed))
+            self._seeded = True
+        elif self._seeded:
             observation, _ = self._env.reset()
         else:  # seed once: later resets continue the seeded stream, so episodes differ
             observation, _ = self._env.reset(seed=self._seed)

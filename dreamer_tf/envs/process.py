@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .base import Env, check_action
+from .base import Env, check_action, check_seed
 
 __all__ = ["ProcessEnv", "Parallel", "WorkerError", "WorkerValueError"]
 
@@ -181,9 +181,9 @@ class ProcessEnv(Env):
 
     # --- Env API ------------------------------------------------------------------------------
 
-    def reset_async(self) -> None:
+    def reset_async(self, seed: int | None = None) -> None:
         self.wait_ready()
-        self._send("reset")
+        self._send("reset", check_seed(seed))
 
     def step_async(self, action: Any) -> None:
         self.wait_ready()
@@ -195,8 +195,8 @@ class ProcessEnv(Env):
             raise WorkerError(f"{self.task!r}: nothing to wait for")
         return self._receive()
 
-    def reset(self) -> dict[str, np.ndarray]:
-        self.reset_async()
+    def reset(self, seed: int | None = None) -> dict[str, np.ndarray]:
+        self.reset_async(seed)
         return self.wait()
 
     def step(self, action: Any) -> tuple[dict[str, np.ndarray], float, bool, dict[str, Any]]:
@@ -243,6 +243,11 @@ class ProcessEnv(Env):
             self.close()
         except Exception:
             pass
+
+
+def _seed_args(seed: int | None) -> tuple:
+    """No argument for an unseeded reset, so envs whose reset() takes none still work."""
+    return () if seed is None else (check_seed(seed),)
 
 
 class Parallel:
@@ -294,11 +299,15 @@ class Parallel:
             raise errors[0]
         return results
 
-    def reset(self) -> list[dict[str, np.ndarray]]:
-        return self._all("reset", [()] * len(self.envs))
+    def reset(self, seeds: Sequence[int | None] | None = None) -> list[dict[str, np.ndarray]]:
+        """Reset every env; `seeds[i]` (or None: continue its random stream) for env i."""
+        seeds = [None] * len(self.envs) if seeds is None else list(seeds)
+        if len(seeds) != len(self.envs):
+            raise ValueError(f"expected {len(self.envs)} seeds (one per env), got {len(seeds)}")
+        return self._all("reset", [_seed_args(s) for s in seeds])
 
-    def reset_at(self, index: int) -> dict[str, np.ndarray]:
-        return self.envs[index].reset()
+    def reset_at(self, index: int, seed: int | None = None) -> dict[str, np.ndarray]:
+        return self.envs[index].reset(*_seed_args(seed))
 
     def step(self, actions: Any) -> tuple[list[dict[str, np.ndarray]], np.ndarray, np.ndarray,
                                           list[dict[str, Any]]]:

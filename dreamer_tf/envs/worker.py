@@ -5,7 +5,7 @@ where N is its end of a socket pair. Fresh interpreters (not multiprocessing for
 spawn re-imports the parent's `__main__` (which may import TensorFlow) and a fork of a TF process
 crashes MuJoCo rendering. Protocol: the parent sends `(command, payload)`; the worker answers
 `("ok", result)` or `("error", {"type", "message", "traceback"})`. Commands: init(spec),
-reset(None), step(action), close(None). EOF on the socket (parent gone) ends the worker.
+reset(seed or None), step(action), close(None). EOF on the socket (parent gone) ends the worker.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def serve(conn: Connection) -> None:
                 elif command in ("reset", "step") and env is None:
                     raise RuntimeError("worker not initialised")
                 elif command == "reset":
-                    result = env.reset()
+                    result = env.reset() if payload is None else env.reset(seed=payload)
                 elif command == "step":
                     result = env.step(payload)
                 elif command == "close":

@@ -54,9 +54,10 @@ class Checkpointer:
         self.directory = Path(directory)
         self.keep = keep
 
-    def save(self, agent, step: int, state: dict[str, Any]) -> Path:
-        """Write the agent's variables and `state` (JSON-serialisable) as checkpoint `step`. A write
-        error (OSError, e.g. ENOSPC, naming the file) leaves the older checkpoints as they were."""
+    def save(self, agent, step: int, state: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+        """Write the agent's variables and `state` (JSON-serialisable) as checkpoint `step`, plus the
+        variables of `extra` trackables by name (`read_extra`). A write error (OSError, e.g. ENOSPC,
+        naming the file) leaves the older checkpoints as they were."""
         import tensorflow as tf
         self.directory.mkdir(parents=True, exist_ok=True)
         final = self.directory / f"{_PREFIX}{int(step):012d}"
@@ -64,7 +65,7 @@ class Checkpointer:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             tmp.mkdir()
-            tf.train.Checkpoint(agent=agent).write(str(tmp / "agent"))
+            tf.train.Checkpoint(agent=agent, **(extra or {})).write(str(tmp / "agent"))
             reader = tf.train.load_checkpoint(str(tmp / "agent"))  # read back: TF checks each tensor's CRC
             for name in reader.get_variable_to_shape_map():
                 reader.get_tensor(name)
@@ -124,10 +125,19 @@ class Checkpointer:
         state = self.verify(path)
         try:
             status = tf.train.Checkpoint(agent=agent).read(str(path / "agent"))
-            status.assert_existing_objects_matched()
+            status.assert_existing_objects_matched().expect_partial()  # `extra` objects: read_extra
         except Exception as e:  # TF's reader raises IndexError, OpError, ValueError... on bad files
             raise CheckpointError(f"checkpoint {path} cannot be restored: {str(e).splitlines()[0]}") from None
         return state
+
+    def read_extra(self, path: Path, **objects) -> None:
+        """Load the `extra` trackables saved with checkpoint `path` (after `restore` verified it)."""
+        import tensorflow as tf
+        try:
+            status = tf.train.Checkpoint(**objects).read(str(path / "agent"))
+            status.assert_existing_objects_matched().expect_partial()
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {path} cannot be restored: {str(e).splitlines()[0]}") from None
 
     def restore_usable(self, agent) -> tuple[Path, dict[str, Any]] | None:
         """Restore the newest checkpoint that verifies and restores; move each newer one that does

@@ -93,12 +93,17 @@ class Learner:
         return self._thread is not None
 
     def join(self) -> None:
-        """Wait for updates in flight; raise their error, if any."""
+        """Wait for updates in flight and hand their metrics over; raise their error, if any."""
+        self.wait()
+        self._hand_over()
+
+    def wait(self) -> None:
+        """Wait for updates in flight without handing them over: a graceful stop's checkpoint,
+        which must not change when their metrics reach a row (`unjoined_metrics`)."""
         if self._thread is None:
             return
         self._thread.join()
         self._thread = None
-        self._hand_over()
         error, self._error = self._error, None
         if error is not None:
             raise error
@@ -118,8 +123,18 @@ class Learner:
         """A copy of what `pop_metrics` would return (for a checkpoint)."""
         return {k: list(v) for k, v in self._done.items()}
 
-    def restore_metrics(self, metrics: dict[str, list[float]]) -> None:
+    def unjoined_metrics(self) -> dict[str, list[float]]:
+        """Metrics of finished updates not yet handed over (only after `wait`), for a checkpoint."""
+        assert not self.busy, "unjoined_metrics while updates run"
+        return {k: list(v) for k, v in self._running.items()}
+
+    def restore_metrics(self, metrics: dict[str, list[float]], unjoined: dict[str, list[float]] | None = None,
+                        updates: int | None = None) -> None:
+        """Restore a checkpoint's `unlogged_metrics`, `unjoined_metrics` and `updates`."""
         self._done = {k: list(v) for k, v in metrics.items()}
+        self._running = {k: list(v) for k, v in (unjoined or {}).items()}
+        if updates is not None:
+            self.updates = int(updates)
 
     def close(self) -> None:
         """Wait for updates in flight and drop their error (the run is ending for another reason)."""

@@ -12,13 +12,21 @@ checkpoint: episodes stored after it are moved to `orphaned_episodes/` and metri
 are dropped, so the step count and metrics continue without gaps or duplicates.
 
 A first SIGINT (Ctrl-C) or SIGTERM (cluster pre-emption) stops the run gracefully: the episodes in
-progress are finished without training or evaluation, a checkpoint is taken and the run exits with
-`Stopped`, losing nothing. A second signal stops at once (resume from the newest periodic
-checkpoint, as after SIGKILL).
+progress are finished exactly as without the signal (training and evaluations when due), a
+checkpoint is taken at that episode boundary and the run exits with `Stopped`, losing nothing. A
+second signal stops at once (resume from the newest periodic checkpoint, as after SIGKILL).
+
+Resume is bit-exact on the CPU: a run stopped or killed anywhere and resumed stores the same
+episodes, logs the same metric rows (wall-clock fields aside) and ends with the same weights as the
+run left alone. Each episode's reset seed comes from (seed, role, worker, episode index)
+(run/collect.py), the counters, every generator (prefill actions, replay sampler, the agent's and
+the acting copy's), the metrics not yet logged and TensorFlow's thread pool sizes (run/threads.py)
+are in the checkpoint, and nothing the loop does depends on when a process started.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -29,7 +37,8 @@ import numpy as np
 
 from dreamer_tf import config as configlib
 from dreamer_tf.run.checkpoint import CheckpointError, Checkpointer
-from dreamer_tf.run.collect import Collector, evaluate, make_envs, obs_keys, random_actions, spaces
+from dreamer_tf.run.collect import (Collector, EpisodeSeeds, evaluate, make_envs, obs_keys, random_actions,
+                                    spaces)
 from dreamer_tf.run.lock import RunLock
 from dreamer_tf.run.logdir import (Diverged, RunError, Stopped, move_newer_episodes, prepare_logdir,
                                    record_failure, write_status)
@@ -37,6 +46,7 @@ from dreamer_tf.run.hardware import record_hardware
 from dreamer_tf.run.learner import Learner, seed_for
 from dreamer_tf.run.logger import Logger, Progress, Stopwatch
 from dreamer_tf.run.signals import GracefulStop
+from dreamer_tf.run.threads import current_threads, pin_threads
 from dreamer_tf.utils import make_dir
 
 __all__ = ["LoopState", "Trainer", "train"]
@@ -59,6 +69,11 @@ class LoopState:
     rng: dict | None = None       # prefill action generator state
     replay_rng: dict | None = None  # replay sampler state
     unlogged: dict | None = None  # metrics of finished updates not yet in a row (the next row has them)
+    unjoined: dict | None = None  # (overlap, graceful stop) metrics of updates waited for but not joined
+    learner_updates: int | None = None  # updates as of the last join (the `train_updates` logged)
+    acting_saved: bool = False    # (overlap) the acting copy is in the checkpoint (stopped between syncs)
+    episode_counts: dict | None = None  # finished episodes per role and env worker (their reset seeds)
+    threads: dict | None = None   # TensorFlow's intra/inter-op pool sizes (run/threads.py)
 
     @classmethod
     def from_dict(cls, values: dict) -> "LoopState":
@@ -94,8 +109,10 @@ class Trainer:
         from dreamer_tf.data import Replay
         from dreamer_tf.run.devices import configure_gpus
         c = self.config
+        pin_threads(self._recorded_threads())  # before TensorFlow's runtime starts
         configure_gpus(c.gpu_memory)  # before the first tensor: TF maps all GPU memory otherwise
         tf.keras.utils.set_random_seed(c.seed)
+        # Construction seeds only: every episode is reset with a seed of its own (EpisodeSeeds).
         self.envs = make_envs(c, c.envs, seed=c.seed * 1000)
         self.eval_env = make_envs(c, 1, seed=c.seed * 1000 + 500, video=bool(c.video_every))
         obs_space, self.act_space = spaces(self.envs)
@@ -119,11 +136,46 @@ class Trainer:
             self.rng.bit_generator.state = self.state.rng
             if self.state.replay_rng is not None:
                 self.replay.set_state(self.state.replay_rng)
-            self.learner.restore_metrics(self.state.unlogged or {})
+            self.learner.restore_metrics(self.state.unlogged or {}, self.state.unjoined,
+                                         self.state.learner_updates)
             print(f"resume: restored {latest.name} at step {self.state.step}", file=sys.stderr)
-        self.learner.sync_policy(seed_for(c.seed, self.state.step))
-        self.collector = Collector(self.envs, self.act_space, obs_keys(obs_space))
+        if saved and self.state.acting_saved and self.learner.overlap:
+            try:  # stopped between two syncs: the copy acts with the weights of the last one
+                self.checkpointer.read_extra(latest, acting=self.acting)
+            except CheckpointError as e:
+                raise RunError(str(e)) from None
+        else:
+            self.learner.sync_policy(seed_for(c.seed, self.state.step))
+        self.seeds = self._episode_seeds(latest.name if saved else "")
+        self.collector = Collector(self.envs, self.act_space, obs_keys(obs_space), self.seeds)
         self._pending: list[dict] = []  # (overlap) finished episodes, stored at the next join
+
+    def _recorded_threads(self) -> dict | None:
+        """The thread pool sizes the newest checkpoint recorded (read before TensorFlow starts)."""
+        latest = self.checkpointer.latest()
+        try:
+            return json.loads((latest / "state.json").read_text()).get("threads") if latest else None
+        except (OSError, ValueError):
+            return None  # a damaged checkpoint: restore_usable reports it
+
+    def _episode_seeds(self, checkpoint: str) -> EpisodeSeeds:
+        """The episode counters of the checkpoint; a checkpoint from before they existed continues
+        with indices past every episode of the run so far (the resumed run then differs from an
+        uninterrupted one, as it always did before)."""
+        c, s = self.config, self.state
+        workers = {"train": c.envs, "prefill": c.envs, "eval": 1}
+        if s.episode_counts is not None or not checkpoint:
+            return EpisodeSeeds(c.seed, workers, s.episode_counts)
+        print(f"resume: warning: {checkpoint} has no episode counters (written before per-episode "
+              f"environment seeds); starting episode indices at {s.episodes} (train, prefill) and "
+              f"{s.evals * c.eval_episodes} (eval)", file=sys.stderr, flush=True)
+        counts = {"train": [s.episodes] * c.envs, "prefill": [s.episodes] * c.envs,
+                  "eval": [s.evals * c.eval_episodes]}
+        return EpisodeSeeds(c.seed, workers, counts)
+
+    def _role(self, step: int) -> str:
+        """The role of an episode that starts at env step `step` (its reset seed's role)."""
+        return "prefill" if step < self.config.prefill else "train"
 
     # --- the loop -----------------------------------------------------------------------
     def run(self) -> dict:
@@ -143,19 +195,18 @@ class Trainer:
         self._progress = Progress(c.steps, s.step)
         self._clock = (time.time(), s.step, s.wall_time)  # start time, start step, wall time before
         self._watch = Stopwatch()
-        self.collector.reset()
+        self.collector.reset(self._role(s.step))
         self.stop.__enter__()
         try:
-            if s.pretrained:  # updates deferred by a graceful stop, before anything else
+            if s.pretrained:  # updates a graceful stop of an older version deferred, before anything else
                 self._train_due()
             while s.step < c.steps:
                 if self.stop.signum is not None and self.collector.at_boundary:
                     break
-                self._iteration(stopping=self.stop.signum is not None)
+                self._iteration()
             if self.stop.signum is not None and s.step < c.steps:
-                self._join()
                 if s.nonfinite_streak == 0:
-                    self._checkpoint()
+                    self._checkpoint(scheduled=False)
                 stopped = Stopped(self.stop.signum, s.step)
                 write_status(self.logdir, "interrupted", s.step, c.steps, str(stopped))
                 raise stopped
@@ -184,18 +235,20 @@ class Trainer:
             self._close()
         return s.to_dict()
 
-    def _iteration(self, stopping: bool) -> None:
+    def _iteration(self) -> None:
         """Evaluate and checkpoint when due, act in every env, store finished episodes, train when
-        due, log. While `stopping` only the episodes in progress are finished."""
+        due, log. The same while a graceful stop finishes the episodes in progress: what the run
+        does must not depend on whether it is stopping."""
         c, s = self.config, self.state
         late = c.eval_start == "after_prefill"  # evaluate after this iteration's updates, not before
-        if s.step >= s.next_eval and not stopping and not late:
+        if s.step >= s.next_eval and not late:
             self._evaluate()
         if s.step >= s.next_ckpt and self.collector.at_boundary:
             self._join()
             if s.nonfinite_streak == 0:
-                self._checkpoint()
+                # The saved state has the next one due, so a resume does not save this one again.
                 s.next_ckpt = s.step - s.step % c.checkpoint_every + c.checkpoint_every
+                self._checkpoint()
         # Act: random during prefill, then the policy with exploration noise.
         if s.step < c.prefill:
             actions = random_actions(self.act_space, self.collector.num, self.rng)
@@ -204,8 +257,8 @@ class Trainer:
                 actions, self.collector.policy_state = self.acting.policy(
                     self.collector.batch_obs(), self.collector.policy_state, True, env_step=s.step)
                 actions = np.asarray(actions)
-        with self._watch("env"):
-            finished = self.collector.step(actions)
+        with self._watch("env"):  # episodes reset now start at the step after this one
+            finished = self.collector.step(actions, self._role(s.step + c.action_repeat * self.collector.num))
         s.step += c.action_repeat * self.collector.num
         for episode in finished:  # with overlap the learner may be reading the replay: store at the next join
             s.episodes += 1
@@ -214,10 +267,9 @@ class Trainer:
             self._progress.set(train_return=ret)
             self.logger.write(s.step, {"train_return": ret, "train_episodes": s.episodes,
                                        "train_length": (len(episode["reward"]) - 1) * c.action_repeat})
-        if not stopping:  # while stopping, due updates wait: the resumed run does them first
-            self._train_due()
-            if late and s.step >= s.next_eval:
-                self._evaluate()
+        self._train_due()
+        if late and s.step >= s.next_eval:
+            self._evaluate()
         if s.step >= s.next_log:
             self._log_scalars()
         self._progress.update(s.step)
@@ -233,10 +285,13 @@ class Trainer:
             return
         with self._watch("wait"):
             self.learner.join()
+        self._store_pending()
+        self.learner.sync_policy(seed_for(self.config.seed, self.state.step))
+
+    def _store_pending(self) -> None:
         for episode in self._pending:
             self._store(episode)
         self._pending.clear()
-        self.learner.sync_policy(seed_for(self.config.seed, self.state.step))
 
     def _log_scalars(self) -> None:
         c, s = self.config, self.state
@@ -297,7 +352,7 @@ class Trainer:
         c, s = self.config, self.state
         self._join()
         with self._watch("eval"):
-            returns, episodes = evaluate(self.agent, self.eval_env, c.eval_episodes)
+            returns, episodes = evaluate(self.agent, self.eval_env, c.eval_episodes, self.seeds)
         s.evals += 1
         s.next_eval += c.eval_every
         row = {"test_return": float(np.mean(returns)), "test_return_std": float(np.std(returns)),
@@ -309,15 +364,30 @@ class Trainer:
             self.logger.video(s.step, *evaluation_video(self.agent, episodes))
         self.logger.flush()
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, scheduled: bool = True) -> None:
+        """Save at an episode boundary. A `scheduled` one (periodic, final) joins the learner as the
+        run always does there; a graceful stop's only waits for the updates in flight and saves the
+        acting copy, so the resumed run joins and syncs where the uninterrupted one does."""
         s = self.state
-        self._join()
+        extra = {}
+        if scheduled or not self.learner.overlap:
+            self._join()
+        else:
+            with self._watch("wait"):
+                self.learner.wait()
+            self._store_pending()
+            extra = {"acting": self.acting}
         with self._watch("checkpoint"):
             s.wall_time = self._wall_time()
             s.rng = self.rng.bit_generator.state
             s.replay_rng = self.replay.get_state()
             s.unlogged = self.learner.unlogged_metrics()
-            self.checkpointer.save(self.agent, s.step, _jsonable(s.to_dict()))
+            s.unjoined = self.learner.unjoined_metrics()
+            s.learner_updates = self.learner.updates
+            s.acting_saved = bool(extra)
+            s.episode_counts = self.seeds.to_dict()
+            s.threads = current_threads()
+            self.checkpointer.save(self.agent, s.step, _jsonable(s.to_dict()), extra)
             self.logger.commit(s.step)  # the trackers get what the checkpoint now holds
             write_status(self.logdir, "running", s.step, self.config.steps)
 
