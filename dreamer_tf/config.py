@@ -265,10 +265,11 @@ def save(config: Config, path: str | os.PathLike) -> None:
 # Keys added to configs/dreamer.yaml after the first run directories were written; their defaults
 # are what those runs did, so an older config.yaml may lack them. Lacking any other key means the
 # file was cut short or edited: filling in defaults would build another agent than the checkpoints
-# hold. A key added from now on belongs here too (tests/test_config.py checks each name is a key).
+# hold. A key added from now on belongs here too (tests/test_config.py checks the list is whole).
 ADDED_KEYS = frozenset({
     "eval_start", "unroll", "loggers", "render_msaa", "atari_sticky", "atari_life_done", "atari_noops",
-    "gym_import", "observation", "state_layers", "overlap", "replay_sampler", "replay_store", "expl_schedule"})
+    "gym_import", "observation", "state_layers", "overlap", "replay_sampler", "replay_store", "expl_schedule",
+    "gpu_memory"})
 
 
 def missing_keys(values: Mapping[str, Any]) -> list[str]:

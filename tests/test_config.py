@@ -172,3 +172,14 @@ def test_stored_config_lacking_keys_is_refused_naming_the_file_and_keys(tmp_path
     full.write_text(full.read_text().replace("batch_size: 3", "batch_size: banana"))
     with pytest.raises(config.ConfigError, match=rf"config file {full}: config key 'batch_size': value 'banana'"):
         config.load_file(full)
+
+
+def test_every_key_added_since_the_oldest_run_is_listed_in_added_keys():
+    """A new config key must join config.ADDED_KEYS, or every run directory written before it is
+    refused on resume as a config.yaml "cut short". The oldest committed run (tests/golden/run_v0)
+    plus the listed keys must cover the defaults exactly."""
+    from pathlib import Path
+    from ruamel.yaml import YAML
+    stored = YAML(typ="safe").load((Path(__file__).parent / "golden" / "run_v0" / "config.yaml").read_text())
+    unlisted = set(config.load()) - set(config._renamed(stored)) - set(config.ADDED_KEYS)
+    assert not unlisted, f"add {sorted(unlisted)} to config.ADDED_KEYS"
