@@ -4,7 +4,7 @@ A run directory holds the replay (`train_episodes/`: compressed .npz episodes, p
 frame with the `frames` store), the checkpoints (the newest `keep` = 2, plus the one being written),
 the evaluation videos (`videos/*.gif`, each also copied into the TensorBoard events) and the logs
 (`metrics.jsonl`, TensorBoard scalars, train.log). Per-frame replay figures are measured in
-results/replay_memory.md and kept in ONE table, `REPLAY_BYTES_PER_FRAME`, to update as stores change.
+results/replay_memory.md and kept in ONE table, `dreamer_tf.data.stores.DISK_BYTES_PER_FRAME`.
 Checkpoints are computed from the parameter count (float32 weights + Adam's two moments); videos
 and log rows are measured on a debug run and scaled (see the constants). Imports neither TensorFlow
 nor the agent, so the launcher can plan a benchmark on a login node.
@@ -15,21 +15,14 @@ import math
 from dataclasses import dataclass
 from typing import Mapping
 
+from dreamer_tf.data.stores import DISK_BYTES_PER_FRAME
+
 __all__ = ["REPLAY_BYTES_PER_FRAME", "DiskEstimate", "estimate", "parameter_count", "human"]
 
 KIB = 1024
-FRAME_BYTES = 64 * 64 * 3  # one raw uint8 64x64 RGB frame: what the `frames` store writes per frame
-# results/replay_memory.md at 1000497 frames: 3.945 GiB of .npz episodes (zlib ~2.98x on its frames).
-NPZ_BYTES_PER_FRAME = 3.945 * 2**30 / 1000497  # ~4.13 KiB
-# The `chunks` store's target (<= 4.8 KiB per frame on every DMC task): a bound until it is measured.
-CHUNKS_BYTES_PER_FRAME = 4.8 * KIB
-
-# Disk per stored frame (one agent step, i.e. action_repeat env steps) by `replay_store`.
-REPLAY_BYTES_PER_FRAME: dict[str, float] = {
-    "frames": FRAME_BYTES + NPZ_BYTES_PER_FRAME,  # raw frame files next to the .npz copy (~16.1 KiB)
-    "cache": NPZ_BYTES_PER_FRAME,                 # the .npz episodes only; decoded in RAM
-    "chunks": CHUNKS_BYTES_PER_FRAME,
-}
+# Disk per stored frame (one agent step, i.e. action_repeat env steps) by `replay_store`: the replay
+# module's own table, measured on real frames of the 20 DMC tasks (results/replay_memory.md).
+REPLAY_BYTES_PER_FRAME: Mapping[str, float] = DISK_BYTES_PER_FRAME
 # observation: state stores no pixels: action, reward, discount and state, ~134 B per step
 # uncompressed in results/replay_memory.md (24-dim state); an upper bound for the .npz.
 STATE_BYTES_PER_STEP = 134
@@ -125,7 +118,7 @@ def estimate(config: Mapping) -> DiskEstimate:
     else:
         store = c.get("replay_store", "frames")
         if store not in REPLAY_BYTES_PER_FRAME:
-            raise ValueError(f"no disk figure for replay_store {store!r}: add it to REPLAY_BYTES_PER_FRAME "
+            raise ValueError(f"no disk figure for replay_store {store!r}: add it to dreamer_tf.data.stores.DISK_BYTES_PER_FRAME "
                              f"in {__name__}")
         replay = stored_steps * REPLAY_BYTES_PER_FRAME[store]
     checkpoint = parameter_count(c) * CHECKPOINT_BYTES_PER_PARAMETER + CHECKPOINT_OVERHEAD
