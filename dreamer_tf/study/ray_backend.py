@@ -6,9 +6,9 @@ only that one, each taking memory as it needs (config `gpu_memory: growth`, the 
 
 A lost node or worker (NodeDiedError, WorkerCrashedError, ...) is not the run's failure: the run is
 resubmitted (up to LOST_RETRIES times, besides --retries) and Ray places it on a live node. Its
-trainer on the lost node gets its parent-death signal and saves a checkpoint on the way out; the
-new attempt waits up to LOCK_WAIT s for that trainer's lock on the shared ROOT, then resumes from
-the checkpoint.
+trainer on the lost node is SIGKILLed with its Ray worker (no last checkpoint; results/ray_nodes.md);
+the new attempt waits up to LOCK_WAIT s for that trainer's lock on the shared ROOT, then resumes
+from the newest periodic checkpoint.
 """
 from __future__ import annotations
 
