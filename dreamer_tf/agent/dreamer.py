@@ -60,8 +60,8 @@ class Dreamer(tf.Module):
         init = Initializers(c.seed)
         # One generator for all sampling; a counter for the exploration schedule and checkpoints.
         # The generator is made outside the strategy's scope: one stream, drawn in cross-replica context.
-        self.rng = tf.random.Generator.from_seed(int(c.seed))
         self.strategy = replicas.make_strategy(c) if c.get("strategy", "one") != "one" else None
+        self.rng = tf.random.Generator.from_seed(int(c.seed))
         with self.strategy.scope() if self.strategy is not None else contextlib.nullcontext():
             self._create(c, act_space, policy, init, unroll)
 

@@ -29,10 +29,10 @@ class Reduction:
         """max(KL, free_nats) of the batch-mean KL `kl` (`kl_each`: the per-element KL it averages)."""
         return tf.maximum(kl, free_nats)
 
-    def negatives(self, mean: tf.Tensor, std: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor | None]:
-        """(mean, std) [M, D] of the state model on every observation the contrastive sum runs over,
-        and the row of this batch's first observation in them (None: the rows are the batch)."""
-        return mean, std, None
+    def contrastive(self, stoch: tf.Tensor, mean: tf.Tensor, std: tf.Tensor, mean_fn=None) -> tf.Tensor:
+        """The batch mean of the contrastive term for states [N, D] and state-model outputs [N, D]."""
+        from dreamer_tf.agent.world_model import contrastive_term  # (world_model imports this module)
+        return (mean_fn or self.mean)(contrastive_term(stoch, mean, std))
 
     def sample_and_log_prob(self, dist: tfd.Distribution, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """A stateless sample of `dist` (batch [N, ...]) with `seed` and its log-probability."""

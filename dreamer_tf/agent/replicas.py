@@ -2,18 +2,20 @@
 
 N replicas compute the single-device step on the GLOBAL batch, to float rounding:
   - each replica holds batch_size / N sequences and differentiates its share of the global loss,
-    loss / N, where every batch mean in the loss is global: the sum of the per-replica partial
-    sums (an all-reduce) divided by the global count. The all-reduce is differentiable (its
-    gradient is an all-reduce of the upstream gradient), so the gradient of a NONLINEAR function
-    of global means is exact too: max(KL, free_nats) clips the global batch-mean KL;
-  - the contrastive term's negatives are the whole global batch (a differentiable all-gather);
+    loss / N. Every batch mean in the loss is global: the sum of the per-replica partial sums (an
+    all-reduce) divided by the global count. It is returned as global value + (local mean -
+    stop_gradient(local mean)), so what follows is evaluated at the single-device value (free
+    nats: max(KL, free_nats) clips the GLOBAL batch-mean KL) and differentiates this replica's rows;
+  - the contrastive term's negatives are the whole global batch: each replica evaluates the term
+    on all rows (gathered), its own rows live, so its gradient covers their use as negatives too;
   - the replicas' gradients are summed (one all-reduce), and the update is applied once, in
     cross-replica context: the non-finite skip is decided on the summed gradient and the clip
-    uses its global norm, the same on every replica;
+    uses its global norm, the same for every replica's copy of the weights;
   - randomness: the step draws the single-device step's noise, same shapes and order, from the
     agent's one generator (not replicated), and each replica takes its rows. The actor's
     stateless draws are made over the global rows (this replica's distribution parameters
-    padded to the global batch) and sliced, so every row sees the number it sees on one device.
+    padded to the global batch) and sliced, so every row gets the number it gets on one device.
+Collectives run only in the forward pass, in the same order on every replica.
 Collection, the policy and evaluation run on the chief, with the same variables (mirrored).
 
 `Replicated(local=...)` switches single statistics to the replica-local forms a naive
@@ -50,6 +52,12 @@ def check_split(batch_size: int, replicas: int) -> int:
     return batch_size // replicas
 
 
+# One strategy per kind and device list in a process: a second MirroredStrategy over the same
+# devices restarts the collective instance keys the runtime has seen, and its all-reduces then pair
+# with stale ones ("Shape mismatch in the collective instance", tensorflow/tensorflow#62790).
+_STRATEGIES: dict[tuple, tf.distribute.Strategy] = {}
+
+
 def make_strategy(config: Mapping[str, Any]) -> tf.distribute.Strategy | None:
     """The config's `strategy`: None for `one`, else a (multi-worker) mirrored strategy."""
     kind = config["strategy"]
@@ -57,8 +65,19 @@ def make_strategy(config: Mapping[str, Any]) -> tf.distribute.Strategy | None:
         return None
     if config.get("jit"):
         raise ValueError(f"jit: true is not supported with strategy {kind} (set jit: false)")
+    key = (kind, tuple(config["devices"]) if kind == "mirrored" else ())
+    if key not in _STRATEGIES:
+        _STRATEGIES[key] = _new_strategy(config)
+    check_split(int(config["batch_size"]), _STRATEGIES[key].num_replicas_in_sync)
+    return _STRATEGIES[key]
+
+
+def _new_strategy(config: Mapping[str, Any]) -> tf.distribute.Strategy:
+    kind = config["strategy"]
     if kind == "mirrored":
-        devices = list(config["devices"]) or [d.name for d in tf.config.list_logical_devices("GPU")] or None
+        devices = list(config["devices"])
+        _split_cpu(sum("cpu" in d.lower() for d in devices))
+        devices = devices or [d.name for d in tf.config.list_logical_devices("GPU")] or None
         strategy = tf.distribute.MirroredStrategy(devices)
     elif kind == "multi_worker":
         if not os.environ.get("TF_CONFIG"):
@@ -66,8 +85,20 @@ def make_strategy(config: Mapping[str, Any]) -> tf.distribute.Strategy | None:
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
     else:
         raise ValueError(f"unknown strategy {kind!r} (one, mirrored, multi_worker)")
-    check_split(int(config["batch_size"]), strategy.num_replicas_in_sync)
     return strategy
+
+
+def _split_cpu(n: int) -> None:
+    """`devices: [/cpu:0, /cpu:1, ...]`: carve n logical CPU devices (tests, benchmarks without GPUs)."""
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    current = tf.config.get_logical_device_configuration(cpu)
+    if n <= max(1, len(current or ())):
+        return
+    try:
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * n)
+    except RuntimeError:
+        raise ValueError(f"devices: {n} logical CPU devices must be configured before TensorFlow initialises "
+                         f"(tf.config.set_logical_device_configuration at the program's start)") from None
 
 
 def _replica() -> tuple[tf.distribute.ReplicaContext, tf.Tensor]:
@@ -88,7 +119,14 @@ def _rows(x: tf.Tensor, axis: int, replicas: int) -> tf.Tensor:
 
 
 class Replicated(Reduction):
-    """Statistics of the global batch from the shards of `replicas` replicas (replica context)."""
+    """Statistics of the global batch from the shards of `replicas` replicas (replica context).
+
+    Every collective runs in the forward pass on stop-gradient values: a statistic is returned as
+    global value + (local part - stop_gradient(local part)), which has the GLOBAL value (so what
+    follows, max(KL, free_nats) included, is evaluated at the single-device point) and the gradient
+    of this replica's share. No collective runs in the backward pass, where replicas would issue
+    them in different orders (tape.gradient walks independent branches in an id-dependent order).
+    """
 
     def __init__(self, replicas: int, local: frozenset[str] | set[str] | tuple = ()):
         unknown = set(local) - set(VARIANTS)
@@ -97,25 +135,38 @@ class Replicated(Reduction):
         self.replicas, self.local = int(replicas), frozenset(local)
 
     def _sum(self, x):
-        return _replica()[0].all_reduce(SUM, x)
+        """The all-reduced sum of a stop-gradient value (forward only)."""
+        return _replica()[0].all_reduce(SUM, tf.stop_gradient(x))
 
     def mean(self, x: tf.Tensor) -> tf.Tensor:
+        local = tf.reduce_mean(x)
         if "norm" in self.local:  # the naive step: each replica's own mean, gradients summed
-            return tf.reduce_mean(x)
-        count = tf.cast(tf.size(x) * self.replicas, x.dtype)  # sum of partial sums / GLOBAL count
-        return self._sum(tf.reduce_sum(x)) / count
+            return local
+        total = self._sum(tf.reduce_sum(x)) / tf.cast(tf.size(x) * self.replicas, x.dtype)  # / GLOBAL count
+        # The replica differentiates loss / N: the local mean's gradient / N = d(sum_r) / global count.
+        return total + (local - tf.stop_gradient(local))
 
     def free_nats(self, kl: tf.Tensor, kl_each: tf.Tensor, free_nats: float) -> tf.Tensor:
         if "kl" in self.local:  # the reference: each replica clips its own mean, then they average
-            return self._sum(tf.maximum(tf.reduce_mean(kl_each), free_nats)) / self.replicas
-        return tf.maximum(kl, free_nats)  # `kl` is the global mean already
+            clipped = tf.maximum(tf.reduce_mean(kl_each), free_nats)
+            return self._sum(clipped) / self.replicas + (clipped - tf.stop_gradient(clipped))
+        return tf.maximum(kl, free_nats)  # `kl` has the global mean's value: the single-device clip
 
-    def negatives(self, mean: tf.Tensor, std: tf.Tensor):
-        if "contrastive" in self.local:
-            return mean, std, None
-        ctx, rid = _replica()
-        all_mean, all_std = ctx.all_gather([mean, std], axis=0)  # differentiable: gradients return
-        return all_mean, all_std, rid * tf.shape(mean)[0]
+    def contrastive(self, stoch: tf.Tensor, mean: tf.Tensor, std: tf.Tensor) -> tf.Tensor:
+        if "contrastive" in self.local:  # negatives from this replica's shard only
+            return super().contrastive(stoch, mean, std, self.mean)
+        # Every replica evaluates the term on the whole global batch (all rows gathered), its own rows
+        # live: the gradient is then the exact partial derivative with respect to its rows, which
+        # includes their role as other rows' negatives. x R: the replica differentiates loss / N.
+        full = super().contrastive(*(self._gather(x) for x in (stoch, mean, std)), tf.reduce_mean)
+        return tf.stop_gradient(full) + self.replicas * (full - tf.stop_gradient(full))
+
+    def _gather(self, x: tf.Tensor) -> tf.Tensor:
+        """All replicas' rows of `x` in replica order; gradients reach this replica's rows only."""
+        _, rid = _replica()
+        n = tf.shape(x)[0]
+        pad = lambda t: tf.pad(t, [[rid * n, (self.replicas - 1 - rid) * n]] + [[0, 0]] * (x.shape.rank - 1))  # noqa
+        return self._sum(pad(x)) + pad(x - tf.stop_gradient(x))
 
     def _global_dist(self, dist):
         """`dist` over the global rows (this replica's parameters at its rows, placeholders elsewhere)

@@ -110,28 +110,24 @@ def gaussian_log_prob_matrix(sample: tf.Tensor, mean: tf.Tensor, std: tf.Tensor)
     return -0.5 * quad - norm
 
 
-def contrastive_term(stoch: tf.Tensor, mean: tf.Tensor, std: tf.Tensor, offset: tf.Tensor | None = None
-                     ) -> tf.Tensor:
+def contrastive_term(stoch: tf.Tensor, mean: tf.Tensor, std: tf.Tensor) -> tf.Tensor:
     """Noise-contrastive state term per sample: ln q(s_i | o_i) - ln sum_j q(s_i | o_j) -> [N].
 
-    stoch [N, D]: the model states s_i (posterior samples); mean, std [M, D]: the state model
-    q(s | o_j) for every observation the sum runs over (it includes o_i itself, InfoNCE): the
-    batch (M = N), or with `offset` a larger batch whose rows offset..offset+N-1 are o_1..o_N.
+    stoch [N, D]: the model states s_i (posterior samples); mean, std [N, D]: the state model
+    q(s | o_j) for every observation of the batch (the sum includes o_i itself, InfoNCE).
     """
     if stoch.shape.rank != 2 or mean.shape.rank != 2 or std.shape.rank != 2:
         raise ValueError(f"contrastive_term expects [N, D] inputs, got shapes {stoch.shape}, {mean.shape}, "
                          f"{std.shape}")
     logits = gaussian_log_prob_matrix(stoch, mean, std)
-    own = logits if offset is None else tf.slice(logits, tf.stack([0, offset]), tf.stack([tf.shape(stoch)[0]] * 2))
-    return tf.linalg.diag_part(own) - tf.reduce_logsumexp(logits, -1)
+    return tf.linalg.diag_part(logits) - tf.reduce_logsumexp(logits, -1)
 
 
 def contrastive_log_likelihood(state_model, embedding: tf.Tensor, stoch: tf.Tensor,
                                reduce: Reduction = SINGLE) -> tf.Tensor:
     """mean [ln q(s_t | o_t) - ln sum_o' q(s_t | o')] over all B*T observations (paper Sec. 6)."""
     mean, std = state_model(embedding)
-    mean, std, offset = reduce.negatives(flatten_bt(mean), flatten_bt(std))
-    return reduce.mean(contrastive_term(flatten_bt(stoch), mean, std, offset))
+    return reduce.contrastive(flatten_bt(stoch), flatten_bt(mean), flatten_bt(std))
 
 
 def world_model_loss(model: WorldModel, data: Mapping[str, tf.Tensor], *, kl_scale: float, free_nats: float,
