@@ -124,8 +124,8 @@ class Replicated(Reduction):
     Every collective runs in the forward pass on stop-gradient values: a statistic is returned as
     global value + (local part - stop_gradient(local part)), which has the GLOBAL value (so what
     follows, max(KL, free_nats) included, is evaluated at the single-device point) and the gradient
-    of this replica's share. No collective runs in the backward pass, where replicas would issue
-    them in different orders (tape.gradient walks independent branches in an id-dependent order).
+    of this replica's share. No collective runs in the backward pass, so every replica issues the
+    same collectives in its program order, whatever order tape.gradient walks the graph in.
     """
 
     def __init__(self, replicas: int, local: frozenset[str] | set[str] | tuple = ()):
