@@ -65,7 +65,11 @@ def test_free_nats_straddle_the_replicas(worker):
 
 def test_float16_and_bf16_train_under_the_strategy(worker):
     for precision, result in worker["precisions"].items():
-        assert result["finite"] and result["updates"] == 3, (precision, result)
+        assert result["losses_finite"] and result["updates"] == 3, (precision, result)
+    bf16, fp16 = worker["precisions"]["bf16"], worker["precisions"]["16"]
+    assert sum(bf16["skipped"]) == 0, bf16
+    # The LossScaleOptimizer's rule on the all-reduced decision: halve at every skipped step.
+    assert fp16["scale"] == 2.0 ** 15 / 2.0 ** sum(fp16["skipped"]), fp16
 
 
 def test_checkpoints_move_between_replica_counts(worker):
