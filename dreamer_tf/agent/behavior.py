@@ -16,6 +16,7 @@ from typing import Mapping
 
 import tensorflow as tf
 
+from dreamer_tf.agent.reduction import SINGLE, Reduction
 from dreamer_tf.agent.world_model import flatten_bt
 from dreamer_tf.models import STATE_KEYS
 from dreamer_tf.models.rssm import scan
@@ -23,8 +24,9 @@ from dreamer_tf.models.rssm import scan
 __all__ = ["imagine_ahead", "lambda_return", "discount_weights", "imagined_returns", "actor_loss", "value_loss"]
 
 
-def imagine_ahead(actor, rssm, post: Mapping[str, tf.Tensor], horizon: int, rng: tf.random.Generator,
-                  drop_last: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
+def imagine_ahead(actor, rssm, post: Mapping[str, tf.Tensor], horizon: int, rng: tf.random.Generator | None,
+                  drop_last: bool = False, reduce: Reduction = SINGLE, noise: tf.Tensor | None = None,
+                  seeds: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
     """Imagine `horizon` steps with the action model from every posterior state.
 
     post: states [B, T, ...]; returns features [H, B*T, F] of the imagined states s_1..s_H
@@ -32,18 +34,21 @@ def imagine_ahead(actor, rssm, post: Mapping[str, tf.Tensor], horizon: int, rng:
     posterior state of each sequence, which may be terminal (with a continuation head, as the
     reference). The start states and the actor's input features are stop-gradient'ed (reference),
     so the actor gradient reaches the action model only through the sampled actions and dynamics.
+    noise [H, B*T, stoch] and seeds [H, 2] (the actor's stateless seeds): drawn from `rng` when None.
     """
     if drop_last:
         post = {k: v[:, :-1] for k, v in post.items()}
     start = {k: tf.stop_gradient(flatten_bt(post[k])) for k in STATE_KEYS}
     num = tf.shape(start["deter"])[0]
-    noise = rng.normal(tf.stack([horizon, num, rssm.stoch_size]))
-    seeds = tf.cast(tf.transpose(rng.make_seeds(horizon)), tf.int32)  # [H, 2] actor seeds
+    if noise is None:
+        noise = rng.normal(tf.stack([horizon, num, rssm.stoch_size]))
+    if seeds is None:
+        seeds = tf.cast(tf.transpose(rng.make_seeds(horizon)), tf.int32)  # [H, 2] actor seeds
 
     def step(prev, inputs):
         noise_t, seed_t = inputs
         dist = actor(tf.stop_gradient(rssm.get_feat(prev)))
-        action, log_prob = dist.experimental_sample_and_log_prob(seed=seed_t)
+        action, log_prob = reduce.sample_and_log_prob(dist, seed_t)
         state = rssm.img_step(prev, action, noise_t)
         return state, (state, -tf.stop_gradient(log_prob))
 
@@ -113,13 +118,14 @@ def imagined_returns(reward_head, value_head, pcont_head, imag_feat: tf.Tensor, 
     return returns, discount_weights(pcont)
 
 
-def actor_loss(returns: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
+def actor_loss(returns: tf.Tensor, weights: tf.Tensor, reduce: Reduction = SINGLE) -> tf.Tensor:
     """-mean(w V_lambda): its gradient flows through the returns, the learned dynamics and the
     reparameterised actions into the action model."""
-    return -tf.reduce_mean(weights * returns)
+    return -reduce.mean(weights * returns)
 
 
-def value_loss(value_head, imag_feat: tf.Tensor, returns: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
+def value_loss(value_head, imag_feat: tf.Tensor, returns: tf.Tensor, weights: tf.Tensor,
+               reduce: Reduction = SINGLE) -> tf.Tensor:
     """-mean(w ln q_v(V_lambda | s)) on stop-gradient features and targets."""
     value_pred = value_head(tf.stop_gradient(imag_feat)[:-1])
-    return -tf.reduce_mean(weights * value_pred.log_prob(tf.stop_gradient(returns)))
+    return -reduce.mean(weights * value_pred.log_prob(tf.stop_gradient(returns)))

@@ -9,15 +9,21 @@
   3. the value loss on the same imagined trajectories (`behavior.value_loss`);
 then applies the three updates, each skipped inside the graph when non-finite (`optim`).
 All randomness comes from `self.rng`, a tf.random.Generator seeded by config.seed.
+
+With `strategy` mirrored or multi_worker the variables are mirrored and the step runs data-parallel
+on the replicas with the single-device math (`replicas.train_function`); the policy, evaluation and
+`self.rng` stay on the chief.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Mapping
 
 import numpy as np
 import tensorflow as tf
 
-from dreamer_tf.agent import behavior, explore, inputs, openloop, optim
+from dreamer_tf.agent import behavior, explore, inputs, openloop, optim, replicas
+from dreamer_tf.agent.reduction import SINGLE, Reduction
 from dreamer_tf.agent.world_model import WorldModel, embed, world_model_loss
 from dreamer_tf.models import (RSSM, STATE_KEYS, ActionHead, ConvDecoder, ConvEncoder, DenseHead, Initializers,
                                StateDecoder, StateEncoder, StateModel, dtype_policy)
@@ -53,7 +59,15 @@ class Dreamer(tf.Module):
         policy = dtype_policy(self.precision)
         init = Initializers(c.seed)
         # One generator for all sampling; a counter for the exploration schedule and checkpoints.
+        # The generator is made outside the strategy's scope: one stream, drawn in cross-replica context.
+        self.strategy = replicas.make_strategy(c) if c.get("strategy", "one") != "one" else None
         self.rng = tf.random.Generator.from_seed(int(c.seed))
+        with self.strategy.scope() if self.strategy is not None else contextlib.nullcontext():
+            self._create(c, act_space, policy, init, unroll)
+
+    def _create(self, c: Mapping[str, Any], act_space: Any, policy: Any, init: Initializers,
+                unroll: bool | None) -> None:
+        """Variables, modules, optimisers and compiled functions (in the strategy's scope)."""
         self.train_step_count = tf.Variable(0, dtype=tf.int64, trainable=False, name="train_step_count")
 
         # Creation order fixes each layer's initialiser seed: keep it.
@@ -91,7 +105,10 @@ class Dreamer(tf.Module):
         self.value_opt = make(c.value_lr, self.value_variables, "value_opt")
 
         self.batch_spec = inputs.batch_spec(c, self.action_size, self.obs_shapes)
-        self._train_fn = tf.function(self._train, input_signature=[self.batch_spec], jit_compile=bool(c.jit))
+        if self.strategy is None:
+            self._train_fn = tf.function(self._train, input_signature=[self.batch_spec], jit_compile=bool(c.jit))
+        else:
+            self._train_fn = replicas.train_function(self, self.strategy)
         specs = [inputs.policy_obs_spec(self.obs_shapes), inputs.policy_state_spec(c, self.action_size),
                  tf.TensorSpec([], tf.float32)]
         self._policy_train = tf.function(lambda obs, state, amount: self._policy(obs, state, True, amount),
@@ -164,19 +181,21 @@ class Dreamer(tf.Module):
         self.train_step_count.assign_add(1)
         return {k: tf.cast(v, tf.float32) for k, v in metrics.items()}
 
-    def _actor_entropy(self, post: dict) -> tf.Tensor:
+    def _actor_entropy(self, post: dict, reduce: Reduction = SINGLE) -> tf.Tensor:
         """Mean policy entropy on the posterior states, the reference's `action_ent`. The stateless
         seed comes from the step counter, so this diagnostic draws nothing from `self.rng`."""
         feat = tf.stop_gradient(self.rssm.get_feat(post))
         seed = tf.stack([tf.cast(self.train_step_count % (2**31 - 1), tf.int32), tf.constant(0x5EED, tf.int32)])
         dist = self.actor(feat)
-        entropy = dist.entropy(seed=seed) if not self.discrete else dist.entropy()
-        return tf.reduce_mean(entropy)
+        return reduce.mean(reduce.entropy(dist, None if self.discrete else seed))
 
     def train(self, batch: Mapping[str, Any]) -> dict[str, float]:
         """One gradient step on each model; batch: image uint8 [B, L, 64, 64, 3], action [B, L, A],
         reward [B, L] (+ discount [B, L] with pcont). Returns python-float metrics."""
-        metrics = self._train_fn(inputs.convert_batch(batch, self.batch_spec))
+        data = inputs.convert_batch(batch, self.batch_spec)
+        if self.strategy is not None:  # each replica gets its rows of the global batch
+            data = replicas.distribute_batch(self.strategy, data)
+        metrics = self._train_fn(data)
         return {k: float(v) for k, v in metrics.items()}
 
     # --- acting --------------------------------------------------------------------------

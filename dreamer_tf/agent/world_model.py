@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from dreamer_tf.agent.reduction import SINGLE, Reduction
 from dreamer_tf.models import RSSM, preprocess_image
 
 tfd = tfp.distributions
@@ -62,34 +63,36 @@ def flatten_bt(x: tf.Tensor) -> tf.Tensor:
     return tf.reshape(x, tf.concat([[-1], tf.shape(x)[2:]], 0))
 
 
-def kl_loss(post: Mapping[str, tf.Tensor], prior: Mapping[str, tf.Tensor], free_nats: float
-            ) -> tuple[tf.Tensor, tf.Tensor, tfd.Distribution, tfd.Distribution]:
+def kl_loss(post: Mapping[str, tf.Tensor], prior: Mapping[str, tf.Tensor], free_nats: float,
+            reduce: Reduction = SINGLE) -> tuple[tf.Tensor, tf.Tensor, tfd.Distribution, tfd.Distribution]:
     """(KL, max(KL, free_nats), posterior and prior distributions). KL(p || q) between the
     representation (posterior) and transition (prior) Gaussians, summed over dims, averaged over
     batch and time, then clipped (the reference clips after averaging)."""
     prior_dist, post_dist = RSSM.get_dist(prior), RSSM.get_dist(post)
-    kl = tf.reduce_mean(tfd.kl_divergence(post_dist, prior_dist))
-    return kl, tf.maximum(kl, free_nats), post_dist, prior_dist
+    kl_each = tfd.kl_divergence(post_dist, prior_dist)
+    kl = reduce.mean(kl_each)
+    return kl, reduce.free_nats(kl, kl_each, free_nats), post_dist, prior_dist
 
 
-def image_log_likelihood(decoder, feat: tf.Tensor, image: tf.Tensor) -> tf.Tensor:
+def image_log_likelihood(decoder, feat: tf.Tensor, image: tf.Tensor, reduce: Reduction = SINGLE) -> tf.Tensor:
     """mean ln q(o_t | s_t): unit-variance Gaussian over the pixels in [-0.5, 0.5]."""
-    return tf.reduce_mean(decoder(feat).log_prob(preprocess_image(image)))
+    return reduce.mean(decoder(feat).log_prob(preprocess_image(image)))
 
 
-def state_log_likelihood(decoder, feat: tf.Tensor, state: tf.Tensor) -> tf.Tensor:
+def state_log_likelihood(decoder, feat: tf.Tensor, state: tf.Tensor, reduce: Reduction = SINGLE) -> tf.Tensor:
     """mean ln q(x_t | s_t) of the proprioceptive state: unit-variance Gaussian over its dims."""
-    return tf.reduce_mean(decoder(feat).log_prob(state))
+    return reduce.mean(decoder(feat).log_prob(state))
 
 
-def reward_log_likelihood(reward_head, feat: tf.Tensor, reward: tf.Tensor) -> tf.Tensor:
+def reward_log_likelihood(reward_head, feat: tf.Tensor, reward: tf.Tensor, reduce: Reduction = SINGLE) -> tf.Tensor:
     """mean ln q(r_t | s_t): unit-variance Gaussian."""
-    return tf.reduce_mean(reward_head(feat).log_prob(reward))
+    return reduce.mean(reward_head(feat).log_prob(reward))
 
 
-def continuation_log_likelihood(pcont_head, feat: tf.Tensor, discount: tf.Tensor, gamma: float) -> tf.Tensor:
+def continuation_log_likelihood(pcont_head, feat: tf.Tensor, discount: tf.Tensor, gamma: float,
+                                reduce: Reduction = SINGLE) -> tf.Tensor:
     """mean ln q(gamma_t | s_t), Bernoulli with soft labels: 0 at terminals, gamma elsewhere."""
-    return tf.reduce_mean(pcont_head(feat).log_prob(discount * gamma))
+    return reduce.mean(pcont_head(feat).log_prob(discount * gamma))
 
 
 def gaussian_log_prob_matrix(sample: tf.Tensor, mean: tf.Tensor, std: tf.Tensor) -> tf.Tensor:
@@ -120,39 +123,44 @@ def contrastive_term(stoch: tf.Tensor, mean: tf.Tensor, std: tf.Tensor) -> tf.Te
     return tf.linalg.diag_part(logits) - tf.reduce_logsumexp(logits, -1)
 
 
-def contrastive_log_likelihood(state_model, embedding: tf.Tensor, stoch: tf.Tensor) -> tf.Tensor:
+def contrastive_log_likelihood(state_model, embedding: tf.Tensor, stoch: tf.Tensor,
+                               reduce: Reduction = SINGLE) -> tf.Tensor:
     """mean [ln q(s_t | o_t) - ln sum_o' q(s_t | o')] over all B*T observations (paper Sec. 6)."""
     mean, std = state_model(embedding)
-    return tf.reduce_mean(contrastive_term(flatten_bt(stoch), flatten_bt(mean), flatten_bt(std)))
+    return reduce.contrastive(flatten_bt(stoch), flatten_bt(mean), flatten_bt(std))
 
 
 def world_model_loss(model: WorldModel, data: Mapping[str, tf.Tensor], *, kl_scale: float, free_nats: float,
-                     discount: float = 0.99, pcont_scale: float = 10.0, clip_rewards: str = "none"
+                     discount: float = 0.99, pcont_scale: float = 10.0, clip_rewards: str = "none",
+                     reduce: Reduction = SINGLE, noise: tuple[tf.Tensor, tf.Tensor] | None = None
                      ) -> tuple[tf.Tensor, dict, dict]:
     """(loss = -J_REC, posterior states [B, T, ...], metrics) for a batch of sequences.
 
     data: image uint8 [B, T, 64, 64, 3] and/or state [B, T, D] (the observations the model has
     encoders for), action [B, T, A] (action[t] led to observation t), reward [B, T], and discount
-    [B, T] when the model has a continuation head.
+    [B, T] when the model has a continuation head. `reduce`: the batch statistics (`reduction`);
+    `noise`: the posterior and prior noise [T, B, stoch] (default: drawn by the RSSM).
     """
     embedding = embed(model, data)
-    post, prior = model.rssm.observe(embedding, data["action"])
+    post, prior = model.rssm.observe(embedding, data["action"], **(
+        {} if noise is None else dict(noise=noise[0], prior_noise=noise[1])))
     feat = model.rssm.get_feat(post)
     reward = tf.tanh(data["reward"]) if clip_rewards == "tanh" else data["reward"]
     likes = {}
     if model.decoder is not None:
-        likes["image"] = image_log_likelihood(model.decoder, feat, data["image"])
+        likes["image"] = image_log_likelihood(model.decoder, feat, data["image"], reduce)
     if model.state_decoder is not None:
-        likes["state"] = state_log_likelihood(model.state_decoder, feat, data["state"])
+        likes["state"] = state_log_likelihood(model.state_decoder, feat, data["state"], reduce)
     if model.state_model is not None:
-        likes["contrastive"] = contrastive_log_likelihood(model.state_model, embedding, post["stoch"])
-    likes["reward"] = reward_log_likelihood(model.reward, feat, reward)
+        likes["contrastive"] = contrastive_log_likelihood(model.state_model, embedding, post["stoch"], reduce)
+    likes["reward"] = reward_log_likelihood(model.reward, feat, reward, reduce)
     if model.pcont is not None:
-        likes["pcont"] = pcont_scale * continuation_log_likelihood(model.pcont, feat, data["discount"], discount)
-    kl, kl_clipped, post_dist, prior_dist = kl_loss(post, prior, free_nats)
+        likes["pcont"] = pcont_scale * continuation_log_likelihood(model.pcont, feat, data["discount"], discount,
+                                                                   reduce)
+    kl, kl_clipped, post_dist, prior_dist = kl_loss(post, prior, free_nats, reduce)
     loss = kl_scale * kl_clipped - tf.add_n(list(likes.values()))
-    metrics = dict(kl=kl, prior_ent=tf.reduce_mean(prior_dist.entropy()),
-                   post_ent=tf.reduce_mean(post_dist.entropy()), reward_loss=-likes["reward"])
+    metrics = dict(kl=kl, prior_ent=reduce.mean(prior_dist.entropy()),
+                   post_ent=reduce.mean(post_dist.entropy()), reward_loss=-likes["reward"])
     if "image" in likes:  # only with a decoder: no 0.0 for runs from states or without reconstruction
         metrics["image_loss"] = -likes["image"]
     if "state" in likes:

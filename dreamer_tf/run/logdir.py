@@ -16,9 +16,11 @@ __all__ = ["RESUMABLE_KEYS", "Diverged", "RunError", "Stopped", "WriteFailed", "
            "record_failure", "prepare_logdir", "never_started", "move_newer_episodes"]
 
 # Keys that may change when a run is resumed (extending the budget, logging cadence, trackers; the
-# replay store: every store yields the same batches, and "chunks" migrates an older run's files).
+# replay store: every store yields the same batches, and "chunks" migrates an older run's files; the
+# strategy and devices: N replicas do the single-device math, and checkpoints move between them).
 RESUMABLE_KEYS = ("steps", "eval_every", "log_every", "checkpoint_every", "video_every", "eval_episodes",
-                  "max_nonfinite", "envs", "loggers", "gpu_memory", "replay_store")
+                  "max_nonfinite", "envs", "loggers", "gpu_memory", "replay_store",
+                  "strategy", "devices")
 
 
 class Diverged(RuntimeError):

@@ -109,6 +109,9 @@ class Trainer:
         from dreamer_tf.data import Replay
         from dreamer_tf.run.devices import configure_gpus
         c = self.config
+        if c.strategy == "multi_worker":  # the agent's step supports it; this loop does not feed workers
+            raise RunError("strategy multi_worker: the training loop cannot feed the workers' replicas yet; "
+                           "use strategy mirrored")
         pin_threads(self._recorded_threads())  # before TensorFlow's runtime starts
         configure_gpus(c.gpu_memory)  # before the first tensor: TF maps all GPU memory otherwise
         tf.keras.utils.set_random_seed(c.seed)
@@ -130,7 +133,8 @@ class Trainer:
         self.rng = np.random.default_rng(c.seed)
         self.learner = Learner(self.agent, self.replay, c.batch_size, c.batch_length, self._check, c.overlap)
         # The policy that acts: the agent, or (overlap) a copy of its policy weights (run/learner.py).
-        self.acting = self.learner.acting(lambda: Dreamer(c, obs_space, self.act_space))
+        # (The copy acts on the chief alone: no strategy.)
+        self.acting = self.learner.acting(lambda: Dreamer(c.replace(strategy="one"), obs_space, self.act_space))
         if saved:
             self.state = LoopState.from_dict(saved)
             self.rng.bit_generator.state = self.state.rng

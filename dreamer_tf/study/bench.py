@@ -453,6 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-envs", action="store_true", help="skip the environment benchmark")
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--markdown-only", action="store_true", help="rewrite bench.md from bench.json")
+    parser.add_argument("--devices", type=int, help="one device vs N replicas (mirrored): bench_devices.md")
     parser.add_argument("--child-setting", help=argparse.SUPPRESS)  # internal: one setting's child process
     parser.add_argument("--child-json", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -472,6 +473,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SettingError, configlib.ConfigError) as e:
         print(f"dreamer-tf bench: error: {e}", file=sys.stderr)
         return 2
+    if args.devices is not None:  # dreamer_tf/study/bench_devices.py
+        from dreamer_tf.study import bench_devices
+        return bench_devices.main(args.presets, args.devices, args.repeats, args.out, argv)
     if args.child_setting:
         return run_child(args.child_setting, args.child_json, args.presets, args.variants, args.repeats,
                          args.matmul_size)
