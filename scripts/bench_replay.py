@@ -378,15 +378,16 @@ def reading(rows: list[dict], tasks: list[dict]) -> list[str]:
             f"ratio (mean {med('zlib6/32', 'bytes_per_frame', np.mean) / 1024:.2f} vs "
             f"{med('lz4hc9/32', 'bytes_per_frame', np.mean) / 1024:.2f} KiB/frame) at a median decode "
             f"of {med('lz4hc9/32', 'decode_us'):.1f} us/frame vs {med('zlib6/32', 'decode_us'):.1f} for "
-            f"zlib and {med('zstd1/32', 'decode_us'):.1f} for zstd level 1; "
-            f"chunks of 16 cost 3-50% more disk (quadruped 4.65 KiB/frame, too near the 4.8 KiB "
-            f"target) and decode ~20% fewer frames per 50-frame window (65 vs 81 on average).")
+            f"zlib and {med('zstd1/32', 'decode_us'):.1f} for zstd level 1" + (
+                f"; chunks of 16 cost 3-50% more disk (quadruped 4.65 KiB/frame, too near the 4.8 KiB "
+                f"target) and decode ~20% fewer frames per 50-frame window (65 vs 81 on average)."
+                if len(tasks) == 20 else "."))
     if "chunks" in at and "frames" in at:
         c, f = at["chunks"], at["frames"]
         disk = {k: r["disk"]["episode_files"] + (r["disk"]["frame_files"] if k == "frames" else 0)
                 for k, r in at.items()}
         lines.append(
-            f"- At {big} frames (the 20-task mix): `chunks` {disk['chunks'] / big:.0f} bytes/frame vs "
+            f"- At {big} frames (the {len(tasks)}-task mix): `chunks` {disk['chunks'] / big:.0f} bytes/frame vs "
             f"`frames` {disk['frames'] / big:.0f} ({disk['chunks'] / disk['frames']:.2f}x); RssAnon "
             f"after sampling {c['rss_sampled_mib']['RssAnon']} vs {f['rss_sampled_mib']['RssAnon']} MiB "
             f"(the small arrays; the chunk index is {c['index_bytes'] / 2**20:.2f} MiB); "
@@ -395,12 +396,12 @@ def reading(rows: list[dict], tasks: list[dict]) -> list[str]:
             f"{f['cold_ms_per_sequence']} ms/sequence; load {c['load_s']} vs {f['load_s']} s.")
         small = min(r["frames"] for r in rows)
         lo = {r["store"]: r for r in rows if r["frames"] == small}
-        if "chunks" in lo and "frames" in lo:
+        if "chunks" in lo and "frames" in lo and small != big:
             lines.append(
                 f"- Speed with the page cache warm for both ({small} frames): `chunks` "
                 f"{lo['chunks']['batches_per_s']} vs `frames` {lo['frames']['batches_per_s']} batches/s. "
-                f"Once the raw frame files outgrow the free page cache (12.6 GB at 1M frames) `frames` "
-                f"reads from disk and falls behind; the chunked files (3.4 GB at 2.5M) stay cached.")
+                f"Once the raw frame files outgrow the free page cache `frames` reads from disk and "
+                f"falls behind; the chunked files ({disk['chunks'] / 1e9:.1f} GB at {big}) stay cached.")
         target = 60
         if c["batches_per_s"] >= target:
             lines.append(f"- `chunks` reaches the {target} batches/s target at {big} frames: "
@@ -464,6 +465,7 @@ def main() -> None:
                 print(f"rendered {task}", flush=True)
         return
     if args.report_only:
+        from dreamer_tf.utils import atomic_write_text
         data = json.loads((RESULTS / f"{args.out}.json").read_text())
         atomic_write_text(RESULTS / f"{args.out}.md", markdown(data))
         return
