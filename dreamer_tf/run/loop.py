@@ -25,63 +25,27 @@ are in the checkpoint, and nothing the loop does depends on when a process start
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
-
 import numpy as np
 
 from dreamer_tf import config as configlib
-from dreamer_tf.run.checkpoint import CheckpointError, Checkpointer
-from dreamer_tf.run.collect import (Collector, EpisodeSeeds, evaluate, make_envs, obs_keys, random_actions,
-                                    spaces)
+from dreamer_tf.run.checkpoint import Checkpointer
+from dreamer_tf.run.collect import Collector, evaluate, make_envs, obs_keys, random_actions, spaces
 from dreamer_tf.run.lock import RunLock
-from dreamer_tf.run.logdir import (Diverged, RunError, Stopped, move_newer_episodes, prepare_logdir,
-                                   record_failure, write_status)
+from dreamer_tf.run.logdir import Diverged, RunError, Stopped, prepare_logdir, record_failure, write_status
 from dreamer_tf.run.hardware import record_hardware
 from dreamer_tf.run.learner import Learner, seed_for
 from dreamer_tf.run.logger import Logger, Progress, Stopwatch
+from dreamer_tf.run.resume import (LoopState, capture, episode_seeds, recorded_threads, restore_agent,
+                                   restore_loop)
 from dreamer_tf.run.signals import GracefulStop
-from dreamer_tf.run.threads import current_threads, pin_threads
+from dreamer_tf.run.threads import pin_threads
 from dreamer_tf.utils import make_dir
 
 __all__ = ["LoopState", "Trainer", "train"]
-
-
-@dataclasses.dataclass
-class LoopState:
-    """Everything the loop needs to continue exactly where a checkpoint left it (state.json)."""
-    step: int = 0                 # env steps (frames) so far
-    episodes: int = 0             # training episodes stored
-    last_episode: str = ""        # file name of the newest stored episode
-    next_train: int = 0           # env step of the next training phase
-    next_eval: int = 0            # ... of the next evaluation
-    next_log: int = 0             # ... of the next scalar row
-    next_ckpt: int = 0            # ... of the next checkpoint (taken at an episode boundary)
-    pretrained: bool = False      # the `pretrain` updates after prefill are done
-    evals: int = 0                # evaluations so far (videos every `video_every`)
-    nonfinite_streak: int = 0     # consecutive skipped updates
-    wall_time: float = 0.0        # seconds of training over all resumes
-    rng: dict | None = None       # prefill action generator state
-    replay_rng: dict | None = None  # replay sampler state
-    unlogged: dict | None = None  # metrics of finished updates not yet in a row (the next row has them)
-    unjoined: dict | None = None  # (overlap, graceful stop) metrics of updates waited for but not joined
-    learner_updates: int | None = None  # updates as of the last join (the `train_updates` logged)
-    acting_saved: bool = False    # (overlap) the acting copy is in the checkpoint (stopped between syncs)
-    episode_counts: dict | None = None  # finished episodes per role and env worker (their reset seeds)
-    threads: dict | None = None   # TensorFlow's intra/inter-op pool sizes (run/threads.py)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "LoopState":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 class Trainer:
@@ -112,7 +76,7 @@ class Trainer:
         if c.strategy == "multi_worker":  # the agent's step supports it; this loop does not feed workers
             raise RunError("strategy multi_worker: the training loop cannot feed the workers' replicas yet; "
                            "use strategy mirrored")
-        pin_threads(self._recorded_threads())  # before TensorFlow's runtime starts
+        pin_threads(recorded_threads(self.checkpointer))  # before TensorFlow's runtime starts
         configure_gpus(c.gpu_memory)  # before the first tensor: TF maps all GPU memory otherwise
         tf.keras.utils.set_random_seed(c.seed)
         # Construction seeds only: every episode is reset with a seed of its own (EpisodeSeeds).
@@ -120,13 +84,7 @@ class Trainer:
         self.eval_env = make_envs(c, 1, seed=c.seed * 1000 + 500, video=bool(c.video_every))
         obs_space, self.act_space = spaces(self.envs)
         self.agent = Dreamer(c, obs_space, self.act_space)
-        try:  # the newest checkpoint that verifies and restores (damaged newer ones go to corrupt/)
-            latest, saved = self.checkpointer.restore_usable(self.agent) or (None, None)
-        except CheckpointError as e:
-            raise RunError(str(e)) from None
-        # Roll episodes and metrics back to that checkpoint, before the replay reads the episodes.
-        move_newer_episodes(self.logdir, self.episode_dir, saved["last_episode"] if saved else "")
-        self.logger.rollback(saved["step"] if saved else -1)
+        latest, saved = restore_agent(self.checkpointer, self.agent, self.logdir, self.episode_dir, self.logger)
         self.replay = Replay(self.episode_dir, capacity=c.replay_capacity, cache=c.replay_cache,
                              seed=c.seed, sampler=c.replay_sampler, store=c.replay_store,
                              action_repeat=c.action_repeat)
@@ -136,12 +94,7 @@ class Trainer:
         # (The copy acts on the chief alone: no strategy.)
         self.acting = self.learner.acting(lambda: Dreamer(c.replace(strategy="one"), obs_space, self.act_space))
         if saved:
-            self.state = LoopState.from_dict(saved)
-            self.rng.bit_generator.state = self.state.rng
-            if self.state.replay_rng is not None:
-                self.replay.set_state(self.state.replay_rng)
-            self.learner.restore_metrics(self.state.unlogged or {}, self.state.unjoined,
-                                         self.state.learner_updates)
+            self.state = restore_loop(saved, self.rng, self.replay, self.learner)
             print(f"resume: restored {latest.name} at step {self.state.step}", file=sys.stderr)
         if saved and self.state.acting_saved and self.learner.overlap:
             try:  # stopped between two syncs: the copy acts with the weights of the last one
@@ -150,32 +103,9 @@ class Trainer:
                 raise RunError(str(e)) from None
         else:
             self.learner.sync_policy(seed_for(c.seed, self.state.step))
-        self.seeds = self._episode_seeds(latest.name if saved else "")
+        self.seeds = episode_seeds(c, self.state, latest.name if saved else "")
         self.collector = Collector(self.envs, self.act_space, obs_keys(obs_space), self.seeds)
         self._pending: list[dict] = []  # (overlap) finished episodes, stored at the next join
-
-    def _recorded_threads(self) -> dict | None:
-        """The thread pool sizes the newest checkpoint recorded (read before TensorFlow starts)."""
-        latest = self.checkpointer.latest()
-        try:
-            return json.loads((latest / "state.json").read_text()).get("threads") if latest else None
-        except (OSError, ValueError):
-            return None  # a damaged checkpoint: restore_usable reports it
-
-    def _episode_seeds(self, checkpoint: str) -> EpisodeSeeds:
-        """The episode counters of the checkpoint; a checkpoint from before they existed continues
-        with indices past every episode of the run so far (the resumed run then differs from an
-        uninterrupted one, as it always did before)."""
-        c, s = self.config, self.state
-        workers = {"train": c.envs, "prefill": c.envs, "eval": 1}
-        if s.episode_counts is not None or not checkpoint:
-            return EpisodeSeeds(c.seed, workers, s.episode_counts)
-        print(f"resume: warning: {checkpoint} has no episode counters (written before per-episode "
-              f"environment seeds); starting episode indices at {s.episodes} (train, prefill) and "
-              f"{s.evals * c.eval_episodes} (eval)", file=sys.stderr, flush=True)
-        counts = {"train": [s.episodes] * c.envs, "prefill": [s.episodes] * c.envs,
-                  "eval": [s.evals * c.eval_episodes]}
-        return EpisodeSeeds(c.seed, workers, counts)
 
     def _role(self, step: int) -> str:
         """The role of an episode that starts at env step `step` (its reset seed's role)."""
@@ -382,30 +312,10 @@ class Trainer:
             self._store_pending()
             extra = {"acting": self.acting}
         with self._watch("checkpoint"):
-            s.wall_time = self._wall_time()
-            s.rng = self.rng.bit_generator.state
-            s.replay_rng = self.replay.get_state()
-            s.unlogged = self.learner.unlogged_metrics()
-            s.unjoined = self.learner.unjoined_metrics()
-            s.learner_updates = self.learner.updates
-            s.acting_saved = bool(extra)
-            s.episode_counts = self.seeds.to_dict()
-            s.threads = current_threads()
-            self.checkpointer.save(self.agent, s.step, _jsonable(s.to_dict()), extra)
+            saved = capture(s, self._wall_time(), self.rng, self.replay, self.learner, self.seeds, bool(extra))
+            self.checkpointer.save(self.agent, s.step, saved, extra)
             self.logger.commit(s.step)  # the trackers get what the checkpoint now holds
             write_status(self.logdir, "running", s.step, self.config.steps)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return obj
 
 
 def train(config: configlib.Config, logdir: str | os.PathLike, force: bool = False) -> dict:
