@@ -14,7 +14,7 @@ import pytest
 
 from dreamer_tf import config
 from dreamer_tf.run.devices import configure_gpus
-from dreamer_tf.study import benchmark, disk, launch
+from dreamer_tf.study import benchmark, disk, launch, preflight
 
 # A stand-in trainer: records its environment and --set items, holds its GPU for FAKE_HOLD s, then
 # finishes. FAKE_DISK_FULL=1: stops like the trainer on a full disk (status failed, exit 1).
@@ -193,7 +193,7 @@ def test_preflight_refuses_a_plan_that_does_not_fit(tmp_path, fake, capsys, monk
     root = tmp_path / "root"
     argv = ["--root", str(root), "--train-cmd", fake, "--seeds", "0", "1", "--tasks", "dmc_cup_catch"]
     need = 2 * disk.estimate(config.load("paper")).total
-    monkeypatch.setattr(launch.shutil, "disk_usage", lambda p: types.SimpleNamespace(free=int(need * 0.75)))
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: types.SimpleNamespace(free=int(need * 0.75)))
     assert benchmark.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err
@@ -217,7 +217,7 @@ def test_preflight_refuses_a_plan_that_does_not_fit(tmp_path, fake, capsys, monk
     for run in (half, done):
         (run / "status.json").unlink()
     # --force starts what does not fit.
-    monkeypatch.setattr(launch.shutil, "disk_usage", lambda p: types.SimpleNamespace(free=1000))
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: types.SimpleNamespace(free=1000))
     assert benchmark.main(argv + ["--steps", "1000"]) == 2
     assert benchmark.main(argv + ["--steps", "1000", "--force"]) == 0
     assert "DOES NOT FIT (a start is refused without --force)" in capsys.readouterr().out

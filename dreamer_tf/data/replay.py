@@ -19,7 +19,7 @@ import os
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -84,6 +84,25 @@ def _rng_from_state(state: Any) -> np.random.Generator:
     return rng
 
 
+def _gather(entries: Sequence[EpisodeEntry], store: Any, signature: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+            episodes: np.ndarray, starts: np.ndarray,
+            length: int) -> tuple[dict[str, np.ndarray], tuple[EpisodeEntry, Exception] | None]:
+    """The batch of windows (`entries[episodes[b]]` from `starts[b]`, `length` entries): dict of
+    [B, L, ...], and the first failed image read as (episode, error) (`store.read_many`), else None."""
+    batch = {k: np.empty((len(episodes), length) + shape, dtype) for k, (shape, dtype) in signature.items()}
+    # Read in episode order so one decode serves all windows of an episode (cache store).
+    order = np.argsort(episodes, kind="stable")
+    if "image" in batch:  # else the replay has no image store (`NullStore`)
+        failed = store.read_many([(entries[episodes[b]], int(starts[b]), batch["image"][b]) for b in order])
+        if failed is not None:
+            return batch, failed
+    for b in order:
+        episode, start = entries[episodes[b]], int(starts[b])
+        for key, value in episode.small.items():
+            batch[key][b] = value[start:start + length]
+    return batch, None
+
+
 class Replay:
     """Episodes of one directory: add, reload on start, bounded memory, sequence sampling.
 
@@ -131,7 +150,6 @@ class Replay:
         self._stored_steps = 0  # transitions of every episode loaded or added (incl. dropped)
         self._signature: dict[str, tuple] | None = None  # key -> per-step shape
         self._windows_cache: dict[int, Windows] = {}  # by length; cleared when episodes change
-        self._broken: EpisodeEntry | None = None  # episode whose read failed in `_gather`
         self._load()
 
     # -- loading and adding --------------------------------------------------------------------
@@ -278,35 +296,14 @@ class Replay:
                 windows = self.windows(length)
                 episodes, starts = check_draw(
                     windows, batch_size, *self.sampler(windows, batch_size, self._rng))
-                try:
-                    batch = self._gather(episodes, starts, length)
-                except (EpisodeError, OSError) as e:
-                    if self._broken is None:
-                        raise
-                    warnings.warn(f"dropping episode file {self._broken.path} from sampling: {e}",
-                                  RuntimeWarning)
-                    self._remove(self._broken)
-                    self._broken = None
-                    continue  # redraw without it
+                batch, failed = _gather(self._episodes, self._store, self.signature, episodes, starts, length)
+                if failed is not None:  # an image read failed: drop that episode, redraw without it
+                    broken, error = failed
+                    warnings.warn(f"dropping episode file {broken.path} from sampling: {error}", RuntimeWarning)
+                    self._remove(broken)
+                    continue
                 self._batches += 1
                 return batch
-
-    def _gather(self, episodes: np.ndarray, starts: np.ndarray, length: int) -> dict[str, np.ndarray]:
-        batch = {k: np.empty((len(episodes), length) + shape, dtype)
-                 for k, (shape, dtype) in self.signature.items()}
-        # Read in episode order so one decode serves all windows of an episode (cache store).
-        order = np.argsort(episodes, kind="stable")
-        if "image" in batch:  # else the replay has no image store (`NullStore`)
-            failed = self._store.read_many(
-                [(self._episodes[episodes[b]], int(starts[b]), batch["image"][b]) for b in order])
-            if failed is not None:
-                self._broken, error = failed
-                raise error
-        for b in order:
-            episode, start = self._episodes[episodes[b]], int(starts[b])
-            for key, value in episode.small.items():
-                batch[key][b] = value[start:start + length]
-        return batch
 
     # -- random state --------------------------------------------------------------------------
 

@@ -14,10 +14,11 @@ a second launcher nor a `dreamer-tf train` by hand writes into the directory at 
 trainer is started with a parent-death signal so it stops when its launcher is killed.
 
 GPUs (local backend): each concurrent run gets `CUDA_VISIBLE_DEVICES=<one GPU id>`, at most
-`runs_per_gpu` runs per GPU (`GpuSlots`); the slots bound the concurrency (`concurrency`). Disk:
-the plan estimates what each run writes (`dreamer_tf.study.disk`) and `disk_preflight` refuses a
-plan whose unfinished runs need more than ROOT's free space. A run that stops on a full disk is
-reported as `disk-full` and not retried.
+`runs_per_gpu` runs per GPU (`GpuSlots`); the slots bound the concurrency (`concurrency`); both in
+`dreamer_tf.study.gpus`. Disk: the plan estimates what each run writes (`dreamer_tf.study.disk`)
+and `disk_preflight` (`dreamer_tf.study.preflight`) refuses a plan whose unfinished runs need more
+than ROOT's free space. A run that stops on a full disk is reported as `disk-full` and not retried.
+The types the launcher plans and reports with live in `dreamer_tf.study.runspec`.
 
 This module does not import TensorFlow (nor Ray, until the Ray backend is asked for).
 """
@@ -25,25 +26,26 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from dreamer_tf.run.lock import Locked, RunLock, is_locked
 from dreamer_tf.study import disk as disklib
-from dreamer_tf.study.disk import DiskEstimate
 from dreamer_tf.study.analysis import BENCHMARK_TASKS
+# Re-exported: the launcher's public names stay importable from here (benchmark.py, ray_backend.py).
+from dreamer_tf.study.gpus import CUDA_ENV, GpuSlots, concurrency, parse_gpu_ids, visible_gpus
+from dreamer_tf.study.preflight import disk_needed, disk_preflight, free_bytes
+from dreamer_tf.study.runspec import BenchmarkError, RunResult, RunSpec
+from dreamer_tf.study.runspec import read_status as _read_status
 
 __all__ = ["RunSpec", "RunResult", "BenchmarkError", "RAY_INSTALL_HINT", "DISK_FULL", "GpuSlots", "concurrency",
            "parse_gpu_ids", "disk_needed", "disk_preflight", "free_bytes", "plan", "run_state", "run_local", "visible_gpus"]
@@ -53,54 +55,12 @@ RAY_INSTALL_HINT = ('the ray backend needs Ray, which is not installed. Install 
                     'or  pip install "ray[default]"')
 LOG_NAME = "train.log"
 TAIL_LINES = 20
-CUDA_ENV = "CUDA_VISIBLE_DEVICES"
 DISK_FULL = "disk-full"  # outcome of a run that stopped on a full disk (or quota): never retried
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
-class BenchmarkError(RuntimeError):
-    """A benchmark request that cannot be carried out (bad option, missing Ray, busy cluster)."""
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    task: str
-    method: str
-    seed: int
-    logdir: Path
-    steps: int  # planned env steps (finished means status.json step >= steps)
-    command: tuple[str, ...]
-    disk: DiskEstimate | None = None  # what the whole run writes (study/disk.py)
-
-    @property
-    def name(self) -> str:
-        return f"{self.task}/{self.method}/{self.seed}"
-
-
-@dataclass
-class RunResult:
-    spec: RunSpec
-    before: str  # new | resume | finished | busy (state when the launcher started)
-    outcome: str = "pending"  # finished | skipped | failed | busy | interrupted
-    returncode: int | None = None
-    attempts: int = 0
-    seconds: float = 0.0
-    step: int = 0
-    message: str = ""
-    log_tail: list[str] = field(default_factory=list)
-    node: str = ""  # Ray backend: the node (and GPU ids) of the last attempt
-
-
 # ----------------------------------------------------------------------------------------------
 # Planning
-
-
-def _read_status(logdir: Path) -> dict:
-    try:
-        status = json.loads((logdir / "status.json").read_text())
-        return status if isinstance(status, dict) else {}
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
 
 
 def _is_locked(logdir: Path) -> bool:
@@ -178,123 +138,6 @@ def plan(root: str | Path, tasks: Sequence[str] = BENCHMARK_TASKS, seeds: Sequen
                 command += ["--set", *overrides]
             specs.append(RunSpec(task, method, seed, logdir, int(resolved.steps), tuple(command), estimate))
     return specs
-
-
-# ----------------------------------------------------------------------------------------------
-# Disk preflight
-
-
-def disk_needed(spec: RunSpec) -> float:
-    """Bytes the run still adds under ROOT: nothing once finished, the rest of a partly done one."""
-    if spec.disk is None:
-        return 0.0
-    status = _read_status(spec.logdir)
-    step = int(status.get("step", 0) or 0)
-    if status.get("status") == "finished" and step >= spec.steps:
-        return 0.0
-    has_checkpoints = any((spec.logdir / "checkpoints").glob("ckpt-*"))
-    return spec.disk.remaining(step / spec.steps, has_checkpoints)
-
-
-def free_bytes(path: str | Path) -> int:
-    """Free bytes on the filesystem of `path` (or of its nearest existing parent)."""
-    path = Path(path).absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return shutil.disk_usage(path).free
-
-
-def disk_preflight(specs: Sequence[RunSpec], root: str | Path, force: bool = False) -> str:
-    """One plan line: the disk the unfinished runs still need against ROOT's free space. Raises
-    BenchmarkError (one line naming both numbers) when it does not fit, unless `force`."""
-    needed = sum(disk_needed(spec) for spec in specs)
-    free = free_bytes(root)
-    human = disklib.human
-    per_run = ""
-    if specs and specs[0].disk is not None:
-        d = specs[0].disk
-        per_run = (f" (a whole run: {human(d.total)} = replay {human(d.replay)} + checkpoints "
-                   f"{human(d.checkpoints)} + videos {human(d.videos)} + logs {human(d.logs)})")
-    if needed > free and not force:
-        raise BenchmarkError(f"the plan needs {human(needed)} of disk under {Path(root).absolute()} but only "
-                             f"{human(free)} is free there; free space, use a smaller replay_store "
-                             f"(--set replay_store=cache), or pass --force")
-    fits = "fits" if needed <= free else "DOES NOT FIT (a start is refused without --force)"
-    return f"disk: the unfinished runs need {human(needed)}, {human(free)} free under ROOT: {fits}{per_run}"
-
-
-# ----------------------------------------------------------------------------------------------
-# GPUs of the local backend
-
-
-def parse_gpu_ids(text: str) -> list[str]:
-    """'0,1' -> ['0', '1'] as CUDA reads CUDA_VISIBLE_DEVICES: it stops at the first invalid id
-    ('-1' hides every GPU). Ids may be indices or UUIDs (GPU-...)."""
-    ids = []
-    for gpu in text.split(","):
-        gpu = gpu.strip()
-        if not gpu or gpu.startswith("-"):
-            break
-        ids.append(gpu)
-    return ids
-
-
-def visible_gpus() -> list[str]:
-    """This machine's GPU ids: from CUDA_VISIBLE_DEVICES if set, else nvidia-smi's, else none."""
-    if CUDA_ENV in os.environ:
-        return parse_gpu_ids(os.environ[CUDA_ENV])
-    if shutil.which("nvidia-smi") is None:
-        return []
-    try:
-        listed = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
-                                capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return [line.strip() for line in listed.stdout.splitlines() if line.strip()] if listed.returncode == 0 else []
-
-
-class GpuSlots:
-    """`per_gpu` concurrent runs on each GPU: a run `take`s the least loaded GPU and `give`s it
-    back when its trainer has exited."""
-
-    def __init__(self, gpus: Sequence[str], per_gpu: int = 1):
-        if per_gpu < 1:
-            raise BenchmarkError(f"--runs-per-gpu must be at least 1, got {per_gpu}")
-        if len(set(gpus)) != len(gpus):
-            raise BenchmarkError(f"--gpus contains duplicates: {list(gpus)}")
-        self.free = {gpu: per_gpu for gpu in gpus}
-        self.capacity = per_gpu * len(self.free)
-
-    def take(self) -> str:
-        gpu = max(self.free, key=self.free.__getitem__)  # the first of the least loaded
-        if self.free[gpu] <= 0:
-            raise RuntimeError("no free GPU slot")  # the caller keeps at most `capacity` runs
-        self.free[gpu] -= 1
-        return gpu
-
-    def give(self, gpu: str) -> None:
-        self.free[gpu] += 1
-
-
-def concurrency(jobs: int | None, gpus: Sequence[str] | None, per_gpu: int = 1) -> tuple[int, str]:
-    """(concurrent runs, one line for the plan). `gpus` None: no GPU set-up (each run inherits
-    CUDA_VISIBLE_DEVICES), []: CPU only (CUDA_VISIBLE_DEVICES='' for every run), else the ids whose
-    `per_gpu` slots bound the concurrency: --jobs defaults to them and is capped at them."""
-    if jobs is not None and jobs < 1:
-        raise BenchmarkError(f"--jobs must be at least 1, got {jobs}")
-    if per_gpu < 1:
-        raise BenchmarkError(f"--runs-per-gpu must be at least 1, got {per_gpu}")
-    if not gpus:
-        why = "no GPUs given: CUDA_VISIBLE_DEVICES='' for every run" if gpus is not None else \
-            "no GPUs found: each run inherits CUDA_VISIBLE_DEVICES"
-        return jobs or 1, f"{jobs or 1} concurrent run(s) ({why})"
-    capacity = GpuSlots(gpus, per_gpu).capacity
-    where = f"GPUs {','.join(gpus)} x {per_gpu} run(s) per GPU"
-    if jobs is None:
-        return capacity, f"{capacity} concurrent run(s), one per GPU slot ({where})"
-    if jobs > capacity:
-        return capacity, f"{capacity} concurrent run(s): --jobs {jobs} capped to the GPU slots ({where})"
-    return jobs, f"{jobs} concurrent run(s) ({where})"
 
 
 # ----------------------------------------------------------------------------------------------
