@@ -29,10 +29,10 @@ class Reduction:
         """max(KL, free_nats) of the batch-mean KL `kl` (`kl_each`: the per-element KL it averages)."""
         return tf.maximum(kl, free_nats)
 
-    def contrastive(self, stoch: tf.Tensor, mean: tf.Tensor, std: tf.Tensor, mean_fn=None) -> tf.Tensor:
-        """The batch mean of the contrastive term for states [N, D] and state-model outputs [N, D]."""
-        from dreamer_tf.agent.world_model import contrastive_term  # (world_model imports this module)
-        return (mean_fn or self.mean)(contrastive_term(stoch, mean, std))
+    def contrastive(self, term, stoch: tf.Tensor, mean: tf.Tensor, std: tf.Tensor, mean_fn=None) -> tf.Tensor:
+        """The batch mean of the contrastive `term` (world_model.contrastive_term, passed in so this
+        module needs no loss module) for states [N, D] and state-model outputs [N, D]."""
+        return (mean_fn or self.mean)(term(stoch, mean, std))
 
     def sample_and_log_prob(self, dist: tfd.Distribution, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """A stateless sample of `dist` (batch [N, ...]) with `seed` and its log-probability."""

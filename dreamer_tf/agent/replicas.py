@@ -152,13 +152,13 @@ class Replicated(Reduction):
             return self._sum(clipped) / self.replicas + (clipped - tf.stop_gradient(clipped))
         return tf.maximum(kl, free_nats)  # `kl` has the global mean's value: the single-device clip
 
-    def contrastive(self, stoch: tf.Tensor, mean: tf.Tensor, std: tf.Tensor) -> tf.Tensor:
+    def contrastive(self, term, stoch: tf.Tensor, mean: tf.Tensor, std: tf.Tensor) -> tf.Tensor:
         if "contrastive" in self.local:  # negatives from this replica's shard only
-            return super().contrastive(stoch, mean, std, self.mean)
+            return super().contrastive(term, stoch, mean, std, self.mean)
         # Every replica evaluates the term on the whole global batch (all rows gathered), its own rows
         # live: the gradient is then the exact partial derivative with respect to its rows, which
         # includes their role as other rows' negatives. x R: the replica differentiates loss / N.
-        full = super().contrastive(*(self._gather(x) for x in (stoch, mean, std)), tf.reduce_mean)
+        full = super().contrastive(term, *(self._gather(x) for x in (stoch, mean, std)), tf.reduce_mean)
         return tf.stop_gradient(full) + self.replicas * (full - tf.stop_gradient(full))
 
     def _gather(self, x: tf.Tensor) -> tf.Tensor:

@@ -127,7 +127,7 @@ def contrastive_log_likelihood(state_model, embedding: tf.Tensor, stoch: tf.Tens
                                reduce: Reduction = SINGLE) -> tf.Tensor:
     """mean [ln q(s_t | o_t) - ln sum_o' q(s_t | o')] over all B*T observations (paper Sec. 6)."""
     mean, std = state_model(embedding)
-    return reduce.contrastive(flatten_bt(stoch), flatten_bt(mean), flatten_bt(std))
+    return reduce.contrastive(contrastive_term, flatten_bt(stoch), flatten_bt(mean), flatten_bt(std))
 
 
 def world_model_loss(model: WorldModel, data: Mapping[str, tf.Tensor], *, kl_scale: float, free_nats: float,

@@ -14,7 +14,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["Collector", "EpisodeSeeds", "ROLES", "episode_seed", "random_actions", "evaluate", "RandomAgent",
+__all__ = ["Collector", "EpisodeSeeds", "ROLES", "episode_role", "episode_seed", "random_actions", "evaluate",
+           "RandomAgent",
            "make_envs", "check_envs", "env_options", "spaces", "obs_keys"]
 
 ROLES = ("train", "eval", "prefill")  # the order fixes each role's seeds: append, never reorder
@@ -24,6 +25,11 @@ def episode_seed(seed: int, role: str, worker: int, episode: int) -> int:
     """The reset seed (uint32) of episode number `episode` of `role` on env `worker` of a run."""
     words = [int(seed), ROLES.index(role), int(worker), int(episode)]
     return int(np.random.SeedSequence(words).generate_state(1)[0])
+
+
+def episode_role(step: int, prefill: int) -> str:
+    """The role of an episode that starts at env step `step` (its reset seed's role)."""
+    return "prefill" if step < prefill else "train"
 
 
 class EpisodeSeeds:

@@ -12,7 +12,7 @@ from pathlib import Path
 from dreamer_tf import config as configlib
 from dreamer_tf.utils import DISK_ERRNOS, atomic_write_json, describe_write_error
 
-__all__ = ["RESUMABLE_KEYS", "Diverged", "RunError", "Stopped", "WriteFailed", "write_status",
+__all__ = ["RESUMABLE_KEYS", "Diverged", "check_divergence", "RunError", "Stopped", "WriteFailed", "write_status",
            "record_failure", "prepare_logdir", "never_started", "move_newer_episodes"]
 
 # Keys that may change when a run is resumed (extending the budget, logging cadence, trackers; the
@@ -25,6 +25,19 @@ RESUMABLE_KEYS = ("steps", "eval_every", "log_every", "checkpoint_every", "video
 
 class Diverged(RuntimeError):
     """Too many consecutive non-finite updates."""
+
+
+def check_divergence(metrics: dict[str, float], streak: int, max_nonfinite: int, step: int,
+                     kept: Path) -> tuple[int, dict[str, float]]:
+    """(the new streak of skipped updates, the update's extra metrics); raises Diverged after
+    `max_nonfinite` skipped updates in a row, naming the losses and where the last good checkpoint is."""
+    bad = [k[: -len("_nonfinite")] for k, v in metrics.items() if k.endswith("_nonfinite") and v > 0]
+    streak = streak + 1 if bad else 0
+    if bad and streak >= max_nonfinite:
+        losses = ", ".join(f"{k}_loss={metrics.get(k + '_loss', float('nan'))}" for k in bad)
+        raise Diverged(f"{streak} consecutive non-finite updates at step {step} ({losses}); "
+                       f"the last good checkpoint is kept in {kept}")
+    return streak, {"skipped_updates": 1.0 if bad else 0.0}
 
 
 class RunError(RuntimeError):

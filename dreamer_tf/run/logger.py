@@ -254,6 +254,19 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+class Clock:
+    """Wall time of a run over all its resumes, and its env steps per second since this start."""
+
+    def __init__(self, step: int, wall_time_before: float):
+        self.start_time, self.start_step, self.before = time.time(), step, wall_time_before
+
+    def wall_time(self) -> float:
+        return self.before + time.time() - self.start_time
+
+    def steps_per_second(self, step: int) -> float:
+        return (step - self.start_step) / max(time.time() - self.start_time, 1e-9)
+
+
 class Stopwatch:
     """Wall seconds per part of the loop (`with watch("env"): ...`), handed out per log row as
     `seconds_<part>` for the interval since the previous row."""

@@ -27,20 +27,20 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 import numpy as np
 
 from dreamer_tf import config as configlib
 from dreamer_tf.run.checkpoint import Checkpointer
-from dreamer_tf.run.collect import Collector, evaluate, make_envs, obs_keys, random_actions, spaces
+from dreamer_tf.run.collect import Collector, episode_role, evaluate, make_envs, obs_keys, random_actions, spaces
 from dreamer_tf.run.lock import RunLock
-from dreamer_tf.run.logdir import Diverged, RunError, Stopped, prepare_logdir, record_failure, write_status
+from dreamer_tf.run.logdir import (Diverged, RunError, Stopped, check_divergence, prepare_logdir, record_failure,
+                                   write_status)
 from dreamer_tf.run.hardware import record_hardware
 from dreamer_tf.run.learner import Learner, seed_for
-from dreamer_tf.run.logger import Logger, Progress, Stopwatch
-from dreamer_tf.run.resume import (LoopState, capture, episode_seeds, recorded_threads, restore_agent,
-                                   restore_loop)
+from dreamer_tf.run.logger import Clock, Logger, Progress, Stopwatch
+from dreamer_tf.run.resume import (LoopState, capture, episode_seeds, recorded_threads, restore_acting,
+                                   restore_agent, restore_loop)
 from dreamer_tf.run.signals import GracefulStop
 from dreamer_tf.run.threads import pin_threads
 from dreamer_tf.utils import make_dir
@@ -96,20 +96,10 @@ class Trainer:
         if saved:
             self.state = restore_loop(saved, self.rng, self.replay, self.learner)
             print(f"resume: restored {latest.name} at step {self.state.step}", file=sys.stderr)
-        if saved and self.state.acting_saved and self.learner.overlap:
-            try:  # stopped between two syncs: the copy acts with the weights of the last one
-                self.checkpointer.read_extra(latest, acting=self.acting)
-            except CheckpointError as e:
-                raise RunError(str(e)) from None
-        else:
-            self.learner.sync_policy(seed_for(c.seed, self.state.step))
+        restore_acting(self.checkpointer, latest, self.state, self.learner, self.acting, c.seed)
         self.seeds = episode_seeds(c, self.state, latest.name if saved else "")
         self.collector = Collector(self.envs, self.act_space, obs_keys(obs_space), self.seeds)
         self._pending: list[dict] = []  # (overlap) finished episodes, stored at the next join
-
-    def _role(self, step: int) -> str:
-        """The role of an episode that starts at env step `step` (its reset seed's role)."""
-        return "prefill" if step < self.config.prefill else "train"
 
     # --- the loop -----------------------------------------------------------------------
     def run(self) -> dict:
@@ -127,9 +117,9 @@ class Trainer:
             raise failure from None
         s = self.state
         self._progress = Progress(c.steps, s.step)
-        self._clock = (time.time(), s.step, s.wall_time)  # start time, start step, wall time before
+        self._clock = Clock(s.step, s.wall_time)
         self._watch = Stopwatch()
-        self.collector.reset(self._role(s.step))
+        self.collector.reset(episode_role(s.step, c.prefill))
         self.stop.__enter__()
         try:
             if s.pretrained:  # updates a graceful stop of an older version deferred, before anything else
@@ -192,7 +182,8 @@ class Trainer:
                     self.collector.batch_obs(), self.collector.policy_state, True, env_step=s.step)
                 actions = np.asarray(actions)
         with self._watch("env"):  # episodes reset now start at the step after this one
-            finished = self.collector.step(actions, self._role(s.step + c.action_repeat * self.collector.num))
+            next_start = s.step + c.action_repeat * self.collector.num
+            finished = self.collector.step(actions, episode_role(next_start, c.prefill))
         s.step += c.action_repeat * self.collector.num
         for episode in finished:  # with overlap the learner may be reading the replay: store at the next join
             s.episodes += 1
@@ -229,21 +220,15 @@ class Trainer:
 
     def _log_scalars(self) -> None:
         c, s = self.config, self.state
-        start_time, start_step, _ = self._clock
-        elapsed = time.time() - start_time
         with self._watch("log"):
             row = {k: float(np.mean(v)) for k, v in self.learner.pop_metrics().items()}
-            row.update(env_steps_per_second=(s.step - start_step) / max(elapsed, 1e-9),
+            row.update(env_steps_per_second=self._clock.steps_per_second(s.step),
                        train_seconds=self.learner.seconds, train_updates=self.learner.updates,
-                       expl_amount=self.acting.expl_amount(s.step), wall_time=self._wall_time())
+                       expl_amount=self.acting.expl_amount(s.step), wall_time=self._clock.wall_time())
             # Where the wall time went since the last row (seconds_train runs beside the rest with overlap).
             row.update(self._watch.interval(train=self.learner.seconds, sample=self.learner.sample_seconds))
             self.logger.write(s.step, row)
         s.next_log = s.step - s.step % c.log_every + c.log_every
-
-    def _wall_time(self) -> float:
-        start_time, _, before = self._clock
-        return before + time.time() - start_time
 
     def _close(self) -> None:
         self.logger.close()
@@ -271,15 +256,11 @@ class Trainer:
             s.next_train += c.train_every
 
     def _check(self, metrics: dict[str, float]) -> dict[str, float]:
-        """Stop the run after `max_nonfinite` skipped updates in a row; the update's extra metrics."""
+        """The divergence guard of every update (run/logdir.py: check_divergence)."""
         s = self.state
-        bad = [k[: -len("_nonfinite")] for k, v in metrics.items() if k.endswith("_nonfinite") and v > 0]
-        s.nonfinite_streak = s.nonfinite_streak + 1 if bad else 0
-        if bad and s.nonfinite_streak >= self.config.max_nonfinite:
-            losses = ", ".join(f"{k}_loss={metrics.get(k + '_loss', float('nan'))}" for k in bad)
-            raise Diverged(f"{s.nonfinite_streak} consecutive non-finite updates at step {s.step} ({losses}); "
-                           f"the last good checkpoint is kept in {self.checkpointer.directory}")
-        return {"skipped_updates": 1.0 if bad else 0.0}
+        s.nonfinite_streak, extra = check_divergence(metrics, s.nonfinite_streak, self.config.max_nonfinite,
+                                                     s.step, self.checkpointer.directory)
+        return extra
 
     # --- evaluation and checkpoints -----------------------------------------------------
     def _evaluate(self) -> None:
@@ -312,7 +293,7 @@ class Trainer:
             self._store_pending()
             extra = {"acting": self.acting}
         with self._watch("checkpoint"):
-            saved = capture(s, self._wall_time(), self.rng, self.replay, self.learner, self.seeds, bool(extra))
+            saved = capture(s, self._clock.wall_time(), self.rng, self.replay, self.learner, self.seeds, bool(extra))
             self.checkpointer.save(self.agent, s.step, saved, extra)
             self.logger.commit(s.step)  # the trackers get what the checkpoint now holds
             write_status(self.logdir, "running", s.step, self.config.steps)

@@ -16,11 +16,12 @@ import numpy as np
 
 from dreamer_tf.run.checkpoint import CheckpointError
 from dreamer_tf.run.collect import EpisodeSeeds
+from dreamer_tf.run.learner import seed_for
 from dreamer_tf.run.logdir import RunError, move_newer_episodes
 from dreamer_tf.run.threads import current_threads
 
-__all__ = ["LoopState", "recorded_threads", "restore_agent", "restore_loop", "capture", "episode_seeds",
-           "jsonable"]
+__all__ = ["LoopState", "recorded_threads", "restore_agent", "restore_loop", "restore_acting", "capture",
+           "episode_seeds", "jsonable"]
 
 
 @dataclasses.dataclass
@@ -85,6 +86,18 @@ def restore_loop(saved: dict, rng: np.random.Generator, replay, learner) -> Loop
         replay.set_state(state.replay_rng)
     learner.restore_metrics(state.unlogged or {}, state.unjoined, state.learner_updates)
     return state
+
+
+def restore_acting(checkpointer, latest, state: LoopState, learner, acting, seed: int) -> None:
+    """(overlap) The acting copy of a run stopped between two syncs acts with the weights of the
+    last sync, saved in the checkpoint; otherwise it syncs with the agent now, as at every join."""
+    if latest is not None and state.acting_saved and learner.overlap:
+        try:
+            checkpointer.read_extra(latest, acting=acting)
+        except CheckpointError as e:
+            raise RunError(str(e)) from None
+    else:
+        learner.sync_policy(seed_for(seed, state.step))
 
 
 def capture(state: LoopState, wall_time: float, rng: np.random.Generator, replay, learner,

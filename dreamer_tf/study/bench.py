@@ -475,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.devices is not None:  # dreamer_tf/study/bench_devices.py
         from dreamer_tf.study import bench_devices
-        return bench_devices.main(args.presets, args.devices, args.repeats, args.out, argv)
+        return bench_devices.main(args.presets, args.devices, args.repeats, args.out, argv, sys.modules[__name__])
     if args.child_setting:
         return run_child(args.child_setting, args.child_json, args.presets, args.variants, args.repeats,
                          args.matmul_size)

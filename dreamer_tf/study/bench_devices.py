@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from dreamer_tf.utils import atomic_write_text
 
@@ -35,16 +35,16 @@ def _global_batch(batch_size: int, n: int) -> int:
     return -(-batch_size // n) * n
 
 
-def measure(presets: Sequence[str], n: int, repeats: int) -> dict:
+def measure(presets: Sequence[str], n: int, repeats: int, time_step: Callable) -> dict:
+    """`time_step(config, repeats)`: study/bench.py's train-step timer (passed in: bench imports this)."""
     from dreamer_tf import config as configlib
-    from dreamer_tf.study import bench
     devices = configure_devices(n)
     rows = []
     for preset in presets:
         base = configlib.load(preset)
         base = base.replace(batch_size=_global_batch(base.batch_size, n))
-        one = bench.time_train_step(base, repeats)
-        many = bench.time_train_step(base.replace(strategy="mirrored", devices=devices), repeats)
+        one = time_step(base, repeats)
+        many = time_step(base.replace(strategy="mirrored", devices=devices), repeats)
         speedup = one["seconds"] / many["seconds"]
         rows.append({"preset": preset, "batch_size": base.batch_size, "batch_length": base.batch_length,
                      "one": one, "replicated": many, "speedup": speedup, "efficiency": speedup / n})
@@ -75,11 +75,11 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(presets: Sequence[str], n: int, repeats: int, out: Path, argv: Sequence[str]) -> int:
-    from dreamer_tf.study import bench
+def main(presets: Sequence[str], n: int, repeats: int, out: Path, argv: Sequence[str], bench) -> int:
+    """`bench`: the study/bench.py module (its timer, provenance and machine info)."""
     if n < 2:
         raise ValueError(f"--devices must be >= 2, got {n}")
-    results = {**bench.provenance(argv), **measure(presets, n, repeats)}
+    results = {**bench.provenance(argv), **measure(presets, n, repeats, bench.time_train_step)}
     results["machine"] = bench.machine_info()
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "bench_devices.json", json.dumps(results, indent=1) + "\n")
