@@ -199,7 +199,7 @@ def test_preflight_refuses_a_plan_that_does_not_fit(tmp_path, fake, capsys, monk
     assert "\n" not in err
     assert err == (f"error: the plan needs {disk.human(need)} of disk under {root} but only "
                    f"{disk.human(int(need * 0.75))} is free there; free space, use a smaller replay_store "
-                   f"(--set replay_store=cache), or pass --force")
+                   f"(--set replay_store=chunks), or pass --force")
     assert not (root / "dmc_cup_catch").exists()  # refused before any run was started
     # A finished run needs nothing more, a half-done one half of what grows: now it fits.
     done = root / "dmc_cup_catch/dreamer/1"

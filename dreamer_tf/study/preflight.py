@@ -46,7 +46,7 @@ def disk_preflight(specs: Sequence[RunSpec], root: str | Path, force: bool = Fal
     if needed > free and not force:
         raise BenchmarkError(f"the plan needs {human(needed)} of disk under {Path(root).absolute()} but only "
                              f"{human(free)} is free there; free space, use a smaller replay_store "
-                             f"(--set replay_store=cache), or pass --force")
+                             f"(--set replay_store=chunks), or pass --force")
     fits = "fits" if needed <= free else "DOES NOT FIT (a start is refused without --force)"
     return f"disk: the unfinished runs need {human(needed)}, {human(free)} free under ROOT: {fits}{per_run}"
 
