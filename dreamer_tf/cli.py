@@ -90,8 +90,6 @@ def _last_test_return(logdir: str) -> str:
 def _check_eval(args: argparse.Namespace) -> None:
     """A bad stored config or a missing checkpoint: one line before TensorFlow's 10+ s import."""
     logdir = Path(args.logdir)
-    if not (logdir / "config.yaml").exists():
-        raise UsageError(f"{args.logdir} is not a run directory (no config.yaml)")
     _check_env(configlib.load_file(logdir / "config.yaml"))
     if args.random:
         return
@@ -103,8 +101,10 @@ def _check_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    _check_eval(args)
+    if not (Path(args.logdir) / "config.yaml").exists():  # before the lock, which would make the directory
+        raise UsageError(f"{args.logdir} is not a run directory (no config.yaml)")
     with _lock_run(args):  # eval writes eval/ into the run directory (and may set a bad checkpoint aside)
+        _check_eval(args)  # under the lock: a run still training there is named, not its missing checkpoint
         if not args.random:  # the random policy needs no TensorFlow
             _quiet_tf()
         from dreamer_tf.run.logdir import RunError
