@@ -3,7 +3,8 @@
 Each was seen failing on a broken store: frames reversed inside a chunk (round trip, same
 batches as `frames`, migration tests), a non-atomic chunked write (crash test), migration
 disabled (crash and run_v0 tests), one chunk per frame (index test), LZ4 errors swallowed
-(corrupt-chunk test).
+(corrupt-chunk test). The native decoder was seen failing the round trip when its partial decode
+wrote one frame short, and when the scratch copy took the frames after the window's start.
 """
 import shutil
 import subprocess
@@ -26,6 +27,19 @@ from test_replay import make_episode, windows_of  # noqa: E402
 RUN_V0 = Path(__file__).parent / "golden" / "run_v0"
 
 
+@pytest.fixture(params=["native", "python"])
+def decoder(request, monkeypatch):
+    """Both decode paths: LZ4's C functions into the window (partial decode) and the lz4 package's."""
+    if request.param == "python":
+        monkeypatch.setattr(chunks, "_NATIVE", None)
+    return request.param
+
+
+def test_the_native_decoder_is_found():
+    # The fast path (decode into the batch, stop at the window's end) must be what runs here.
+    assert chunks._NATIVE is not None
+
+
 def _batches(replay: Replay, n: int = 4, batch: int = 6, length: int = 20) -> list[dict]:
     return [replay.sample(batch, length) for _ in range(n)]
 
@@ -37,7 +51,7 @@ def _assert_same(a: list[dict], b: list[dict]) -> None:
             np.testing.assert_array_equal(x[key], y[key], err_msg=key)
 
 
-def test_chunked_episodes_round_trip_exactly_and_every_window_reads_back(tmp_path):
+def test_chunked_episodes_round_trip_exactly_and_every_window_reads_back(tmp_path, decoder):
     # Lengths around the chunk size: a short last chunk, exact multiples, one chunk only.
     episodes = [make_episode(i, n, state=True, size=16) for i, n in enumerate([5, 16, 33, 48, 70])]
     replay = Replay(tmp_path, store="chunks")
@@ -60,7 +74,7 @@ def test_chunked_episodes_round_trip_exactly_and_every_window_reads_back(tmp_pat
                 np.testing.assert_array_equal(out, episode["image"][start:start + length])
 
 
-def test_chunks_store_gives_the_same_batches_as_frames_for_the_same_seed(tmp_path):
+def test_chunks_store_gives_the_same_batches_as_frames_for_the_same_seed(tmp_path, decoder):
     episodes = [make_episode(i, 30 + 7 * i, size=16) for i in range(6)]
     replays = {store: Replay(tmp_path / store, store=store, seed=3) for store in ("chunks", "frames")}
     for episode in episodes:
@@ -150,7 +164,7 @@ def _payload_offset(path: Path) -> tuple[int, np.ndarray]:
     return index.data_offset, index.offsets
 
 
-def test_a_corrupt_chunk_is_a_one_line_error_naming_the_file(tmp_path):
+def test_a_corrupt_chunk_is_a_one_line_error_naming_the_file(tmp_path, decoder):
     replay = Replay(tmp_path, store="chunks")
     paths = [replay.add(make_episode(i, 60, size=32)) for i in range(3)]
     start, offsets = _payload_offset(paths[1])
@@ -180,3 +194,29 @@ def test_disk_bytes_per_frame_is_the_measured_bound():
     assert disk_bytes_per_frame("frames") > 12288 > disk_bytes_per_frame("cache")
     with pytest.raises(ValueError, match="one of"):
         disk_bytes_per_frame("tape")
+
+
+
+def test_the_earliest_failed_window_is_reported_whatever_thread_read_it(tmp_path):
+    # Which episode a failed batch drops must not depend on the thread count (reproducibility):
+    # read_many reports the failure of the earliest job, as reading them in order would.
+    from dreamer_tf.data.stores import read_in_order
+    replay = Replay(tmp_path, store="chunks")
+    paths = [replay.add(make_episode(i, 60, size=32)) for i in range(3)]
+    for path in paths[1:]:
+        start, offsets = _payload_offset(path)
+        data = bytearray(path.read_bytes())
+        for c in range(len(offsets) - 1):  # every chunk: any window of the episode fails
+            data[start + offsets[c]:start + offsets[c] + 64] = bytes(64)
+        path.write_bytes(bytes(data))
+    reloaded = Replay(tmp_path, store="chunks")
+    good, first, second = reloaded._episodes
+    out = lambda: np.empty((10, 32, 32, 3), np.uint8)  # noqa: E731
+    # Two threads read jobs 0, 2, 4 and 1, 3, 5: the earliest failure (job 1) is the second thread's.
+    jobs = [(good, 0, out()), (second, 0, out()), (first, 0, out()), (good, 5, out()), (first, 3, out()),
+            (good, 9, out())]
+    expected = read_in_order(reloaded._store, jobs)[0]
+    assert expected is second
+    for threads in (1, 2, 3):
+        reloaded._store.threads = threads
+        assert reloaded._store.read_many(jobs)[0] is expected

@@ -25,6 +25,7 @@ import io
 import json
 import os
 import struct
+import threading
 import zipfile
 from dataclasses import dataclass
 from typing import Mapping
@@ -143,9 +144,56 @@ def read_index(path: str | os.PathLike) -> ChunkIndex | None:
                       int(meta["chunk"]), tuple(meta["shape"]))
 
 
+def _native_decoder():
+    """LZ4's C decoder through ctypes, for decoding into a caller's buffer (no allocation, no copy)
+    and stopping at the last frame a window needs (`LZ4_decompress_safe_partial`, exact since LZ4
+    1.9.0). The functions come from the lz4 package's own extension (exported symbols), else the
+    system's liblz4; None (the lz4 package's API is used) if neither is usable."""
+    import ctypes
+    import ctypes.util
+
+    import lz4.block._block as block
+    for name in (block.__file__, ctypes.util.find_library("lz4")):
+        try:
+            lib = ctypes.CDLL(name)  # CDLL: the GIL is released during each call
+            if lib.LZ4_versionNumber() < 10900:
+                continue
+            safe, partial = lib.LZ4_decompress_safe, lib.LZ4_decompress_safe_partial
+        except (OSError, TypeError, AttributeError):
+            continue
+        safe.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+        partial.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        safe.restype = partial.restype = ctypes.c_int
+        return safe, partial
+    return None
+
+
+_NATIVE = _native_decoder()
+_scratch = threading.local()  # per reading thread: one chunk's decoded frames
+
+
+def _decode_into(src: np.ndarray, lo: int, hi: int, dst: np.ndarray, full: int) -> None:
+    """Decode compressed bytes src[lo:hi] (a chunk of `full` decoded bytes) into contiguous `dst`,
+    which receives the chunk's first dst.nbytes bytes; ChunkError if they do not decode exactly."""
+    want = dst.nbytes
+    if _NATIVE is None:
+        dst.reshape(-1)[:] = np.frombuffer(_decompress(src[lo:hi].data, full), np.uint8)[:want]
+        return
+    safe, partial = _NATIVE
+    address = src.ctypes.data + lo
+    if want == full:
+        got = safe(address, dst.ctypes.data, hi - lo, want)
+    else:  # stop after `want` bytes: the frames after the window are not decoded
+        got = partial(address, dst.ctypes.data, hi - lo, want, want)
+    if got != want:
+        raise ChunkError(f"decoded {got} of {want} bytes" if got >= 0 else "malformed LZ4 block")
+
+
 def read_window(fd: int, index: ChunkIndex, start: int, out: np.ndarray) -> None:
-    """Fill `out` ([L, H, W, C] uint8) with frames start..start+L-1 of the episode open as `fd`:
-    one pread of the overlapped chunks, then decode each and copy the frames needed."""
+    """Fill `out` ([L, H, W, C] uint8, contiguous) with frames start..start+L-1 of the episode open
+    as `fd`: one pread of the overlapped chunks, then each is decoded straight into `out` where the
+    window covers its first frame (up to the window's last frame only), else (the first chunk,
+    which begins before `start`) into a scratch buffer from which the frames needed are copied."""
     chunk, offsets = index.chunk, index.offsets
     stop = start + len(out)
     first, last = start // chunk, (stop - 1) // chunk
@@ -153,19 +201,25 @@ def read_window(fd: int, index: ChunkIndex, start: int, out: np.ndarray) -> None
     data = os.pread(fd, high - low, index.data_offset + low)
     if len(data) != high - low:
         raise ChunkError(f"payload truncated: read {len(data)} of {high - low} bytes at chunk {first}")
-    view = memoryview(data)
+    src = np.frombuffer(data, np.uint8)
     frame_shape = index.shape[1:]
-    frame_bytes = int(np.prod(frame_shape))
+    frame_bytes = out[0].nbytes
     for c in range(first, last + 1):
         begin = c * chunk
         frames = min(chunk, index.shape[0] - begin)
+        a, b = max(start, begin), min(stop, begin + frames)
+        lo, hi = int(offsets[c]) - low, int(offsets[c + 1]) - low
         try:
-            raw = _decompress(view[offsets[c] - low:offsets[c + 1] - low], frames * frame_bytes)
+            if a == begin:
+                _decode_into(src, lo, hi, out[a - start:b - start], frames * frame_bytes)
+            else:
+                scratch = getattr(_scratch, "buffer", None)
+                if scratch is None or scratch.shape != (chunk,) + frame_shape:
+                    scratch = _scratch.buffer = np.empty((chunk,) + frame_shape, np.uint8)
+                _decode_into(src, lo, hi, scratch[:b - begin], frames * frame_bytes)
+                out[a - start:b - start] = scratch[a - begin:b - begin]
         except ChunkError as e:
             raise ChunkError(f"chunk {c} is corrupt: {e}") from None
-        decoded = np.frombuffer(raw, np.uint8).reshape((frames,) + frame_shape)
-        a, b = max(start, begin), min(stop, begin + frames)
-        out[a - start:b - start] = decoded[a - begin:b - begin]
 
 
 def decode_all(path: str | os.PathLike, index: ChunkIndex | None = None) -> np.ndarray:

@@ -114,8 +114,8 @@ class Replay:
       seed: seed of the sampling generator (PCG64).
       balance: sample episodes uniformly (then a start) instead of windows uniformly; the same
         as `sampler="episode"`.
-      store: `"frames"` (uncompressed frame files beside the `.npz`, default), `"chunks"` (each
-        episode once, images in compressed chunks) or `"cache"` (LRU of decoded images); see
+      store: `"chunks"` (each episode once, images in compressed chunks, default), `"frames"`
+        (uncompressed frame files beside the `.npz`) or `"cache"` (LRU of decoded images); see
         `stores`.
       delete: also delete the files of episodes dropped by `capacity`.
       action_repeat: env steps per transition, to count env steps and apply `capacity`.
@@ -126,7 +126,7 @@ class Replay:
     """
 
     def __init__(self, directory: str | os.PathLike, *, capacity: int = 0, cache: int = 200_000,
-                 seed: int = 0, balance: bool = False, store: str = "frames", delete: bool = False,
+                 seed: int = 0, balance: bool = False, store: str = "chunks", delete: bool = False,
                  action_repeat: int = 1, frames_dir: str | os.PathLike | None = None,
                  sampler: str | Sampler = "uniform"):
         _check_ints(capacity=(capacity, 0), cache=(cache, 1), action_repeat=(action_repeat, 1), seed=(seed, 0))

@@ -293,19 +293,27 @@ class ChunkStore:
             os.close(fd)
 
     def read_many(self, jobs: list[Job]) -> tuple[EpisodeEntry, Exception] | None:
-        """Read the windows in the thread pool (decoding is most of the time, and LZ4 and numpy's
-        copies release the GIL); the first failure is returned as in `read_in_order`."""
+        """Read the windows on `threads` threads (decoding is most of the time, and LZ4's C decoder
+        releases the GIL): the calling thread reads every threads-th job and the pool the others,
+        one hand-off per thread per batch. The failure of the earliest job in `jobs` is returned,
+        as `read_in_order` would, so which episode is dropped does not depend on timing."""
         if self.threads < 2 or len(jobs) < 2:
             return read_in_order(self, jobs)
-        futures = [_pool(self.threads).submit(self.read, *job) for job in jobs]
-        failed = None
-        for (episode, _, _), future in zip(jobs, futures):
-            error = future.exception()  # waits; every read finishes before the batch is reused
-            if error is not None and failed is None:
-                if not isinstance(error, (EpisodeError, OSError)):
-                    raise error
-                failed = episode, error
-        return failed
+        parts = [list(range(i, len(jobs), self.threads)) for i in range(self.threads)]
+        futures = [_pool(self.threads).submit(self._read_part, jobs, part) for part in parts[1:]]
+        failures = [self._read_part(jobs, parts[0])] + [f.result() for f in futures]  # all finish first
+        failures = [f for f in failures if f is not None]
+        return min(failures, key=lambda f: f[0])[1] if failures else None
+
+    def _read_part(self, jobs: list[Job], part: list[int]) -> tuple[int, tuple[EpisodeEntry, Exception]] | None:
+        """Read jobs[i] for i in `part` in order; the first failure as (i, (episode, error))."""
+        for i in part:
+            episode, start, out = jobs[i]
+            try:
+                self.read(episode, start, out)
+            except (EpisodeError, OSError) as e:
+                return i, (episode, e)
+        return None
 
     def index_bytes(self, episodes) -> int:
         """Bytes of the chunk offsets held for `episodes` (the per-frame part of the index)."""

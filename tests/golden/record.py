@@ -71,11 +71,12 @@ def run_metrics() -> dict:
         episodes = []
         prefill = 200 // 100  # episodes (100 frames each) that end within the 200 prefill frames
         for index, path in enumerate(sorted((logdir / "train_episodes").glob("*.npz"))):
-            with np.load(path) as data:
-                episodes.append({"length": int(len(data["reward"])), "reward": float(data["reward"].sum()),
-                                 "action": float(data["action"].astype(np.float64).sum()),
-                                 "image": int(data["image"].astype(np.int64).sum()),
-                                 "prefill": index < prefill})
+            from dreamer_tf.data import load_episode  # any store's file (chunked images too)
+            data = load_episode(path)
+            episodes.append({"length": int(len(data["reward"])), "reward": float(data["reward"].sum()),
+                             "action": float(data["action"].astype(np.float64).sum()),
+                             "image": int(data["image"].astype(np.int64).sum()),
+                             "prefill": index < prefill})
     return {"metrics": rows, "episodes": episodes}
 
 
