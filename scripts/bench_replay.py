@@ -336,7 +336,9 @@ def markdown(data: dict) -> str:
         "`posix_fadvise(POSIX_FADV_DONTNEED)` (only our files: `echo 1 > /proc/sys/vm/drop_caches` "
         "would also evict the other sessions' caches) and `cold batches` more are timed "
         "(`cold ms/seq`). RSS columns are MiB from `/proc/self/status` after sampling. `chunks` "
-        "decodes with 2 threads inside `sample`; in training `sample` runs in the tf.data prefetch "
+        "decodes with 2 threads inside `sample` (the calling thread and one pool thread, each "
+        "decoding its windows with LZ4's C decoder straight into the batch, and each window's last "
+        "chunk only up to the window's end); in training `sample` runs in the tf.data prefetch "
         "thread, off the train step. `cache` holds 50000 decoded frames.",
         "",
         "| frames | episodes | store | disk GiB | disk bytes/frame | load s | RSS | RssAnon | index B/frame "
@@ -380,7 +382,9 @@ def reading(rows: list[dict], tasks: list[dict]) -> list[str]:
             f"of {med('lz4hc9/32', 'decode_us'):.1f} us/frame vs {med('zlib6/32', 'decode_us'):.1f} for "
             f"zlib and {med('zstd1/32', 'decode_us'):.1f} for zstd level 1" + (
                 f"; chunks of 16 cost 3-50% more disk (quadruped 4.65 KiB/frame, too near the 4.8 KiB "
-                f"target) and decode ~20% fewer frames per 50-frame window (65 vs 81 on average)."
+                f"target) for ~12% fewer decoded frames per 50-frame window (57.5 vs 65.5 on average: "
+                f"decoding stops at the window's last frame, so only the first chunk's frames before "
+                f"the window are wasted)."
                 if len(tasks) == 20 else "."))
     if "chunks" in at and "frames" in at:
         c, f = at["chunks"], at["frames"]
@@ -413,7 +417,7 @@ def reading(rows: list[dict], tasks: list[dict]) -> list[str]:
                 f"on 2 cores (other jobs), where even `frames` reached only "
                 f"{max(r['batches_per_s'] for r in rows if r['store'] == 'frames')} batches/s at best (it "
                 f"made 313 at 50k frames on a quieter machine, results of 2026-11-25). Decoding costs "
-                f"~1-15 us per frame (per-task table), ~81 frames per sequence.")
+                f"~1-15 us per frame (per-task table), ~65.5 frames per sequence.")
     if "cache" in at:
         lines.append(
             f"- `cache` (50000 frames) stays the slow choice: {at['cache']['batches_per_s']} batches/s "
