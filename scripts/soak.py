@@ -5,7 +5,8 @@ same command, bit for bit. Writes results/reliability.md.
     python scripts/soak.py --kills 6 --terms 3 --steps 3000 [--seed 0] [--overlap] [--no-compare]
                            [--logdir DIR] [--out FILE]
 
-The signals go to the trainer process (not its environment workers), in a random order. Each one
+A SIGTERM goes to the run's process group (the trainer and its environment workers, as a cluster's
+does), a SIGKILL to the trainer alone; in a random order. Each one
 strikes once the run (after the previous resume's roll-back) has reached a random env step of its
 own, spread over the run, plus a random 0-`--jitter` s, so it lands anywhere in collection, training,
 evaluation, episode or checkpoint writes. After each one the same command resumes the run. Then:
@@ -257,7 +258,9 @@ def soak(logdir: str | os.PathLike, kills: int = 6, terms: int = 3, steps: int =
             if attempts > len(events) + 3:
                 raise RuntimeError("the run does not finish")
             begun = time.time()
-            proc = subprocess.Popen(command, stdout=output, stderr=output, env=env)
+            # Its own process group: a SIGTERM goes to the whole group, env workers included, as
+            # a cluster's (Slurm's scancel, a pre-emption) does; a SIGKILL to the trainer alone.
+            proc = subprocess.Popen(command, stdout=output, stderr=output, env=env, start_new_session=True)
             event = events[len(done)] if len(done) < len(events) else None
             while proc.poll() is None:
                 if time.time() > deadline:
@@ -279,7 +282,10 @@ def soak(logdir: str | os.PathLike, kills: int = 6, terms: int = 3, steps: int =
                     workers |= _workers(proc.pid)
                     record = {"signal": event, "target": target, "step": _max_step(logdir),
                               "time": time.time(), "orphans": _orphans(logdir), "attempt": attempts}
-                    proc.send_signal(getattr(signal, event))
+                    if event == "SIGTERM":
+                        os.killpg(proc.pid, signal.SIGTERM)
+                    else:
+                        proc.send_signal(getattr(signal, event))
                     done.append(record)
                     pending_regain = record
                     log(f"{event} at step {record['step']} (target {record['target']}, attempt {attempts})")
@@ -382,10 +388,10 @@ def report(result: dict, argv: Sequence[str], commit: str = "unknown") -> str:
             "checkpoint) and the same final loop state (generator states, counters)." if result.get("compared")
             else " No comparison with an uninterrupted run (--no-compare)."),
         "",
-        "Not covered: a SIGTERM to the whole process group (e.g. Slurm's `scancel`) also reaches the "
-        "environment workers, which die on it; the trainer then fails its graceful stop (status "
-        "`failed`, a WorkerError) and the resume starts from the last periodic checkpoint, as after a "
-        "SIGKILL. The soak signals the trainer alone, as `kill PID` or a container runtime does.",
+        "Each SIGTERM goes to the run's whole process group, environment workers included, as a "
+        "cluster's does (Slurm's `scancel`, a pre-emption): the workers ignore it and the trainer stops "
+        "gracefully. Each SIGKILL goes to the trainer alone (the OOM killer's way); its workers exit "
+        "on their own once it is gone.",
         "",
         "| # | signal | at step (last logged row) | exit | status after | episodes redone | seconds lost |",
         "|---|---|---|---|---|---|---|",

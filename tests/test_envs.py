@@ -278,6 +278,19 @@ def test_worker_segfault_raises_runtime_error(walker):
     assert env._proc.returncode == -signal.SIGSEGV
 
 
+def test_workers_outlive_sigint_and_sigterm_and_close_still_ends_them():
+    # A cluster's SIGTERM (scancel, pre-emption) and Ctrl-C reach the whole process group: the
+    # workers must keep serving so the trainer can finish its episodes and save.
+    with envs.make("dmc_pendulum_swingup") as env:
+        env.reset()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            os.kill(env.pid, sig)
+        time.sleep(0.5)
+        assert env._proc.poll() is None
+        env.step(np.zeros(1))
+    assert env._proc.returncode == 0  # close() still ends it
+
+
 def test_hung_worker_times_out_instead_of_hanging():
     with envs.make("dmc_pendulum_swingup", timeout=60) as env:
         env.reset()

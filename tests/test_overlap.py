@@ -144,14 +144,11 @@ def whole(tmp_path_factory):
     return logdir
 
 
-def test_overlapped_runs_are_reproducible_and_keep_the_schedule(whole, tmp_path):
-    """Thread timing must not matter: two runs give the same rows bit for bit, and the replay
-    ratio is exact."""
-    twin = tmp_path / "twin"
-    cli("train", "--task", TASK, "--preset", "debug", "--no-tensorboard", "--logdir", str(twin),
-        "--set", *ARGS, "steps=600")
+def test_overlapped_runs_keep_the_schedule(whole):
+    """The replay ratio is exact with the updates in the background. (That thread timing does not
+    matter is shown by test_killed_overlapped_runs_resume_bit_exact: a run killed and resumed four
+    times, with other timings throughout, gives the uninterrupted run's rows bit for bit.)"""
     rows = _rows(whole)
-    assert rows == _rows(twin)  # metrics, returns and losses, bit for bit
     # Pretrain (2) at the end of prefill (200), then 2 updates every 100 env steps; the updates
     # issued at the last step are finished and held for the next row.
     state = json.loads((whole / "checkpoints" / "ckpt-000000000600" / "state.json").read_text())

@@ -185,20 +185,6 @@ def test_sigint_finishes_the_episode_saves_and_resumes_losing_nothing(tmp_path):
     assert json.loads((logdir / "status.json").read_text())["status"] == "finished"
 
 
-def test_same_seed_same_first_losses(tmp_path):
-    def first_losses(name):
-        logdir = tmp_path / name
-        cli("train", "--task", TASK, "--preset", "debug", "--logdir", str(logdir), "--no-tensorboard",
-            "--set", "steps=300", "eval_every=1000", "video_every=0")
-        rows = [r for r in read_metrics(logdir) if "model_loss" in r]
-        returns = [r["train_return"] for r in read_metrics(logdir) if "train_return" in r]
-        return rows[0], returns
-    (a, ra), (b, rb) = first_losses("a"), first_losses("b")
-    assert ra == rb
-    for key in ("model_loss", "image_loss", "reward_loss", "kl", "actor_loss", "value_loss"):
-        assert a[key] == pytest.approx(b[key], rel=1e-5), key
-
-
 def test_atari_debug_run_with_discrete_actions_and_pcont(tmp_path):
     pytest.importorskip("ale_py")
     logdir = tmp_path / "pong"

@@ -229,11 +229,7 @@ class ProcessEnv(Env):
                     pass
             conn.close()
         if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._kill()
+            self._kill()  # the worker ignores SIGTERM (worker.main): force is the only way left
         if not self._stderr.closed:
             self._stderr.close()
         _LIVE.discard(self)

@@ -78,9 +78,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fd", type=int, required=True, help="inherited socket file descriptor")
     args = parser.parse_args(argv)
-    # Ctrl-C in a terminal reaches the whole process group: the trainer finishes its episodes
-    # before stopping, so its workers must outlive that SIGINT (they exit when the trainer does).
+    # Ctrl-C in a terminal, and a cluster's SIGTERM to the job (Slurm's scancel, a pre-emption),
+    # reach the whole process group: the trainer finishes its episodes before stopping, so its
+    # workers must outlive those signals. They exit when the trainer closes their socket or dies
+    # (EOF), and the trainer kills them (SIGKILL) if they do not.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     faulthandler.enable()  # a segfault prints the Python stack to stderr, which the parent reports
     os.environ.setdefault("MUJOCO_GL", "egl")
     _assert_no_tensorflow("at start")
