@@ -172,9 +172,10 @@ def test_disk_estimate_by_hand():
     c = config.load("paper").to_dict()
     frames = 2_500_000  # 5e6 env steps / action repeat 2
     # results/replay_memory.md's worst task (quadruped run) with headroom: stores.DISK_BYTES_PER_FRAME
-    assert disk.estimate(c).replay == pytest.approx(frames * 17280)  # raw frame files + .npz
+    assert disk.estimate(c).replay == pytest.approx(frames * 4864)  # chunks, the default
+    assert disk.estimate(c).store == "chunks"
+    assert disk.estimate(dict(c, replay_store="frames")).replay == pytest.approx(frames * 17280)  # + .npz
     assert disk.estimate(dict(c, replay_store="cache")).replay == pytest.approx(frames * 4544)
-    assert disk.estimate(dict(c, replay_store="chunks")).replay == pytest.approx(frames * 4864)
     # Parameters: checked against a debug checkpoint (231031 tensor values = 3 x 77007 + 3 counters,
     # cartpole: 1 action dimension).
     assert disk.parameter_count(config.load("debug"), actions=1) == 77007
@@ -198,9 +199,11 @@ def test_preflight_refuses_a_plan_that_does_not_fit(tmp_path, fake, capsys, monk
     err = capsys.readouterr().err.strip()
     assert "\n" not in err
     assert err == (f"error: the plan needs {disk.human(need)} of disk under {root} but only "
-                   f"{disk.human(int(need * 0.75))} is free there; free space, use a smaller replay_store "
-                   f"(--set replay_store=chunks), or pass --force")
+                   f"{disk.human(int(need * 0.75))} is free there; free space, or pass --force")
     assert not (root / "dmc_cup_catch").exists()  # refused before any run was started
+    # With a larger store the compact one is named as a way out.
+    assert benchmark.main(argv + ["--set", "replay_store=frames"]) == 2
+    assert "use a smaller replay_store (--set replay_store=chunks), or pass --force" in capsys.readouterr().err
     # A finished run needs nothing more, a half-done one half of what grows: now it fits.
     done = root / "dmc_cup_catch/dreamer/1"
     done.mkdir(parents=True)

@@ -94,6 +94,7 @@ class DiskEstimate:
     checkpoints: float
     videos: float
     logs: float
+    store: str = ""  # the replay store the figure is for ("" for a state run: no images)
 
     @property
     def total(self) -> float:
@@ -113,10 +114,11 @@ def estimate(config: Mapping) -> DiskEstimate:
     """The disk of a whole run with this config (see the module's constants for the sources)."""
     c = config
     stored_steps = c["steps"] / c["action_repeat"]
+    store = ""
     if c.get("observation", "pixels") == "state":
         replay = stored_steps * STATE_BYTES_PER_STEP
     else:
-        store = c.get("replay_store", "frames")
+        store = c.get("replay_store", "chunks")
         if store not in REPLAY_BYTES_PER_FRAME:
             raise ValueError(f"no disk figure for replay_store {store!r}: add it to dreamer_tf.data.stores.DISK_BYTES_PER_FRAME "
                              f"in {__name__}")
@@ -125,7 +127,7 @@ def estimate(config: Mapping) -> DiskEstimate:
     evaluations = c["steps"] // c["eval_every"] + 1
     videos = math.ceil(evaluations / c["video_every"]) * VIDEO_BYTES if c.get("video_every") else 0.0
     logs = (c["steps"] // c["log_every"] + evaluations) * LOG_ROW_BYTES
-    return DiskEstimate(replay, CHECKPOINTS_ON_DISK * checkpoint, videos, logs)
+    return DiskEstimate(replay, CHECKPOINTS_ON_DISK * checkpoint, videos, logs, store)
 
 
 def human(size: float) -> str:

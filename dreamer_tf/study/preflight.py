@@ -44,9 +44,11 @@ def disk_preflight(specs: Sequence[RunSpec], root: str | Path, force: bool = Fal
         per_run = (f" (a whole run: {human(d.total)} = replay {human(d.replay)} + checkpoints "
                    f"{human(d.checkpoints)} + videos {human(d.videos)} + logs {human(d.logs)})")
     if needed > free and not force:
+        # The compact store is the way out only for runs that do not use it already.
+        smaller = any(s.disk is not None and s.disk.store in ("frames", "cache") for s in specs)
+        ways = "use a smaller replay_store (--set replay_store=chunks), " if smaller else ""
         raise BenchmarkError(f"the plan needs {human(needed)} of disk under {Path(root).absolute()} but only "
-                             f"{human(free)} is free there; free space, use a smaller replay_store "
-                             f"(--set replay_store=chunks), or pass --force")
+                             f"{human(free)} is free there; free space, {ways}or pass --force")
     fits = "fits" if needed <= free else "DOES NOT FIT (a start is refused without --force)"
     return f"disk: the unfinished runs need {human(needed)}, {human(free)} free under ROOT: {fits}{per_run}"
 
