@@ -2,8 +2,8 @@
 
 - `episodes`: the episode format (dict of arrays: images and/or states) and its atomically
   written `.npz` files.
-- `stores`: where images live while the replay runs (frame files or an LRU cache; none for
-  state-only episodes).
+- `stores`: where images live while the replay runs (chunked episode files, frame files or an
+  LRU cache; none for state-only episodes). `chunks`: the chunked file format.
 - `sampler`: which windows a batch holds, the sampling policy; a new scheme is a new function.
 - `replay`: `Replay`, the bookkeeping that ties them together (add, capacity, sample, state).
 - `pipeline`: tf.data over a replay (TensorFlow is imported only there, when called).

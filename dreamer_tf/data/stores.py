@@ -1,4 +1,4 @@
-"""Where the replay's images live: the frame store (default), the chunk store and the LRU cache.
+"""Where the replay's images live: the chunk store (default), the frame store and the LRU cache.
 
 A paper run stores ~2.5M frames (30 GB of uint8 images), so images are not kept in RAM. The
 small arrays (action, reward, discount, state) of every episode are, 4 bytes per float per step
@@ -7,8 +7,8 @@ small arrays (action, reward, discount, state) of every episode are, 4 bytes per
 
 * ``"chunks"`` (`ChunkStore`): every episode is written once as a chunked file
   (`dreamer_tf.data.chunks`: LZ4-compressed chunks of 32 frames plus an index); a sampled window
-  is one ``pread`` of the chunks it overlaps, decoded in a small thread pool (LZ4 releases the
-  GIL). At most 0.28 of the disk of ``"frames"`` (`DISK_BYTES_PER_FRAME`): no second copy.
+  is one ``pread`` of the chunks it overlaps, decoded straight into the batch on two threads
+  (LZ4's C decoder releases the GIL). At most 0.28 of the disk of ``"frames"`` (`DISK_BYTES_PER_FRAME`): no second copy.
   Plain ``.npz`` episodes of older runs are rewritten as chunked files once, atomically, when a
   chunk store opens them, and their frame files are deleted.
 
@@ -24,9 +24,8 @@ small arrays (action, reward, discount, state) of every episode are, 4 bytes per
 
 ``results/replay_memory.md`` (made by ``scripts/bench_replay.py``) measures all three: disk,
 memory, load time and batches per second against the replay size, and bytes per frame on real
-frames of the 20 DMC tasks (`DISK_BYTES_PER_FRAME`). ``"frames"`` is still the default of
-``Replay`` and of the config (tests/golden/record.py reads ``np.load(path)["image"]``, which a
-chunked file does not have). Pread is
+frames of the 20 DMC tasks (`DISK_BYTES_PER_FRAME`). ``"chunks"`` is the default of ``Replay``
+and of the config. Pread is
 used instead of keeping one ``mmap`` per episode because every mapping holds a file descriptor
 (thousands of episodes) and mapped pages count in the RSS.
 
