@@ -29,6 +29,7 @@ import hashlib
 import io
 import json
 import os
+import select
 import socket
 import struct
 import sys
@@ -43,8 +44,9 @@ import numpy as np
 
 from dreamer_tf.run.logdir import RunError
 
-__all__ = ["FeedError", "FeedLost", "Role", "cluster_role", "Feed", "ChiefFeed", "open_feed", "connect", "send", "receive",
-           "space", "spaces_from", "rows_of", "replica_ids", "PORT_ENV", "KEY_ENV", "TIMEOUT_ENV"]
+__all__ = ["FeedError", "FeedLost", "Role", "cluster_role", "Feed", "ChiefFeed", "open_feed", "connect", "send",
+           "receive", "space", "spaces_from", "rows_of", "replica_ids", "cluster_step", "peer_closed", "PORT_ENV",
+           "KEY_ENV", "TIMEOUT_ENV"]
 
 PORT_ENV, KEY_ENV, TIMEOUT_ENV = "DREAMER_FEED_PORT", "DREAMER_FEED_KEY", "DREAMER_FEED_TIMEOUT"
 PROTOCOL = 1
@@ -168,6 +170,38 @@ def restore_bytes(agent, files: Mapping[str, np.ndarray]) -> None:
         tf.train.Checkpoint(agent=agent).read(os.path.join(tmp, "agent")).assert_existing_objects_matched()
 
 
+def cluster_step(agent, batch: Mapping[str, Any]) -> dict[str, float]:
+    """`agent.train(batch)`; FeedLost (one line) when TensorFlow aborts the step's collectives because
+    a worker stopped (its coordination service notices missing heartbeats within seconds)."""
+    try:
+        return agent.train(batch)
+    except _aborted() as e:
+        raise FeedLost(f"multi_worker: the update's collectives were aborted: {_why(e)}") from None
+
+
+def _aborted() -> tuple:
+    """The errors of collectives that TensorFlow aborted (a worker gone)."""
+    import tensorflow as tf
+    return (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.DeadlineExceededError,
+            tf.errors.CancelledError)
+
+
+def _why(error) -> str:
+    """The line of TensorFlow's message that names the stopped task."""
+    lines = [line.strip() for line in str(getattr(error, "message", error)).splitlines() if line.strip()]
+    return next((f"{line} {lines[i + 1]}" for i, line in enumerate(lines[:-1]) if "unhealthy" in line),
+                lines[-1] if lines else type(error).__name__)
+
+
+def peer_closed(sock: socket.socket) -> bool:
+    """The other end closed `sock` and no message is left to read (a peek: nothing is consumed)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
+
+
 def rows_of(replicas: list[int], per: int) -> np.ndarray:
     """The global batch rows replicas `replicas` own, `per` rows each (replicas.distribute_batch)."""
     return np.concatenate([np.arange(i * per, (i + 1) * per) for i in replicas]).astype(np.int64)
@@ -212,8 +246,10 @@ def connect(role: Role, wait: float) -> Connection:
 class Feed:
     """The chief's side for the strategies without followers: nothing to send."""
 
-    def spaces(self, obs_space: Mapping[str, Any], act_space: Any) -> None:
-        """Before the agent is built (the followers build theirs at the same time)."""
+    def build(self, config, obs_space: Mapping[str, Any], act_space: Any):
+        """The agent (multi_worker: every follower builds its copy at the same time)."""
+        from dreamer_tf.agent import Dreamer
+        return Dreamer(config, obs_space, act_space)
 
     def start(self, agent) -> None:
         """After the agent is built and restored."""
@@ -232,10 +268,14 @@ class ChiefFeed(Feed):
         self.role, self.connections, self.names = role, connections, names
         self.rows: list[np.ndarray] = []  # per follower: the global batch rows its replicas own
 
-    def spaces(self, obs_space: Mapping[str, Any], act_space: Any) -> None:
+    def build(self, config, obs_space: Mapping[str, Any], act_space: Any):
         header = {"kind": "spaces", "obs_space": {k: space(v) for k, v in obs_space.items()},
                   "act_space": space(act_space)}
         self._each(lambda conn, _: send(conn, header))
+        try:  # creating the variables broadcasts their initial values from the chief
+            return super().build(config, obs_space, act_space)
+        except _aborted() as e:
+            raise FeedError(f"multi_worker: building the agent failed on the cluster: {_why(e)}") from None
 
     def start(self, agent) -> None:
         """Learn each follower's replicas, then give every follower the chief's whole agent state."""
@@ -262,7 +302,7 @@ class ChiefFeed(Feed):
         arrays = {k: np.asarray(batch[k]) for k in agent.batch_spec}
         self._each(lambda conn, rows: send(conn, {"kind": "train"},
                                            {"rng": rng, **{k: v[rows] for k, v in arrays.items()}}))
-        return agent.train(batch)
+        return cluster_step(agent, batch)
 
     def _each(self, message) -> None:
         for i, (conn, name) in enumerate(zip(self.connections, self.names)):

@@ -9,7 +9,6 @@ writes a run directory (its --logdir is not used: hosts need not share storage) 
 from __future__ import annotations
 
 import os
-import select
 import signal
 import socket
 import sys
@@ -19,8 +18,8 @@ import time
 import numpy as np
 
 from dreamer_tf import config as configlib
-from dreamer_tf.run.feed import (FeedLost, Role, connect, receive, replica_ids, restore_bytes, rows_of, send,
-                                 spaces_from, timeout)
+from dreamer_tf.run.feed import (FeedLost, Role, cluster_step, connect, peer_closed, receive, replica_ids,
+                                 restore_bytes, rows_of, send, spaces_from, timeout)
 
 __all__ = ["follow"]
 
@@ -41,18 +40,15 @@ def follow(role: Role) -> int:
     except FeedLost as e:
         _report(f"{lost}: {e}")
         return 1
+    except _ChiefStopped as e:
+        _report(f"dreamer-tf: error: multi_worker: the chief's run failed ({e}); {role.name} stops")
+        return 1
 
 
 def _follow(conn, role: Role, wait: float) -> int:
-    hello, _ = receive(conn, wait, "hello from the chief (every worker must connect first)")
+    hello = _expect(conn, "hello", wait, "hello from the chief (every worker must connect first)")
     _busy.set()
-    try:
-        agent = _build(conn, hello, wait)
-    except FeedLost:
-        raise
-    except Exception as e:  # the chief hears why, then stops with it
-        send(conn, {"kind": "error", "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
-        raise
+    agent = _build(conn, hello, wait)  # if it raises, the chief sees this worker disconnect
     ids = replica_ids(agent.strategy)
     send(conn, {"kind": "ready", "replicas": ids})
     rows = rows_of(ids, agent.config.batch_size // agent.strategy.num_replicas_in_sync)
@@ -69,16 +65,14 @@ def _follow(conn, role: Role, wait: float) -> int:
             batch = {k: np.zeros(spec.shape, spec.dtype.as_numpy_dtype) for k, spec in agent.batch_spec.items()}
             for key, value in arrays.items():  # only this worker's replicas read their rows
                 batch[key][rows] = value
-            agent.train(batch)
+            cluster_step(agent, batch)
             updates += 1
-        elif kind == "stop":
-            if not header.get("ok"):
-                _report(f"dreamer-tf: error: multi_worker: the chief's run failed ({header.get('reason')}); "
-                        f"{role.name} stops")
-                return 1
+        elif kind == "stop" and header.get("ok"):
             print(f"multi_worker: {role.name} done: the chief stopped after {updates} updates here",
                   file=sys.stderr, flush=True)
             return 0
+        elif kind == "stop":
+            raise _ChiefStopped(header.get("reason"))
         else:
             raise FeedLost(f"unknown message {kind!r}")
 
@@ -98,10 +92,23 @@ def _build(conn, hello: dict, wait: float):
     configure_gpus(config.gpu_memory)
     replicas.make_strategy(config)  # with the chief's and every other worker's
     _busy.clear()
-    spaces, _ = receive(conn, wait, "spaces from the chief")
+    spaces = _expect(conn, "spaces", wait, "spaces from the chief")
     _busy.set()
     tf.keras.utils.set_random_seed(config.seed)
     return Dreamer(config, *spaces_from(spaces))
+
+
+class _ChiefStopped(Exception):
+    """The chief's run failed (its reason is the message)."""
+
+
+def _expect(conn, kind: str, wait: float, what: str) -> dict:
+    header, _ = receive(conn, wait, what)
+    if header.get("kind") == "stop":
+        raise _ChiefStopped(header.get("reason"))
+    if header.get("kind") != kind:
+        raise FeedLost(f"expected {kind}, got {header.get('kind')!r}")
+    return header
 
 
 _reported = threading.Lock()
@@ -124,14 +131,9 @@ def _watch(conn, lost: str) -> None:
 
     def watch():
         while True:
+            _busy.wait()
             time.sleep(1.0)
-            try:
-                if not _busy.is_set():
-                    continue
-                readable, _, _ = select.select([sock], [], [], 0)
-                if readable and sock.recv(1, socket.MSG_PEEK) == b"":
-                    break
-            except OSError:
+            if _busy.is_set() and peer_closed(sock):
                 break
         if _report(f"{lost}: the connection closed while this worker was in TensorFlow"):
             os._exit(1)

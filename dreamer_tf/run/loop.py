@@ -82,8 +82,7 @@ class Trainer:
         self.envs = make_envs(c, c.envs, seed=c.seed * 1000)
         self.eval_env = make_envs(c, 1, seed=c.seed * 1000 + 500, video=bool(c.video_every))
         obs_space, self.act_space = spaces(self.envs)
-        self.feed.spaces(obs_space, self.act_space)  # (multi_worker) the followers build their agents now
-        self.agent = Dreamer(c, obs_space, self.act_space)
+        self.agent = self.feed.build(c, obs_space, self.act_space)  # multi_worker: the followers' too
         latest, saved = restore_agent(self.checkpointer, self.agent, self.logdir, self.episode_dir, self.logger)
         self.feed.start(self.agent)  # ... and take its state, restored or new
         self.replay = Replay(self.episode_dir, capacity=c.replay_capacity, cache=c.replay_cache,
