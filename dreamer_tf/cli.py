@@ -57,11 +57,34 @@ def _lock_run(args: argparse.Namespace):
         raise UsageError(str(e)) from None
 
 
+def _follower(config: configlib.Config):
+    """(multi_worker) This task's role when it is not the chief, else None; one line for a bad TF_CONFIG."""
+    if config.strategy != "multi_worker":
+        return None
+    from dreamer_tf.run.feed import cluster_role, timeout
+    try:
+        role = cluster_role()
+        timeout()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return None if role.chief else role
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    _check_env(resolve_config(args))  # bad input is refused before anything is created
+    config = resolve_config(args)
+    role = _follower(config)
+    if role is not None:  # another task's follower: no run directory, no lock, the chief's config
+        from dreamer_tf.run.feed import FeedError
+        from dreamer_tf.run.follower import follow
+        try:
+            return follow(role)
+        except FeedError as e:
+            raise UsageError(str(e)) from None
+    _check_env(config)  # bad input is refused before anything is created
     with _lock_run(args) as lock:
         config = resolve_config(args)  # again under the lock: another run may have stored its config
         _quiet_tf()
+        from dreamer_tf.run.feed import FeedLost
         from dreamer_tf.run.logdir import Diverged, RunError, Stopped, WriteFailed
         from dreamer_tf.run.loop import Trainer
         try:
@@ -69,7 +92,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                             lock=lock).run()
         except RunError as e:
             raise UsageError(str(e)) from None
-        except (Diverged, WriteFailed) as e:
+        except (Diverged, WriteFailed, FeedLost) as e:
             print(f"dreamer-tf: run {'diverged' if isinstance(e, Diverged) else 'failed'}: {e}", file=sys.stderr)
             return 1
         except Stopped as e:

@@ -40,8 +40,9 @@ class Learner:
     """
 
     def __init__(self, agent, replay, batch_size: int, batch_length: int,
-                 check: Callable[[dict[str, float]], dict[str, float]], overlap: bool = False):
+                 check: Callable[[dict[str, float]], dict[str, float]], overlap: bool = False, feed=None):
         self.agent, self.replay = agent, replay
+        self.feed = feed  # multi_worker: the chief's feed (run/feed.py) gives each update to the followers too
         self.batch_size, self.batch_length = batch_size, batch_length
         self.check, self.overlap = check, overlap
         self._running: dict[str, list[float]] = {}  # metrics of the updates in flight
@@ -82,7 +83,7 @@ class Learner:
                     wait = time.perf_counter()
                     batch = next(batches)
                     self.sample_seconds += time.perf_counter() - wait
-                    metrics = self.agent.train(batch)
+                    metrics = self.agent.train(batch) if self.feed is None else self.feed.train(self.agent, batch)
                     for key, value in {**self.check(metrics), **metrics}.items():
                         self._running.setdefault(key, []).append(value)
         finally:

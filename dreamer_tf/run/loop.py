@@ -33,6 +33,8 @@ import numpy as np
 from dreamer_tf import config as configlib
 from dreamer_tf.run.checkpoint import Checkpointer
 from dreamer_tf.run.collect import Collector, episode_role, evaluate, make_envs, obs_keys, random_actions, spaces
+from dreamer_tf.run.devices import configure_gpus
+from dreamer_tf.run.feed import open_feed
 from dreamer_tf.run.lock import RunLock
 from dreamer_tf.run.logdir import (Diverged, RunError, Stopped, check_divergence, prepare_logdir, record_failure,
                                    write_status)
@@ -59,6 +61,9 @@ class Trainer:
         self.lock = lock or RunLock(make_dir(self.logdir, "logdir")).acquire()
         prepare_logdir(config, self.logdir, force)
         self.checkpointer = Checkpointer(self.logdir / "checkpoints")
+        pin_threads(recorded_threads(self.checkpointer))  # before TensorFlow's runtime starts (TensorBoard's
+        configure_gpus(config.gpu_memory)  # writer starts it); TF maps all GPU memory otherwise
+        self.feed = open_feed(config)  # multi_worker: the followers join, the strategy is made (run/feed.py)
         self.episode_dir = self.logdir / "train_episodes"
         self.logger = Logger(self.logdir, tensorboard and "tensorboard" in config.loggers, config.loggers, config)
         # eval_start 'after_prefill': the first evaluation follows the prefill and pretraining (the reference).
@@ -71,25 +76,21 @@ class Trainer:
         import tensorflow as tf
         from dreamer_tf.agent import Dreamer
         from dreamer_tf.data import Replay
-        from dreamer_tf.run.devices import configure_gpus
         c = self.config
-        if c.strategy == "multi_worker":  # the agent's step supports it; this loop does not feed workers
-            raise RunError("strategy multi_worker: the training loop cannot feed the workers' replicas yet; "
-                           "use strategy mirrored")
-        pin_threads(recorded_threads(self.checkpointer))  # before TensorFlow's runtime starts
-        configure_gpus(c.gpu_memory)  # before the first tensor: TF maps all GPU memory otherwise
         tf.keras.utils.set_random_seed(c.seed)
         # Construction seeds only: every episode is reset with a seed of its own (EpisodeSeeds).
         self.envs = make_envs(c, c.envs, seed=c.seed * 1000)
         self.eval_env = make_envs(c, 1, seed=c.seed * 1000 + 500, video=bool(c.video_every))
         obs_space, self.act_space = spaces(self.envs)
-        self.agent = Dreamer(c, obs_space, self.act_space)
+        self.agent = self.feed.build(c, obs_space, self.act_space)  # multi_worker: the followers' too
         latest, saved = restore_agent(self.checkpointer, self.agent, self.logdir, self.episode_dir, self.logger)
+        self.feed.start(self.agent)  # ... and take its state, restored or new
         self.replay = Replay(self.episode_dir, capacity=c.replay_capacity, cache=c.replay_cache,
                              seed=c.seed, sampler=c.replay_sampler, store=c.replay_store,
                              action_repeat=c.action_repeat)
         self.rng = np.random.default_rng(c.seed)
-        self.learner = Learner(self.agent, self.replay, c.batch_size, c.batch_length, self._check, c.overlap)
+        self.learner = Learner(self.agent, self.replay, c.batch_size, c.batch_length, self._check, c.overlap,
+                               self.feed)
         # The policy that acts: the agent, or (overlap) a copy of its policy weights (run/learner.py).
         # (The copy acts on the chief alone: no strategy.)
         self.acting = self.learner.acting(lambda: Dreamer(c.replace(strategy="one"), obs_space, self.act_space))
@@ -232,9 +233,9 @@ class Trainer:
 
     def _close(self) -> None:
         self.logger.close()
-        for envs in (getattr(self, "envs", None), getattr(self, "eval_env", None)):
-            if envs is not None:
-                envs.close()
+        for part in (getattr(self, "feed", None), getattr(self, "envs", None), getattr(self, "eval_env", None)):
+            if part is not None:  # the feed first: the followers stop (failed, while an error is raised)
+                part.close()
 
     # --- the learner --------------------------------------------------------------------
     def _train_due(self) -> None:

@@ -1,0 +1,157 @@
+"""A follower of a `strategy: multi_worker` run: every TF_CONFIG task but the chief.
+
+`dreamer-tf train ... --set strategy=multi_worker` on a task that is not the chief runs `follow`:
+connect to the chief's feed (run/feed.py), build the agent from the chief's config (so every worker
+creates the mirrored variables in the same order), take the chief's state, then run the chief's
+train step on its replicas' rows, update by update, until the chief stops. It never creates or
+writes a run directory (its --logdir is not used: hosts need not share storage) and takes no lock.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+import numpy as np
+
+from dreamer_tf import config as configlib
+from dreamer_tf.run.feed import (FeedLost, Role, cluster_step, connect, peer_closed, receive, replica_ids,
+                                 restore_bytes, rows_of, send, spaces_from, timeout)
+
+__all__ = ["follow"]
+
+
+def follow(role: Role) -> int:
+    """Follow the chief until it stops; the exit status: 0 when the run ended well, 1 when it failed
+    or the chief went away (one line on stderr). FeedError (unreachable chief) is raised."""
+    wait = timeout()
+    host, port = role.address
+    conn = connect(role, wait)
+    print(f"multi_worker: {role.name} follows the chief at {host}:{port}", file=sys.stderr, flush=True)
+    _first_signal_waits(role.name)
+    lost = f"dreamer-tf: error: multi_worker: {role.name} lost the chief at {host}:{port}"
+    _watch(conn, lost)
+    try:
+        with conn:
+            return _follow(conn, role, wait)
+    except FeedLost as e:
+        _report(f"{lost}: {e}")
+        return 1
+    except _ChiefStopped as e:
+        _report(f"dreamer-tf: error: multi_worker: the chief's run failed ({e}); {role.name} stops")
+        return 1
+
+
+def _follow(conn, role: Role, wait: float) -> int:
+    hello = _expect(conn, "hello", wait, "hello from the chief (every worker must connect first)")
+    _busy.set()
+    agent = _build(conn, hello, wait)  # if it raises, the chief sees this worker disconnect
+    ids = replica_ids(agent.strategy)
+    send(conn, {"kind": "ready", "replicas": ids})
+    rows = rows_of(ids, agent.config.batch_size // agent.strategy.num_replicas_in_sync)
+    updates = 0
+    while True:
+        _busy.clear()  # waiting for the chief: a closed feed is seen here
+        header, arrays = receive(conn)  # the chief may collect for long between updates: no time limit
+        _busy.set()
+        kind = header.get("kind")
+        if kind == "sync":
+            restore_bytes(agent, arrays)
+        elif kind == "train":
+            agent.rng.reset(arrays.pop("rng"))  # the chief's generator: the step's noise is the chief's
+            batch = {k: np.zeros(spec.shape, spec.dtype.as_numpy_dtype) for k, spec in agent.batch_spec.items()}
+            for key, value in arrays.items():  # only this worker's replicas read their rows
+                batch[key][rows] = value
+            cluster_step(agent, batch)
+            updates += 1
+        elif kind == "stop" and header.get("ok"):
+            print(f"multi_worker: {role.name} done: the chief stopped after {updates} updates here",
+                  file=sys.stderr, flush=True)
+            return 0
+        elif kind == "stop":
+            raise _ChiefStopped(header.get("reason"))
+        else:
+            raise FeedLost(f"unknown message {kind!r}")
+
+
+def _build(conn, hello: dict, wait: float):
+    """The chief's agent, built as the chief builds it: threads, GPUs and the strategy first (before
+    TensorFlow's runtime starts), then the seed and the agent."""
+    from dreamer_tf.utils import import_tensorflow_quietly
+    tf = import_tensorflow_quietly()
+    from dreamer_tf.agent import Dreamer, replicas
+    from dreamer_tf.run.devices import configure_gpus
+    config = configlib.Config(hello["config"])
+    threads = hello.get("threads") or {}
+    if threads:  # the chief's pool sizes: the same sums on every worker (run/threads.py)
+        tf.config.threading.set_intra_op_parallelism_threads(int(threads["intra_op"]))
+        tf.config.threading.set_inter_op_parallelism_threads(int(threads["inter_op"]))
+    configure_gpus(config.gpu_memory)
+    replicas.make_strategy(config)  # with the chief's and every other worker's
+    _busy.clear()
+    spaces = _expect(conn, "spaces", wait, "spaces from the chief")
+    _busy.set()
+    tf.keras.utils.set_random_seed(config.seed)
+    return Dreamer(config, *spaces_from(spaces))
+
+
+class _ChiefStopped(Exception):
+    """The chief's run failed (its reason is the message)."""
+
+
+def _expect(conn, kind: str, wait: float, what: str) -> dict:
+    header, _ = receive(conn, wait, what)
+    if header.get("kind") == "stop":
+        raise _ChiefStopped(header.get("reason"))
+    if header.get("kind") != kind:
+        raise FeedLost(f"expected {kind}, got {header.get('kind')!r}")
+    return header
+
+
+_reported = threading.Lock()
+_busy = threading.Event()  # the main thread is inside TensorFlow, not reading the feed
+
+
+def _report(line: str) -> bool:
+    """Print the follower's last line once (the watchdog and the main thread may both see the end)."""
+    if not _reported.acquire(blocking=False):
+        return False
+    print(line, file=sys.stderr, flush=True)
+    return True
+
+
+def _watch(conn, lost: str) -> None:
+    """While the main thread is inside TensorFlow (making the strategy, building, a train step
+    whose collectives wait for a chief that is gone), a closed feed still ends the follower: peek
+    at the socket every second; at its end (no message left), report and exit 1 at once."""
+    sock = socket.socket(fileno=os.dup(conn.fileno()))
+
+    def watch():
+        while True:
+            _busy.wait()
+            time.sleep(1.0)
+            if _busy.is_set() and peer_closed(sock):
+                break
+        if _report(f"{lost}: the connection closed while this worker was in TensorFlow"):
+            os._exit(1)
+    threading.Thread(target=watch, name="feed-watchdog", daemon=True).start()
+
+
+def _first_signal_waits(name: str) -> None:
+    """A first SIGINT/SIGTERM does not end the follower: the chief would lose its replicas mid-run;
+    it stops (with a checkpoint) when the chief does. A second one stops at once."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    seen = []
+
+    def handler(signum, frame):
+        if seen:
+            raise KeyboardInterrupt
+        seen.append(signum)
+        print(f"\n{signal.Signals(signum).name}: multi_worker: {name} keeps following until the chief "
+              f"stops (stop the chief; send it again to stop this worker at once)", file=sys.stderr, flush=True)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
