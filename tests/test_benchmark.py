@@ -106,6 +106,19 @@ def test_dry_run_lists_every_task_and_seed(tmp_path, capsys):
     assert seen == expected
 
 
+def test_a_closed_stdout_ends_the_cli_quietly(tmp_path):
+    # `dreamer-tf benchmark --dry-run | head -1`: the reader leaves after one line. 60 seeds x 20
+    # tasks print over 64 KiB, more than a pipe buffers, so a write always meets the closed pipe.
+    proc = subprocess.Popen([sys.executable, "-m", "dreamer_tf", "benchmark", "--dry-run", "--root",
+                             str(tmp_path / "root"), "--seeds", *map(str, range(60))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()
+    _, stderr = proc.communicate(timeout=120)
+    assert b"Traceback" not in stderr and b"BrokenPipe" not in stderr, stderr.decode()[-2000:]
+    assert proc.returncode == 141
+
+
 def test_dry_run_shows_new_resume_finished(tmp_path, fake_train, capsys):
     argv = _argv(tmp_path, fake_train, "--tasks", "dmc_walker_walk", "--seeds", "0", "1", "2")
     (tmp_path / "dmc_walker_walk/dreamer/1").mkdir(parents=True)
