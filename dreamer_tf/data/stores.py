@@ -46,7 +46,7 @@ import io
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -87,11 +87,19 @@ Job = tuple[EpisodeEntry, int, np.ndarray]  # (episode, first frame, out [L, H, 
 def read_in_order(store, jobs: list[Job]) -> tuple[EpisodeEntry, Exception] | None:
     """Read every window with `store.read`, one after the other; the first failure (its episode
     and error) is returned instead of raised, so the replay can drop that episode."""
-    for episode, start, out in jobs:
+    failed = first_failure(store, jobs, range(len(jobs)))
+    return None if failed is None else failed[1]
+
+
+def first_failure(store, jobs: list[Job], indices: Iterable[int]) -> tuple[int, tuple[EpisodeEntry, Exception]] | None:
+    """Read jobs[i] for i in `indices`, in order, with `store.read`; the first failure as
+    (i, (episode, error)), else None."""
+    for i in indices:
+        episode, start, out = jobs[i]
         try:
             store.read(episode, start, out)
         except (EpisodeError, OSError) as e:
-            return episode, e
+            return i, (episode, e)
     return None
 
 
@@ -298,21 +306,11 @@ class ChunkStore:
         as `read_in_order` would, so which episode is dropped does not depend on timing."""
         if self.threads < 2 or len(jobs) < 2:
             return read_in_order(self, jobs)
-        parts = [list(range(i, len(jobs), self.threads)) for i in range(self.threads)]
-        futures = [_pool(self.threads).submit(self._read_part, jobs, part) for part in parts[1:]]
-        failures = [self._read_part(jobs, parts[0])] + [f.result() for f in futures]  # all finish first
+        parts = [range(i, len(jobs), self.threads) for i in range(self.threads)]
+        futures = [_pool(self.threads).submit(first_failure, self, jobs, part) for part in parts[1:]]
+        failures = [first_failure(self, jobs, parts[0])] + [f.result() for f in futures]  # all finish first
         failures = [f for f in failures if f is not None]
         return min(failures, key=lambda f: f[0])[1] if failures else None
-
-    def _read_part(self, jobs: list[Job], part: list[int]) -> tuple[int, tuple[EpisodeEntry, Exception]] | None:
-        """Read jobs[i] for i in `part` in order; the first failure as (i, (episode, error))."""
-        for i in part:
-            episode, start, out = jobs[i]
-            try:
-                self.read(episode, start, out)
-            except (EpisodeError, OSError) as e:
-                return i, (episode, e)
-        return None
 
     def index_bytes(self, episodes) -> int:
         """Bytes of the chunk offsets held for `episodes` (the per-frame part of the index)."""

@@ -19,6 +19,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from dreamer_tf.run.feed import Feed
+
 __all__ = ["Learner", "policy_variables", "seed_for"]
 
 
@@ -40,9 +42,10 @@ class Learner:
     """
 
     def __init__(self, agent, replay, batch_size: int, batch_length: int,
-                 check: Callable[[dict[str, float]], dict[str, float]], overlap: bool = False, feed=None):
+                 check: Callable[[dict[str, float]], dict[str, float]], overlap: bool = False, feed: Feed | None = None):
         self.agent, self.replay = agent, replay
-        self.feed = feed  # multi_worker: the chief's feed (run/feed.py) gives each update to the followers too
+        # multi_worker: the chief's feed (run/feed.py) gives each update to the followers too.
+        self.feed = feed if feed is not None else Feed()
         self.batch_size, self.batch_length = batch_size, batch_length
         self.check, self.overlap = check, overlap
         self._running: dict[str, list[float]] = {}  # metrics of the updates in flight
@@ -83,7 +86,7 @@ class Learner:
                     wait = time.perf_counter()
                     batch = next(batches)
                     self.sample_seconds += time.perf_counter() - wait
-                    metrics = self.agent.train(batch) if self.feed is None else self.feed.train(self.agent, batch)
+                    metrics = self.feed.train(self.agent, batch)
                     for key, value in {**self.check(metrics), **metrics}.items():
                         self._running.setdefault(key, []).append(value)
         finally:
