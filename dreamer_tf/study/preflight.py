@@ -44,8 +44,9 @@ def disk_preflight(specs: Sequence[RunSpec], root: str | Path, force: bool = Fal
         per_run = (f" (a whole run: {human(d.total)} = replay {human(d.replay)} + checkpoints "
                    f"{human(d.checkpoints)} + videos {human(d.videos)} + logs {human(d.logs)})")
     if needed > free and not force:
-        # The compact store is the way out only for runs that do not use it already.
-        smaller = any(s.disk is not None and s.disk.store in ("frames", "cache") for s in specs)
+        # `chunks` is a way out only for runs on a store that takes more disk (not `cache`'s .npz alone).
+        per_frame = disklib.REPLAY_BYTES_PER_FRAME
+        smaller = any(s.disk is not None and per_frame.get(s.disk.store, 0) > per_frame["chunks"] for s in specs)
         ways = "use a smaller replay_store (--set replay_store=chunks), " if smaller else ""
         raise BenchmarkError(f"the plan needs {human(needed)} of disk under {Path(root).absolute()} but only "
                              f"{human(free)} is free there; free space, {ways}or pass --force")
