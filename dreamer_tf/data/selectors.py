@@ -141,3 +141,26 @@ def build(sampler: str, mixture: Mapping[str, Any] | None = None) -> Sampler:
 def from_config(config: Mapping[str, Any]) -> Sampler:
     """The replay's sampler for a run's config (`replay_sampler`, `replay_mixture`)."""
     return build(config["replay_sampler"], config.get("replay_mixture"))
+
+
+@selector("recency")
+class Recency:
+    """DreamerV3's recency selector: the window of age a (0 = the newest, by `Windows.at`'s numbering)
+    is drawn with probability (1 + a)^-exponent / sum over the W stored windows of (1 + k)^-exponent."""
+
+    def __init__(self, exponent: float = 1.0):
+        if isinstance(exponent, bool) or not isinstance(exponent, (int, float)) or not math.isfinite(exponent) \
+                or exponent < 0:
+            raise ValueError(f"recency exponent must be a finite number >= 0, got {exponent!r}")
+        self.exponent = float(exponent)
+        self.__name__ = f"recency(exponent={self.exponent:g})"
+        self._cdf = np.zeros(0)  # running sums of the weights by age; its first W serve W windows
+
+    def __call__(self, windows: Windows, batch_size: int, rng: np.random.Generator):
+        total = windows.total
+        if len(self._cdf) < total:  # grown by doubling, not recomputed for every batch
+            ranks = np.arange(1, max(total, 2 * len(self._cdf)) + 1, dtype=np.float64)
+            self._cdf = np.cumsum(ranks ** -self.exponent)
+        cdf = self._cdf[:total]
+        ages = np.searchsorted(cdf, rng.random(batch_size) * cdf[-1], side="right")  # u < 1: u * c < c
+        return windows.at(total - 1 - ages)
