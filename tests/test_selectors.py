@@ -1,6 +1,9 @@
 """Replay selectors (dreamer_tf/data/selectors.py): each one's draws against hand-computed
 probabilities, the default config's draws against today's, the config's mixture, exact resume."""
 import json
+import os
+import subprocess
+import sys
 from fractions import Fraction
 
 import numpy as np
@@ -135,6 +138,17 @@ def test_bad_mixtures_are_one_line_errors_naming_the_entry():
         X.Mixture([(0.5, newest)])
 
 
+def test_train_refuses_a_bad_mixture_in_one_line_before_making_the_run_directory(tmp_path):
+    logdir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "dreamer_tf", "train", "--preset", "debug", "--logdir", str(logdir),
+                           "--set", "replay_mixture={recnecy: 0.5}"], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr == ("dreamer-tf: error: replay_mixture: recnecy: unknown selector 'recnecy'; registered: "
+                           "episode, recency, reference, uniform\n")
+    assert not logdir.exists()
+
+
 def test_a_mixture_from_the_command_line_round_trips_through_config_yaml(tmp_path):
     overrides = config.parse_overrides(["replay_mixture={episode: 0.25}"])
     c = config.load("debug", overrides)
@@ -145,10 +159,98 @@ def test_a_mixture_from_the_command_line_round_trips_through_config_yaml(tmp_pat
 
 
 # ---------------------------------------------------------------------------------------------
+# Recency
+# ---------------------------------------------------------------------------------------------
+
+def recency_probabilities(windows: int, exponent: float) -> list[Fraction]:
+    """By hand: the window of age a (0 = newest) has weight 1 / (1 + a)^exponent; oldest first."""
+    weights = [1 / Fraction(1 + age) ** exponent for age in reversed(range(windows))]
+    return [w / sum(weights) for w in weights]
+
+
+def test_recency_probabilities_by_hand():
+    # 7 windows, exponent 1: weights 1/7 (oldest) ... 1/1 (newest) over H_7 = 363/140.
+    assert recency_probabilities(7, 1) == [Fraction(140, 363) / k for k in range(7, 0, -1)]
+    assert recency_probabilities(3, 2) == [Fraction(4, 49), Fraction(9, 49), Fraction(36, 49)]
+
+
+@pytest.mark.parametrize("exponent", [1.0, 2.0, 0.5, 0.0])
+def test_recency_draws_follow_the_hand_computed_probabilities(exponent):
+    sampler = X.make("recency", exponent=exponent)
+    assert_draws_follow(SMALL, sampler, recency_probabilities(SMALL.total, exponent))
+    if exponent:  # power: the check rejects the reverse order, an age off by one (2 + a), uniform
+        shifted = recency_probabilities(8, exponent)[:-1]  # ages 7..1: weights (2 + a)^-e for a = 6..0
+        for wrong in [recency_probabilities(7, exponent)[::-1], [x / sum(shifted) for x in shifted],
+                      [Fraction(1, 7)] * 7]:
+            with pytest.raises(AssertionError):
+                assert_draws_follow(SMALL, sampler, wrong)
+
+
+def test_recency_follows_the_windows_as_the_replay_grows_and_shrinks():
+    # The running sums by age are cached and grown: each size must still get its own distribution.
+    sampler = X.make("recency", exponent=1.5)
+    for lengths in [[4, 2, 7], [4, 2, 7, 30, 9], [5], [4, 2, 7, 30, 9, 12, 3, 3]]:
+        windows = S.Windows.of(lengths, 3)
+        assert_draws_follow(windows, sampler, recency_probabilities(windows.total, 1.5), n=60_000)
+
+
+class Scripted:
+    """A generator whose uniform draws are given: `random` returns them in order."""
+
+    def __init__(self, *u: float):
+        self.u = np.array(u, np.float64)
+
+    def random(self, size: int) -> np.ndarray:
+        assert size == len(self.u)
+        return self.u
+
+
+def test_recency_exact_small_case():
+    # 7 windows, exponent 1: the newest (episode 2, start 4) takes u in [0, 140/363), the next
+    # (2, 3) [140/363, 210/363), ... the oldest (episode 0, start 0) the last 20/363.
+    sampler = X.make("recency")
+    cuts = np.cumsum([float(p) for p in recency_probabilities(7, 1)[::-1]])  # by age
+    u = [0.0, cuts[0] - 1e-12, cuts[0] + 1e-12, cuts[1] + 1e-12, cuts[5] - 1e-12, cuts[5] + 1e-12,
+         np.nextafter(1.0, 0.0)]
+    episodes, starts = sampler(SMALL, len(u), Scripted(*u))
+    assert list(zip(episodes.tolist(), starts.tolist())) == [(2, 4), (2, 4), (2, 3), (2, 2), (0, 1), (0, 0),
+                                                             (0, 0)]
+    assert 20 / 363 == pytest.approx(1 - cuts[5])
+    # One window: always it; a huge exponent: the newest window, always.
+    one = S.Windows.of([2, 3], 3)
+    assert X.make("recency")(one, 5, np.random.default_rng(0))[0].tolist() == [1] * 5
+    assert frequencies(SMALL, X.make("recency", exponent=200)(SMALL, 1000, np.random.default_rng(0)))[6] == 1
+
+
+def test_recency_settings_are_checked():
+    for bad in [-1, float("nan"), float("inf"), "1", True, None]:
+        with pytest.raises(ValueError, match=f"^replay_mixture: recency: recency exponent must be a finite number "
+                                             f">= 0, got {bad!r}"):
+            X.build("uniform", {"recency": {"fraction": 0.5, "exponent": bad}})
+    with pytest.raises(ValueError, match="selector 'recency' has no setting 'exp' .its settings: exponent."):
+        X.build("uniform", {"recency": {"fraction": 0.5, "exp": 1}})
+    # Checked when shipped off too (fraction 0): a typo never waits for the day it is switched on.
+    with pytest.raises(ValueError, match="exponent must be"):
+        X.build("uniform", {"recency": {"fraction": 0.0, "exponent": -2}})
+
+
+def test_recency_is_shipped_off_and_switched_on_by_a_fraction():
+    c = config.load()
+    assert c.replay_mixture == {"recency": {"fraction": 0.0, "exponent": 1.0}}
+    assert X.from_config(c) is S.uniform_windows
+    on = X.from_config(c.replace(replay_mixture={"recency": 1.0}))
+    assert isinstance(on, X.Recency) and on.exponent == 1.0
+    half = X.from_config(c.replace(replay_mixture={"recency": {"fraction": 0.5, "exponent": 2}}))
+    assert half.__name__ == "mixture(0.5 uniform_windows, 0.5 recency(exponent=2))"
+    expected = [Fraction(1, 14) + p / 2 for p in recency_probabilities(7, 2)]
+    assert_draws_follow(SMALL, half, expected)
+
+
+# ---------------------------------------------------------------------------------------------
 # Exact resume: the replay's generator is the whole state
 # ---------------------------------------------------------------------------------------------
 
-RESUMED_MIXTURES = [{"episode": 0.5}]
+RESUMED_MIXTURES = [{"episode": 0.5}, {"recency": 1.0}, {"recency": {"fraction": 0.3, "exponent": 0.7}, "episode": 0.3}]
 
 
 @pytest.mark.parametrize("mixture", RESUMED_MIXTURES)
