@@ -126,6 +126,7 @@ def test_bad_mixtures_are_one_line_errors_naming_the_entry():
         "episode: expected a fraction in [0, 1] .* got {'p': 0.5}": {"episode": {"p": 0.5}},
         "episode: sampler 'episode' takes no settings, got decay": {"episode": {"fraction": 0.5, "decay": 1}},
         "the fractions sum to 1.2, more than 1": {"episode": 0.6, "reference": 0.6},
+        "1: unknown selector 1": {1: 0.5, "episode": 0.25},  # a YAML key that is no name
     }
     for message, mixture in bad.items():
         with pytest.raises(ValueError, match="^replay_mixture: " + message.replace("[", r"\[")

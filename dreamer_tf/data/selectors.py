@@ -122,7 +122,7 @@ def build(sampler: str, mixture: Mapping[str, Any] | None = None) -> Sampler:
     depend on the mapping's order."""
     parts = [(0.0, "", make(sampler))]
     try:
-        for name in sorted(mixture or {}):
+        for name in sorted(mixture or {}, key=str):
             fraction, settings = _part(name, mixture[name])
             try:
                 parts.append((fraction, name, make(name, **settings)))
