@@ -25,10 +25,12 @@ def _quiet_tf() -> None:
 
 
 def _check_env(config: configlib.Config) -> None:
-    """An unknown task or gym id, or a bad env option: one line before a run directory is made."""
+    """An unknown task or gym id, a bad env option or replay mixture: one line before a run directory is made."""
+    from dreamer_tf.data.selectors import from_config
     from dreamer_tf.run.collect import check_envs
     try:
         check_envs(config)
+        from_config(config)
     except ValueError as e:
         raise UsageError(str(e)) from None
 

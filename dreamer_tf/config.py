@@ -269,7 +269,7 @@ def save(config: Config, path: str | os.PathLike) -> None:
 ADDED_KEYS = frozenset({
     "eval_start", "unroll", "loggers", "render_msaa", "atari_sticky", "atari_life_done", "atari_noops",
     "gym_import", "observation", "state_layers", "overlap", "replay_sampler", "replay_store", "expl_schedule",
-    "gpu_memory", "strategy", "devices", "contrastive_negatives"})
+    "gpu_memory", "strategy", "devices", "contrastive_negatives", "replay_mixture"})
 
 
 def missing_keys(values: Mapping[str, Any]) -> list[str]:

@@ -25,7 +25,9 @@ the stream does not depend on the image store, and a restored replay state repro
 batches exactly. Changing what a sampler draws (or in which order) changes every seeded run.
 
 A new sampling scheme is a new function: pass it as ``Replay(sampler=fn)``, or register it
-under a name (``@register("name")``, or ``SAMPLERS["name"] = fn``) and pass the name.
+under a name (``@register("name")``, or ``SAMPLERS["name"] = fn``) and pass the name. A scheme
+with settings (an exponent, a fraction) is a selector class in `selectors`, made from the config
+there; its instances are samplers of this same protocol.
 """
 from __future__ import annotations
 
@@ -63,6 +65,13 @@ class Windows:
         """Number of valid windows."""
         return int(self.cumulative[-1]) if len(self.cumulative) else 0
 
+    def at(self, flat: np.ndarray) -> "tuple[np.ndarray, np.ndarray]":
+        """(episodes, starts) of flat window indices: windows numbered oldest episode first, then by
+        start, 0 to ``total - 1`` (so the highest number is the newest window)."""
+        which = np.searchsorted(self.cumulative, flat, side="right")
+        before = np.concatenate([[0], self.cumulative])[which]
+        return self.eligible[which], flat - before
+
     def check(self) -> "Windows":
         """`self`, or `ValueError` if there is no window (no episode is long enough)."""
         if not self.total:
@@ -78,10 +87,7 @@ Sampler = Callable[[Windows, int, np.random.Generator], "tuple[np.ndarray, np.nd
 
 def uniform_windows(windows: Windows, batch_size: int, rng: np.random.Generator):
     """Every valid (episode, start) window equally likely: long episodes are drawn more often."""
-    flat = rng.integers(0, windows.cumulative[-1], size=batch_size)
-    which = np.searchsorted(windows.cumulative, flat, side="right")
-    before = np.concatenate([[0], windows.cumulative])[which]
-    return windows.eligible[which], flat - before
+    return windows.at(rng.integers(0, windows.cumulative[-1], size=batch_size))
 
 
 def uniform_episodes(windows: Windows, batch_size: int, rng: np.random.Generator):

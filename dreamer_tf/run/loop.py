@@ -76,7 +76,9 @@ class Trainer:
         import tensorflow as tf
         from dreamer_tf.agent import Dreamer
         from dreamer_tf.data import Replay
+        from dreamer_tf.data.selectors import from_config
         c = self.config
+        sampler = from_config(c)  # a bad replay_mixture fails here, before the envs start
         tf.keras.utils.set_random_seed(c.seed)
         # Construction seeds only: every episode is reset with a seed of its own (EpisodeSeeds).
         self.envs = make_envs(c, c.envs, seed=c.seed * 1000)
@@ -86,7 +88,7 @@ class Trainer:
         latest, saved = restore_agent(self.checkpointer, self.agent, self.logdir, self.episode_dir, self.logger)
         self.feed.start(self.agent)  # ... and take its state, restored or new
         self.replay = Replay(self.episode_dir, capacity=c.replay_capacity, cache=c.replay_cache,
-                             seed=c.seed, sampler=c.replay_sampler, store=c.replay_store,
+                             seed=c.seed, sampler=sampler, store=c.replay_store,
                              action_repeat=c.action_repeat)
         self.rng = np.random.default_rng(c.seed)
         self.learner = Learner(self.agent, self.replay, c.batch_size, c.batch_length, self._check, c.overlap,
