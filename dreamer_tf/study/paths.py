@@ -20,7 +20,7 @@ def check_not_file(path: str | os.PathLike, what: str) -> Path:
             continue
         if candidate.is_dir():
             return path
-        where = "" if candidate == path else f" ({candidate} is a file)"
-        kind = "is a file" if candidate == path else "is below a file"
-        raise PathError(f"{what} {path} {kind}, not a directory{where}: give a directory")
+        if candidate == path:
+            raise PathError(f"{what} {path} is a file, not a directory")
+        raise PathError(f"{what} {path} cannot be a directory: {candidate} is a file")
     return path

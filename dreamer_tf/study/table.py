@@ -177,7 +177,7 @@ def _aggregate_lines(table: Table) -> list[str]:
     selection = table.selection or analysis.aggregate_selection(
         table.summaries, table.tasks, [m for m in table.methods if m != PUBLISHED_METHOD])
     if not rows:  # nothing to aggregate: say why when tasks were left out
-        return [f"No aggregate. {selection.describe()}", ""] if selection.left_out else []
+        return [selection.describe(), ""] if selection.left_out else []
     subset = (" " + selection.describe()) if selection.describe() else ""
     if partial:
         subset += (" Rows marked ⚠ have final scores on fewer of these tasks than the others: their "
