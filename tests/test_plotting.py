@@ -111,10 +111,6 @@ def _capture_figures(monkeypatch) -> list:
     return figures
 
 
-def _panels(figure) -> dict:
-    return {ax.get_title(): ax for ax in figure.axes if ax.get_visible() and ax.get_title()}
-
-
 def test_negative_returns_are_on_each_panels_axis_and_titles_keep_gymnasium_ids(tmp_path, monkeypatch):
     """Pendulum (-1400 to -800) and Pong (-21 to -19) panels span their data instead of DMC's fixed
     0 to 1030, which left them empty; DMC panels keep 0 to 1000. Gymnasium ids keep their capitals and
@@ -126,17 +122,18 @@ def test_negative_returns_are_on_each_panels_axis_and_titles_keep_gymnasium_ids(
     _write_run(root, "atari_pong", 0, [(1000, -21.0), (10_000, -19.0)])
     _write_run(root, "dmc_walker_walk", 0, [(1000, 30.0), (10_000, 60.0)])
     assert plotting.main(["--root", str(root), "--out", str(tmp_path / "f"), "--bin-size", "1000", "--budget",
-                          "10000", "--reps", "20", "--no-published"]) == 0
-    panels = _panels(figures[0])
-    assert {"Pendulum-v1 (Gymnasium) (2 seeds)", "Pong (Atari) (1 seed)", "Walker Walk (1 seed)"} <= set(panels)
-    for title, (low, high) in {"Pendulum-v1 (Gymnasium) (2 seeds)": (-1500.0, -800.0),
-                               "Pong (Atari) (1 seed)": (-21.0, -19.0)}.items():
-        bottom, top = panels[title].get_ylim()
-        assert bottom < low and high < top, (title, bottom, top)
-        assert top - bottom < 1.2 * (high - low), (title, bottom, top)  # fitted, not a 0-1000 axis
-        curve = panels[title].get_lines()[0].get_ydata()
+                          "10000", "--reps", "20", "--no-published", "--tasks", "gym_Pendulum-v1", "atari_pong",
+                          "dmc_walker_walk"]) == 0
+    pendulum, pong, walker = figures[0].axes[:3]
+    for ax, (low, high) in ((pendulum, (-1500.0, -800.0)), (pong, (-21.0, -19.0))):
+        bottom, top = ax.get_ylim()
+        assert bottom < low and high < top, (ax.get_title(), bottom, top)
+        assert top - bottom < 1.2 * (high - low), (ax.get_title(), bottom, top)  # fitted, not a 0-1000 axis
+        curve = ax.get_lines()[0].get_ydata()
         assert bottom <= min(curve) and max(curve) <= top
-    bottom, top = panels["Walker Walk (1 seed)"].get_ylim()
+    assert [ax.get_title() for ax in (pendulum, pong, walker)] == [
+        "Pendulum-v1 (Gymnasium) (2 seeds)", "Pong (Atari) (1 seed)", "Walker Walk (1 seed)"]
+    bottom, top = walker.get_ylim()
     assert bottom <= 0 and top >= 1000  # DMC keeps its known range
     assert plotting.y_limits("dmc_walker_walk", [100.0], ymax=150) == (-3.0, 150)  # --ymax zooms as before
     assert plotting.y_limits("atari_pong", [-21.0, -19.0], zoom=True)[1] < 0
@@ -197,3 +194,6 @@ def test_a_root_that_is_a_file_is_one_line_saying_so(command, tmp_path, capsys):
     assert cli.main([command, "--root", str(tmp_path / "afile" / "sub"), *out]) == 2
     assert capsys.readouterr().err.strip().endswith(f"cannot be a directory: {tmp_path / 'afile'} is a file")
     assert not (tmp_path / "out").exists()
+    if command == "report":  # without --out, the report's directory is the root: it said "File exists"
+        assert cli.main([command, "--root", str(tmp_path / "afile")]) == 2
+        assert capsys.readouterr().err.strip() == f"error: --root {tmp_path / 'afile'} is a file, not a directory"
