@@ -34,7 +34,7 @@ class Normaliser:
 
 # Task-name prefix -> its suite's normaliser. Gymnasium tasks have no common scale; Atari's would be
 # the published random and human scores per game, which this repository does not hold.
-NORMALISERS: dict[str, Normaliser] = {"dmc_": Normaliser(0.0, DMC_MAX_RETURN, "return / 1000, DMC's maximum")}
+NORMALISERS: dict[str, Normaliser] = {"dmc_": Normaliser(0.0, DMC_MAX_RETURN, "return / 1000")}
 
 
 def normaliser(task: str) -> Normaliser | None:

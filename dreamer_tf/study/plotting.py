@@ -188,7 +188,10 @@ def plot_curves(runs: Sequence[Run], out_prefix: str | Path, tasks: Sequence[str
                             markersize=4)
             ax.fill_between(x, low, high, color=color, alpha=0.2, lw=0)
             handles.setdefault(label, line)
-            drawn += [*mean, *low, *high]
+            # A band past a known range (mean + std above DMC's 1000) would only stretch that panel's axis.
+            norm = analysis.normaliser(task)
+            band = np.clip([*low, *high], norm.low, norm.high) if norm else [*low, *high]
+            drawn += [*mean, *band]
         lines = [(random_policy[task], "random policy", dict(color="black", ls=":", lw=1.2))] \
             if task in random_policy else []
         lines += [(value, PAPER_COLUMNS[column], dict(color=color, ls="--", lw=1.0))
@@ -254,7 +257,12 @@ def plot_aggregate(summaries: dict[str, dict[str, analysis.TaskSummary]], out_pr
             entries.append((f"{PAPER_COLUMNS[column]} [{len(values)} task{'s' if len(values) != 1 else ''}]",
                             {"mean": (m, m, m), "iqm": (q, q, q)}, color, False))
     shown = [v for _, agg, _, _ in entries if agg for ci in agg.values() for v in ci]
-    scales = sorted({n.name for t in tasks if (n := analysis.normaliser(t))}) or ["return / 1000, DMC's maximum"]
+    scales = sorted({n.name for t in tasks if (n := analysis.normaliser(t))}) or ["return / 1000"]
+    if not any(agg for _, agg, _, _ in entries):  # nothing to draw: say why instead of empty axes
+        figure = _figure(9, 1.6)
+        why = selection.describe() if not tasks else "No aggregate: no method has final scores on these tasks yet."
+        figure.text(0.5, 0.5, why, ha="center", va="center", fontsize=9, wrap=True)
+        return _save(figure, Path(out_prefix))
     figure = _figure(9, 0.45 * max(len(entries), 1) + 1.6)
     axes = figure.subplots(1, 2, sharey=True, squeeze=False)[0]
     for ax, (key, name) in zip(axes, (("mean", "Mean"), ("iqm", "IQM"))):
