@@ -205,3 +205,9 @@ def test_bench_never_overwrites_the_committed_results_by_default_and_says_where_
     monkeypatch.setattr(bench, "measure", lambda *args, **kwargs: pytest.fail("measured before checking --out"))
     assert bench.main(["--presets", "debug", "--no-envs", "--out", "results/bench.md"]) == 2
     assert capsys.readouterr().err.strip() == "dreamer-tf bench: error: --out results/bench.md is a file, not a directory"
+
+
+def test_markdown_only_without_a_bench_json_is_one_line(tmp_path, capsys):
+    assert bench.main(["--markdown-only", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (f"dreamer-tf bench: error: --markdown-only: {tmp_path / 'bench.json'} "
+                                               "does not exist (give the --out that holds bench.json)")

@@ -27,8 +27,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from dreamer_tf.study.paths import check_not_file
-from dreamer_tf.utils import PathError, atomic_write_text, cpu_model_and_flags, git_commit, make_dir
+from dreamer_tf.study.bench_out import DEFAULT_OUT, check_out, rewrite_markdown, write_results
+from dreamer_tf.utils import cpu_model_and_flags, git_commit
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -247,19 +247,12 @@ def measure(presets: Sequence[str], variants: Sequence[str], repeats: int, matmu
     return results
 
 
-# Not results/: run from a checkout, a plain `dreamer-tf bench` would overwrite the committed numbers.
-DEFAULT_OUT = Path("bench_results")
-
-
 def _write(out: Path, results: dict, envs: bool) -> None:
     if envs:  # the environments do not use TensorFlow: measured once, in this process
         from dreamer_tf.envs import bench as env_bench
         results["envs"] = {task: env_bench.env_throughput(task, steps=300, seed=0, workers=2)
                            for task in ("dmc_walker_walk",)}
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "bench.json", json.dumps(results, indent=1) + "\n")
-    atomic_write_text(out / "bench.md", markdown(results))
-    print(f"wrote {out / 'bench.md'} and {out / 'bench.json'}", flush=True)
+    write_results(out, results, markdown)
 
 
 def run_child(setting: str, json_path: Path, presets: Sequence[str], variants: Sequence[str], repeats: int,
@@ -470,13 +463,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_names(args.settings or [])
         _check_names([args.child_setting] if args.child_setting else [])
         if not args.child_setting:  # an unusable --out is one line now, not after minutes of timing
-            make_dir(check_not_file(args.out, "--out"), "--out")
+            check_out(args.out)
         if args.markdown_only:
-            source = args.out / "bench.json"
-            if not source.is_file():
-                raise SettingError(f"--markdown-only: {source} does not exist (give the --out that holds bench.json)")
-            atomic_write_text(args.out / "bench.md", markdown(json.loads(source.read_text())))
-            print(f"wrote {args.out / 'bench.md'}")
+            rewrite_markdown(args.out, markdown)
             return 0
         for preset in args.presets:
             configlib.load(preset)
@@ -484,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SettingError("--child-setting needs --child-json")
         if args.repeats < 1 or args.matmul_size < 1:
             raise SettingError("--repeats and --matmul-size must be >= 1")
-    except (SettingError, configlib.ConfigError, PathError) as e:
+    except (ValueError, configlib.ConfigError) as e:  # SettingError, PathError
         print(f"dreamer-tf bench: error: {e}", file=sys.stderr)
         return 2
     if args.devices is not None:  # dreamer_tf/study/bench_devices.py
