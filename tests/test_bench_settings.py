@@ -211,3 +211,17 @@ def test_markdown_only_without_a_bench_json_is_one_line(tmp_path, capsys):
     assert bench.main(["--markdown-only", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == (f"dreamer-tf bench: error: --markdown-only: {tmp_path / 'bench.json'} "
                                                "does not exist (give the --out that holds bench.json)")
+
+
+def test_bench_devices_says_where_it_wrote(tmp_path, monkeypatch, capsys):
+    from dreamer_tf.study import bench_devices
+
+    def fake(presets, n, repeats, out, argv, module):
+        (out / "bench_devices.md").write_text("x")
+        return 0
+    monkeypatch.setattr(bench_devices, "main", fake)
+    monkeypatch.chdir(tmp_path)
+    assert bench.main(["--devices", "2", "--presets", "debug"]) == 0
+    assert (tmp_path / bench.DEFAULT_OUT / "bench_devices.md").exists()
+    out = bench.DEFAULT_OUT
+    assert f"wrote {out / 'bench_devices.md'} and {out / 'bench_devices.json'}" in capsys.readouterr().out

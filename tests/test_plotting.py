@@ -197,3 +197,23 @@ def test_a_root_that_is_a_file_is_one_line_saying_so(command, tmp_path, capsys):
     if command == "report":  # without --out, the report's directory is the root: it said "File exists"
         assert cli.main([command, "--root", str(tmp_path / "afile")]) == 2
         assert capsys.readouterr().err.strip() == f"error: --root {tmp_path / 'afile'} is a file, not a directory"
+
+
+def test_learning_report_plots_runs_whose_returns_are_all_negative(tmp_path):
+    """scripts/learning_report.py zoomed to 1.2 x the best return rounded up to 50: 0 for Pendulum,
+    which plot refused, so the report came without its figures."""
+    import importlib.util
+    from dreamer_tf import config as configlib
+    run = tmp_path / "run"
+    run.mkdir()
+    configlib.save(configlib.load("debug", {"task": "gym_Pendulum-v1", "steps": 1000}), run / "config.yaml")
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "test_return": v, "wall_time": 1.0}) + "\n"
+                                               for s, v in ((0, -1400.0), (500, -1100.0), (1000, -800.0))))
+    (run / "status.json").write_text(json.dumps({"status": "finished", "step": 1000, "steps": 1000, "time": 0}))
+    spec = importlib.util.spec_from_file_location(
+        "learning_report", Path(__file__).resolve().parents[1] / "scripts" / "learning_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "out"
+    assert module.main(["--runs", str(run), "--out", str(out), "--title", "t", "--bin-size", "500"]) == 0
+    _check_images([Path(f"{out / 'out'}_curves.png"), Path(f"{out / 'out'}_curves.pdf")], out / "out_curves")
