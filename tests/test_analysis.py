@@ -298,7 +298,7 @@ def test_tasks_without_a_known_normaliser_are_left_out_of_aggregates_and_named(r
     assert tbl.aggregate_tasks == ["dmc_cheetah_run", "dmc_walker_walk"]
     assert tbl.aggregates["dreamer"]["mean"][0] == pytest.approx((750 + 650 + 900 + 400) / 4 / 1000)
     markdown = table.to_markdown(tbl)
-    assert ("Left out of the aggregates, having no known score normaliser (only DMC's 0 to 1000 is known here): "
+    assert ("Left out of the aggregates, having no known score normaliser (known here: dmc_* tasks (return / 1000)): "
             "atari_pong, gym_Pendulum-v1.") in markdown
     assert "| gym_Pendulum-v1 | -900.0 (n=1/1) |" in markdown  # still in the table, on its own scale
     mean = next(l for l in markdown.splitlines() if l.startswith("| **mean over tasks** |")).split(" | ")

@@ -150,8 +150,9 @@ class Selection:
                     f"over those of these {n} tasks where it has them ({listed}): rows over different tasks "
                     "are not comparable.")
         if self.left_out:
+            known = ", ".join(f"{prefix}* tasks ({n.name})" for prefix, n in NORMALISERS.items())
             text += (" " if text else "") + (f"Left out of the aggregates, having no known score normaliser "
-                                             f"(only DMC's 0 to 1000 is known here): {', '.join(self.left_out)}.")
+                                             f"(known here: {known}): {', '.join(self.left_out)}.")
         return text
 
     def title(self) -> str:

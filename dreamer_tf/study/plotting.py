@@ -188,6 +188,8 @@ def plot_curves(runs: Sequence[Run], out_prefix: str | Path, tasks: Sequence[str
                             markersize=4)
             ax.fill_between(x, low, high, color=color, alpha=0.2, lw=0)
             handles.setdefault(label, line)
+            if zoom and method == PUBLISHED_METHOD:  # a zoomed axis fits the runs; the published curves may leave it
+                continue
             # A band past a known range (mean + std above DMC's 1000) would only stretch that panel's axis.
             norm = analysis.normaliser(task)
             band = np.clip([*low, *high], norm.low, norm.high) if norm else [*low, *high]

@@ -40,9 +40,9 @@ class Table:
 
     @property
     def mean_tasks(self) -> list[str]:
-        """The tasks a mean over tasks may pool: those on a known scale (returns of other suites differ
-        in scale and sign, so their mean would mean nothing)."""
-        return [t for t in self.tasks if analysis.normaliser(t) is not None]
+        """The tasks a mean of raw returns over tasks may pool, as the paper's table does: DMC's, all on
+        one 0 to 1000 scale (returns of other suites differ in scale and sign)."""
+        return [t for t in self.tasks if t.startswith("dmc_")]
 
     def seeded_mean(self, method: str) -> tuple[float, int]:
         """Mean over tasks of the per-task mean final score, and the number of tasks with one."""
@@ -146,8 +146,8 @@ def to_markdown(table: Table, aggregates: bool = True) -> str:
         "Paper columns: the final scores of the paper's table (Hafner et al., 2020): Dreamer and "
         "PlaNet from pixels at 5e6 env steps, D4PG from pixels and A3C from proprioceptive states at "
         f"1e8 steps. {DASH}: no data. Means over tasks use the tasks that have a value"
-        + (f", on DMC's scale only (left out: {', '.join(left_out)})." if (left_out := analysis.unnormalised(table.tasks))
-           else "."),
+        + (f", on DMC's scale only (left out: {', '.join(left_out)})."
+           if (left_out := [t for t in table.tasks if t not in table.mean_tasks]) else "."),
         "",
     ]
     lines += _aggregate_lines(table) if aggregates else []
