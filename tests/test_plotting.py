@@ -197,6 +197,8 @@ def test_a_root_that_is_a_file_is_one_line_saying_so(command, tmp_path, capsys):
     if command == "report":  # without --out, the report's directory is the root: it said "File exists"
         assert cli.main([command, "--root", str(tmp_path / "afile")]) == 2
         assert capsys.readouterr().err.strip() == f"error: --root {tmp_path / 'afile'} is a file, not a directory"
+        assert cli.main([command, "--out", str(tmp_path / "afile")]) == 2  # the report's directory
+        assert capsys.readouterr().err.strip() == f"error: --out {tmp_path / 'afile'} is a file, not a directory"
 
 
 def test_learning_report_plots_runs_whose_returns_are_all_negative(tmp_path):
