@@ -97,9 +97,11 @@ def main(argv=None) -> int:
     from dreamer_tf.study import plotting
     baseline = [f"{task}={random['mean']}" for task in sorted(tasks)] if random else []
     top = max((v for _, evals, _, _ in rows for _, v in evals), default=1000.0)
-    ymax = min(1030.0, 50.0 * np.ceil(1.2 * top / 50.0))  # zoomed to the runs
+    # Zoomed to the runs: a round top above their best return (how results/learning/ was drawn), or,
+    # when no return is positive (Pendulum, Pong), each panel fitted to its runs.
+    zoom = ["--ymax", str(min(1030.0, 50.0 * np.ceil(1.2 * top / 50.0)))] if top > 0 else ["--zoom"]
     plotting.main(["--root", str(args.out), "--out", str(args.out / args.out.name), "--tasks", *sorted(tasks),
-                   "--bin-size", str(args.bin_size), "--budget", str(budget), "--ymax", str(ymax)]
+                   "--bin-size", str(args.bin_size), "--budget", str(budget), *zoom]
                   + (["--random-policy", *baseline] if baseline else []))
     print(f"wrote {args.out / 'README.md'}")
     return 0

@@ -284,3 +284,28 @@ def test_aggregates_compare_methods_over_the_tasks_they_all_have(root, tmp_path)
     markdown = table.aggregate_markdown(tbl)
     assert "| reward_only (this run) ⚠ not comparable: 1 of 3 tasks |" in markdown
     assert "| dreamer (this run) ⚠ not comparable: 2 of 3 tasks |" in markdown
+    # They share no task: the text must not claim that every method has scores on these tasks.
+    assert "where every method" not in markdown
+    assert "share no task with final scores, so each method's aggregate runs over those of these 3 tasks where it has them (dmc_cheetah_run, dmc_hopper_hop, dmc_walker_walk)" in markdown
+
+
+def test_tasks_without_a_known_normaliser_are_left_out_of_aggregates_and_named(root, tmp_path):
+    """Pendulum (-900) and Pong (-20) are not divided by DMC's 1000 and pooled with DMC's scores: the
+    aggregates and the means over tasks use the DMC tasks, and the table names what it left out."""
+    write_run(root, "gym_Pendulum-v1", "dreamer", 0, [(1000, -900)])
+    write_run(root, "atari_pong", "dreamer", 0, [(1000, -20)])
+    tbl = table.build_table(root, reps=50)
+    assert tbl.aggregate_tasks == ["dmc_cheetah_run", "dmc_walker_walk"]
+    assert tbl.aggregates["dreamer"]["mean"][0] == pytest.approx((750 + 650 + 900 + 400) / 4 / 1000)
+    markdown = table.to_markdown(tbl)
+    assert ("Left out of the aggregates, having no known score normaliser (known here: dmc_* tasks (return / 1000)): "
+            "atari_pong, gym_Pendulum-v1.") in markdown
+    assert "| gym_Pendulum-v1 | -900.0 (n=1/1) |" in markdown  # still in the table, on its own scale
+    mean = next(l for l in markdown.splitlines() if l.startswith("| **mean over tasks** |")).split(" | ")
+    assert mean[1] == "**583.3** (2/20 tasks)"  # DMC's tasks only, as before Pendulum and Pong came
+    assert "on DMC's scale only (left out: atari_pong, gym_Pendulum-v1)" in markdown
+    with pytest.raises(ValueError, match="'gym_Pendulum-v1' has no known score normaliser"):
+        analysis.normalise("gym_Pendulum-v1", -900.0)
+    gym_only = table.build_table(root, tasks=["gym_Pendulum-v1"], published=False, reps=50)
+    assert gym_only.aggregates["dreamer"] is None
+    assert table.aggregate_markdown(gym_only).startswith("No task has a known score normaliser: there is no aggregate. Left out")

@@ -180,3 +180,48 @@ def test_children_really_run_with_onednn_off_and_on(tmp_path, capsys):
     assert md.startswith("# dreamer_tf benchmark\n\nCommand: `dreamer-tf bench --settings no-onednn onednn")
     assert _row(md, "debug", "no-onednn")[3] == "off" and _row(md, "debug", "onednn")[3] == "on"
     assert _row(md, "debug", "onednn")[-1].endswith("(onednn / no-onednn)")
+
+
+def test_bench_never_overwrites_the_committed_results_by_default_and_says_where_it_wrote(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """Run from a checkout, a plain `dreamer-tf bench` wrote over results/bench.md without a word."""
+    measured = {"machine": {"cpu": "Some CPU", "cores": 2, "gpus": [], "tensorflow": "2.21.0", "python": "3.11",
+                            "platform": "Linux"}, "matmul_gflops": 100.0, "train_step": [], "policy": []}
+    monkeypatch.setattr(bench, "measure", lambda *args, **kwargs: dict(measured))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "bench.md").write_text("committed\n")
+    assert bench.main(["--presets", "debug", "--variants", "float32", "--no-envs"]) == 0
+    assert (tmp_path / "results" / "bench.md").read_text() == "committed\n"
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["bench.md"]
+    written = tmp_path / bench.DEFAULT_OUT / "bench.md"
+    assert written.read_text() == bench.markdown(json.loads(written.with_suffix(".json").read_text()))
+    out = capsys.readouterr().out
+    assert f"wrote {bench.DEFAULT_OUT / 'bench.md'} and {bench.DEFAULT_OUT / 'bench.json'}" in out
+    # --out results, given explicitly, is how the committed numbers are regenerated.
+    assert bench.main(["--presets", "debug", "--variants", "float32", "--no-envs", "--out", "results"]) == 0
+    assert (tmp_path / "results" / "bench.md").read_text() != "committed\n"
+    # An --out that is a file: one line, before anything is measured.
+    monkeypatch.setattr(bench, "measure", lambda *args, **kwargs: pytest.fail("measured before checking --out"))
+    assert bench.main(["--presets", "debug", "--no-envs", "--out", "results/bench.md"]) == 2
+    assert capsys.readouterr().err.strip() == "dreamer-tf bench: error: --out results/bench.md is a file, not a directory"
+
+
+def test_markdown_only_without_a_bench_json_is_one_line(tmp_path, capsys):
+    assert bench.main(["--markdown-only", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (f"dreamer-tf bench: error: --markdown-only: {tmp_path / 'bench.json'} "
+                                               "does not exist (give the --out that holds bench.json)")
+
+
+def test_bench_devices_says_where_it_wrote(tmp_path, monkeypatch, capsys):
+    from dreamer_tf.study import bench_devices
+
+    def fake(presets, n, repeats, out, argv, module):
+        (out / "bench_devices.md").write_text("x")
+        return 0
+    monkeypatch.setattr(bench_devices, "main", fake)
+    monkeypatch.chdir(tmp_path)
+    assert bench.main(["--devices", "2", "--presets", "debug"]) == 0
+    assert (tmp_path / bench.DEFAULT_OUT / "bench_devices.md").exists()
+    out = bench.DEFAULT_OUT
+    assert f"wrote {out / 'bench_devices.md'} and {out / 'bench_devices.json'}" in capsys.readouterr().out

@@ -106,6 +106,18 @@ def test_dry_run_lists_every_task_and_seed(tmp_path, capsys):
     assert seen == expected
 
 
+@pytest.mark.parametrize("dry_run", [["--dry-run"], []])
+def test_a_root_that_is_a_file_is_one_line_with_or_without_dry_run(dry_run, tmp_path, capsys):
+    """--dry-run used to read status.json below the file and end in a NotADirectoryError traceback."""
+    (tmp_path / "afile").write_text("x")
+    for root, says in ((tmp_path / "afile", f"--root {tmp_path / 'afile'} is a file, not a directory"),
+                       (tmp_path / "afile" / "sub", f"cannot be a directory: {tmp_path / 'afile'} is a file")):
+        assert benchmark.main(["--root", str(root), "--tasks", "dmc_walker_walk", "--seeds", "0", *dry_run]) == 2
+        captured = capsys.readouterr()
+        assert captured.err.strip().startswith("error: --root") and captured.err.strip().endswith(says)
+        assert len(captured.err.strip().splitlines()) == 1 and not captured.out
+
+
 def test_a_closed_stdout_ends_the_cli_quietly(tmp_path):
     # `dreamer-tf benchmark --dry-run | head -1`: the reader leaves after one line. 60 seeds x 20
     # tasks print over 64 KiB, more than a pipe buffers, so a write always meets the closed pipe.

@@ -175,3 +175,25 @@ def test_report_and_table_on_a_run_directory_or_any_parent(root, tmp_path, capsy
     err = capsys.readouterr().err
     assert "no runs under" in err and "ROOT/<task>/<method>/<seed>/" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "e" / "report.md").exists()
+
+
+def test_close_up_fits_each_panel_to_its_runs_negative_returns_included(tmp_path, monkeypatch):
+    """The close-up's y-axis was 0 to 1.15 x the best return of all runs (at least 11.5): a Pendulum
+    panel (-1400 to -800) beside a DMC one was empty. Each panel now spans its own runs."""
+    from dreamer_tf.study import plotting
+    figures = {}
+    save = plotting._save
+    monkeypatch.setattr(plotting, "_save", lambda figure, prefix: figures.setdefault(Path(prefix).name, figure)
+                        and save(figure, prefix))
+    for seed in range(2):
+        write_run(tmp_path, "gym_Pendulum-v1", "dreamer", seed, [(0, -1400.0 + 50 * seed), (500, -1100.0),
+                                                                 (1000, -800.0)])
+    write_run(tmp_path, "dmc_walker_walk", "dreamer", 0, [(0, 30.0), (1000, 60.0)])
+    markdown, _ = _report(tmp_path, "--root", str(tmp_path), "--no-published")
+    walker, pendulum = figures["curves_closeup"].axes[:2]  # the paper's tasks first
+    bottom, top = pendulum.get_ylim()
+    assert bottom <= -1400 and -800 <= top and top - bottom < 800
+    assert walker.get_ylim()[0] <= 0 and 60 <= walker.get_ylim()[1] < 100  # fitted, from DMC's 0
+    assert pendulum.get_title() == "Pendulum-v1 (Gymnasium) (2 seeds)"
+    assert "Left out of the aggregates, having no known score normaliser" in markdown
+    assert "gym_Pendulum-v1." in markdown

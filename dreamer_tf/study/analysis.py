@@ -11,7 +11,8 @@ evaluation in that window (still running, crashed early, or a published curve th
 has no final score: it is left out of the mean and counted as incomplete.
 
 Aggregates follow rliable (Agarwal et al., NeurIPS 2021): normalised scores (return / 1000, the
-DMC maximum) pooled over tasks and seeds; mean and interquartile mean (IQM) with percentile
+DMC maximum; tasks without a known normaliser, such as Gymnasium and Atari ones, are left out and
+named) pooled over tasks and seeds; mean and interquartile mean (IQM) with percentile
 stratified-bootstrap confidence intervals (seeds resampled with replacement within each task);
 they live in `dreamer_tf.study.aggregates` and are re-exported here.
 
@@ -32,8 +33,10 @@ import numpy as np
 
 from dreamer_tf.envs.tasks import TASKS
 # Re-exported: the aggregates keep their names here (table.py, plotting.py and report.py use `analysis.*`).
-from dreamer_tf.study.aggregates import (DMC_MAX_RETURN, aggregate, aggregate_tasks, comparable, iqm,
-                                         stratified_bootstrap_ci)
+from dreamer_tf.study.aggregates import (DMC_MAX_RETURN, Selection, aggregate, aggregate_selection,  # noqa: F401
+                                         aggregate_tasks, comparable, iqm, normalise, normaliser,
+                                         stratified_bootstrap_ci, unnormalised)
+from dreamer_tf.study.paths import check_not_file
 from dreamer_tf.utils import DISK_ERRNOS, describe_write_error, make_dir
 
 __all__ = [
@@ -41,7 +44,7 @@ __all__ = [
     "Run", "SeedResult", "TaskSummary", "published_dir", "load_run", "find_runs", "run_identity",
     "load_published_curves", "load_paper_table", "load_baselines", "bin_curve", "bin_runs",
     "final_score", "summarize", "iqm", "stratified_bootstrap_ci", "aggregate", "aggregate_tasks",
-    "comparable",
+    "comparable", "Selection", "aggregate_selection", "normaliser", "normalise", "unnormalised",
 ]
 
 # The 20 DeepMind Control Suite tasks of the paper (Hafner et al., 2020, Fig. 2 and appendix).
@@ -281,7 +284,7 @@ def find_runs(root: str | Path, tasks: Iterable[str] | None = None,
     """All runs at or below `root`: the layout ROOT/<task>/<method>/<seed>/, a single run directory,
     or directories of runs at any depth (see `run_identity`). Raises FileNotFoundError when `root`
     does not exist or holds no run."""
-    root = Path(root)
+    root = check_not_file(root, "--root")
     if not root.is_dir():
         raise FileNotFoundError(f"benchmark root {root} does not exist")
     paths = _run_dirs(root)
@@ -427,15 +430,22 @@ def check_tasks(tasks: Iterable[str] | None) -> None:
         parse_task(task)
 
 
-def tool_main(args, verb: str, body: Callable[[], int]) -> int:
-    """The frame `dreamer-tf plot` and `table` share: check the selection, run `body`, and turn a
-    missing file or a bad value into one line on stderr and exit status 2."""
+def tool_main(args, verb: str, body: Callable[[], int], out_is_dir: bool = False) -> int:
+    """The frame `dreamer-tf plot`, `table` and `report` share: check the selection, run `body`, and
+    turn a missing file or a bad value into one line on stderr and exit status 2. `out_is_dir`: --out
+    is a directory (report), else a prefix whose directory is its parent (plot, table)."""
     error = selection_error(args, verb)
     if error is None:
         try:
             check_tasks(args.tasks)
+            if args.root:  # a file given as --root: one line saying so, before any work
+                check_not_file(args.root, "--root")
             if args.out:  # an unwritable --out is one line, before any work
-                make_dir(Path(args.out).parent, f"--out {args.out}: directory")
+                out = Path(args.out)
+                if out_is_dir:
+                    make_dir(check_not_file(out, "--out"), "--out")
+                else:
+                    make_dir(check_not_file(out.parent, f"--out {args.out}: directory"), f"--out {args.out}: directory")
             return body()
         except (FileNotFoundError, ValueError) as e:
             error = str(e)

@@ -3,7 +3,8 @@
 Train steps are timed after tracing (median of several), on a synthetic batch, for each preset and
 variant (float32, XLA, float16 where supported). Achieved GFLOP/s use the analytic count of
 `dreamer_tf.flops` and are set beside the measured float32 matmul peak of this machine.
-Writes `results/bench.json` and `results/bench.md`.
+Writes OUT/bench.json and OUT/bench.md, OUT being `--out` (default `bench_results/` in the current
+directory, never the committed `results/`: regenerating those takes `--out results`), and says where.
 
 With `--settings`, each oneDNN setting runs in a fresh child process (TensorFlow reads the variables
 only at import), one after another, with its own matmul peak; one bench.md/bench.json holds them all.
@@ -26,6 +27,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from dreamer_tf.study.bench_out import DEFAULT_OUT, check_out, rewrite_markdown, write_results
 from dreamer_tf.utils import cpu_model_and_flags, git_commit
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -250,9 +252,7 @@ def _write(out: Path, results: dict, envs: bool) -> None:
         from dreamer_tf.envs import bench as env_bench
         results["envs"] = {task: env_bench.env_throughput(task, steps=300, seed=0, workers=2)
                            for task in ("dmc_walker_walk",)}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "bench.md").write_text(markdown(results))
+    write_results(out, results, markdown)
 
 
 def run_child(setting: str, json_path: Path, presets: Sequence[str], variants: Sequence[str], repeats: int,
@@ -310,7 +310,6 @@ def run_settings(settings: Sequence[str], presets: Sequence[str], variants: Sequ
         print("dreamer-tf bench: error: no setting was measured; nothing written", file=sys.stderr)
         return 1
     _write(out, results, envs)
-    print(f"wrote {out / 'bench.md'} and {out / 'bench.json'}", flush=True)
     return 1 if results["refused"] else 0
 
 
@@ -451,7 +450,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "and write one report for all (default: only this process, as it is set up)")
     parser.add_argument("--matmul-size", type=int, default=2048, help="side of the matmul timed for the peak")
     parser.add_argument("--no-envs", action="store_true", help="skip the environment benchmark")
-    parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help=f"directory for bench.md and bench.json (default: ./{DEFAULT_OUT}; the committed "
+                             "numbers are regenerated with --out results)")
     parser.add_argument("--markdown-only", action="store_true", help="rewrite bench.md from bench.json")
     parser.add_argument("--devices", type=int, help="one device vs N replicas (mirrored): bench_devices.md")
     parser.add_argument("--child-setting", help=argparse.SUPPRESS)  # internal: one setting's child process
@@ -461,8 +462,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _check_names(args.settings or [])
         _check_names([args.child_setting] if args.child_setting else [])
+        if not args.child_setting:  # an unusable --out is one line now, not after minutes of timing
+            check_out(args.out)
         if args.markdown_only:
-            (args.out / "bench.md").write_text(markdown(json.loads((args.out / "bench.json").read_text())))
+            rewrite_markdown(args.out, markdown)
             return 0
         for preset in args.presets:
             configlib.load(preset)
@@ -470,12 +473,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SettingError("--child-setting needs --child-json")
         if args.repeats < 1 or args.matmul_size < 1:
             raise SettingError("--repeats and --matmul-size must be >= 1")
-    except (SettingError, configlib.ConfigError) as e:
+    except (ValueError, configlib.ConfigError) as e:  # SettingError, PathError
         print(f"dreamer-tf bench: error: {e}", file=sys.stderr)
         return 2
     if args.devices is not None:  # dreamer_tf/study/bench_devices.py
         from dreamer_tf.study import bench_devices
-        return bench_devices.main(args.presets, args.devices, args.repeats, args.out, argv, sys.modules[__name__])
+        code = bench_devices.main(args.presets, args.devices, args.repeats, args.out, argv, sys.modules[__name__])
+        print(f"wrote {args.out / 'bench_devices.md'} and {args.out / 'bench_devices.json'}", flush=True)
+        return code
     if args.child_setting:
         return run_child(args.child_setting, args.child_json, args.presets, args.variants, args.repeats,
                          args.matmul_size)

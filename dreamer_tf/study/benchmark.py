@@ -15,6 +15,7 @@ from dreamer_tf.study.launch import (DISK_FULL, RAY_INSTALL_HINT, BenchmarkError
                                      _Interrupted, _is_locked, _read_status, concurrency, disk_needed,
                                      disk_preflight, parse_gpu_ids, plan, run_local, run_state, visible_gpus)
 from dreamer_tf.study.disk import human
+from dreamer_tf.study.paths import check_not_file
 
 __all__ = ["RunSpec", "RunResult", "BenchmarkError", "RAY_INSTALL_HINT", "plan", "run_state", "run_local",
            "run_ray", "summary_table", "main"]
@@ -108,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise BenchmarkError(f"--retries must be >= 0, got {args.retries}")
         if args.steps is not None and not float(args.steps).is_integer():
             raise BenchmarkError(f"--steps must be a whole number of env steps, got {args.steps}")
+        check_not_file(args.root, "--root")  # with or without --dry-run: one line, before the plan reads it
         specs = plan(args.root, args.tasks, args.seeds, args.method, args.preset, args.overrides,
                      None if args.steps is None else int(args.steps),
                      shlex.split(args.train_cmd) if args.train_cmd else None)

@@ -3,7 +3,9 @@
 `dreamer-tf plot --root ROOT --out PREFIX` writes PREFIX_curves.png/.pdf (one panel per task:
 test return binned over env steps, mean across seeds with a shaded spread, the published Dreamer
 curves' mean and spread, the paper's baselines as dashed lines) and PREFIX_aggregate.png/.pdf
-(mean and IQM of normalised final scores with 95% stratified-bootstrap CIs). Without --root it
+(mean and IQM of normalised final scores with 95% stratified-bootstrap CIs, over the tasks with a
+known normaliser; the others are named in its title). Each panel's y-axis spans its data, negative
+returns included (DMC panels keep 0 to 1000). Without --root it
 draws the published data alone. Uses matplotlib's Agg canvas directly (no pyplot, no global
 backend switch), so it works headless and inside other programs.
 """
@@ -29,7 +31,27 @@ _BASELINE_STYLE = {  # paper column -> colour; all drawn dashed
     "a3c_1e8_proprio": "#9467bd",
 }
 _PUBLISHED_COLOR = "#7f7f7f"
-_RUN_COLORS = ["#1f77b4", "#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#bcbd22"]
+# The runs' colours: matplotlib's tab10 and tab20 shades that are neither grey (published) nor a
+# baseline's colour; methods past these get evenly spread hues (`run_colors`), never a repeat.
+_RUN_COLORS = ["#1f77b4", "#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#bcbd22",
+               "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d", "#9edae5"]
+
+
+def run_colors(count: int) -> list[str]:
+    """`count` distinct colours for the methods of a run, none of them the published curves' grey
+    or a baseline's colour: the named ones first, then hues spaced by the golden angle at two
+    brightnesses."""
+    import colorsys
+    reserved = {_PUBLISHED_COLOR, *_BASELINE_STYLE.values(), *_RUN_COLORS}
+    colors = _RUN_COLORS[:count]
+    k = 0
+    while len(colors) < count:
+        r, g, b = colorsys.hsv_to_rgb((k * 0.618033988749895) % 1.0, 0.75, 0.9 if k % 2 else 0.6)
+        color = f"#{round(r * 255):02x}{round(g * 255):02x}{round(b * 255):02x}"
+        if color not in reserved and color not in colors:
+            colors.append(color)
+        k += 1
+    return colors
 
 
 def curve_stats(runs: Sequence[Run], bin_size: float = 1e5, max_step: float | None = None,
@@ -87,24 +109,61 @@ def _save(figure, prefix: Path) -> list[Path]:
 
 
 def _title(task: str) -> str:
+    """A panel's title: 'Walker Walk' (DMC), 'Pong (Atari)', and Gymnasium ids as written,
+    'CartPole-v1 (Gymnasium)' (their capitals and version are part of the id)."""
+    if task.startswith("gym_"):
+        return f"{task.removeprefix('gym_')} (Gymnasium)"
+    if task.startswith("atari_"):
+        return f"{task.removeprefix('atari_').replace('_', ' ').title()} (Atari)"
     return task.removeprefix("dmc_").replace("_", " ").title()
+
+
+def _seeds_note(counts: Sequence[int]) -> str:
+    """' (3 seeds)', ' (1 seed)', ' (3/1 seeds)' for methods with 3 and 1 seeds (legend order); ''."""
+    counts = [n for n in counts if n]
+    if not counts:
+        return ""
+    return f" ({'/'.join(map(str, counts))} seed{'' if counts == [1] else 's'})"
+
+
+def y_limits(task: str, data: Sequence[float], ymax: float | None = None,
+             zoom: bool = False) -> tuple[float, float]:
+    """A panel's y-axis (bottom, top): it spans `data` (every value drawn: curves, their bands and
+    the baselines) and, unless `zoom`, the task's known range (DMC: 0 to 1000, so DMC panels keep one
+    scale); returns below zero (Pendulum, Pong) are inside it. `ymax` fixes the top (lines above
+    are cut off); `zoom` fits the data alone, for runs far shorter than the paper's."""
+    values = [float(v) for v in data if math.isfinite(v)]
+    norm = analysis.normaliser(task)
+    if norm is not None:  # a zoomed or capped axis keeps the range's bottom (DMC: 0), not its top
+        values += [norm.low] if zoom or ymax is not None else [norm.low, norm.high]
+    low, high = (min(values), max(values)) if values else (0.0, 1.0)
+    if ymax is not None:
+        if ymax <= low:  # every value lies above the requested top: an empty panel, as asked
+            low = ymax - max(abs(ymax), 1.0)
+        return low - 0.02 * (ymax - low), ymax
+    span = high - low if high > low else max(abs(high), 1.0)
+    top = high + (0.05 if zoom else 0.03) * span
+    return low - (0.05 if zoom else 0.02) * (top - low), top
 
 
 def plot_curves(runs: Sequence[Run], out_prefix: str | Path, tasks: Sequence[str] | None = None,
                 published: Sequence[Run] = (), paper: dict | None = None, bin_size: float = 1e5,
                 budget: float = 5e6, spread: str = "std", columns: int = 5,
-                random_policy: dict[str, float] | None = None, ymax: float = 1030.0,
-                action_repeat: int | None = DEFAULT_ACTION_REPEAT) -> list[Path]:
+                random_policy: dict[str, float] | None = None, ymax: float | None = None,
+                action_repeat: int | None = DEFAULT_ACTION_REPEAT, zoom: bool = False) -> list[Path]:
     """Grid of learning curves, one panel per task; returns the written PNG and PDF paths.
 
     Bins without data are bridged (the published curves have one point per 1e5 steps);
-    `random_policy` {task: return} adds a dotted line for the random-policy baseline; `ymax` zooms
-    the y-axis for short runs (lines above it are cut off); `action_repeat` (None: the runs differ)
-    relates the x-axis' env steps (frames) to agent steps in its label.
+    `random_policy` {task: return} adds a dotted line for the random-policy baseline. Each panel's
+    y-axis spans what it draws (`y_limits`: negative returns included, DMC's 0 to 1000 kept);
+    `ymax` fixes the top of every panel (lines above it are cut off), `zoom` fits each panel to its
+    runs' curves; the paper's lines outside the axis are then neither drawn nor in the legend.
+    `action_repeat` (None: the runs differ) relates the x-axis' env steps (frames) to agent steps.
     """
     from matplotlib.ticker import EngFormatter
     paper, random_policy = paper or {}, random_policy or {}
     methods = sorted({r.method for r in runs}, key=lambda m: (m != "dreamer", m))
+    colors = run_colors(len(methods))
     tasks = analysis.task_order(tasks, runs)
     columns = max(1, min(columns, len(tasks)))
     rows = max(1, math.ceil(len(tasks) / columns))
@@ -114,8 +173,9 @@ def plot_curves(runs: Sequence[Run], out_prefix: str | Path, tasks: Sequence[str
     for index, task in enumerate(tasks):
         ax = axes[index // columns][index % columns]
         groups = [(PUBLISHED_METHOD, _PUBLISHED_COLOR, [r for r in published if r.task == task])]
-        groups += [(m, _RUN_COLORS[i % len(_RUN_COLORS)],
-                    [r for r in runs if r.task == task and r.method == m]) for i, m in enumerate(methods)]
+        groups += [(m, colors[i], [r for r in runs if r.task == task and r.method == m])
+                   for i, m in enumerate(methods)]
+        drawn: list[float] = []  # every value this panel shows, for its y-axis
         for method, color, group in groups:
             if not group or not any(r.eval_steps.size for r in group):
                 continue
@@ -128,19 +188,27 @@ def plot_curves(runs: Sequence[Run], out_prefix: str | Path, tasks: Sequence[str
                             markersize=4)
             ax.fill_between(x, low, high, color=color, alpha=0.2, lw=0)
             handles.setdefault(label, line)
-        if task in random_policy and random_policy[task] <= ymax:
-            line = ax.axhline(random_policy[task], color="black", ls=":", lw=1.2, label="random policy")
-            handles.setdefault("random policy", line)
-        for column, color in _BASELINE_STYLE.items():
-            value = paper.get(task, {}).get(column)
-            if value is not None and value <= ymax:  # above a zoomed axis: neither drawn nor in the legend
-                line = ax.axhline(value, color=color, ls="--", lw=1.0, label=PAPER_COLUMNS[column])
-                handles.setdefault(PAPER_COLUMNS[column], line)
-        seeds = {m: len([r for r in runs if r.task == task and r.method == m]) for m in methods}
-        note = ", ".join(f"{n} seeds" for n in seeds.values() if n)
-        ax.set_title(_title(task) + (f" ({note})" if note else ""), fontsize=9)
+            if zoom and method == PUBLISHED_METHOD:  # a zoomed axis fits the runs; the published curves may leave it
+                continue
+            # A band past a known range (mean + std above DMC's 1000) would only stretch that panel's axis.
+            norm = analysis.normaliser(task)
+            band = np.clip([*low, *high], norm.low, norm.high) if norm else [*low, *high]
+            drawn += [*mean, *band]
+        lines = [(random_policy[task], "random policy", dict(color="black", ls=":", lw=1.2))] \
+            if task in random_policy else []
+        lines += [(value, PAPER_COLUMNS[column], dict(color=color, ls="--", lw=1.0))
+                  for column, color in _BASELINE_STYLE.items()
+                  if (value := paper.get(task, {}).get(column)) is not None]
+        # The random policy was measured here: a zoomed axis still shows it; the paper's lines do not count.
+        bottom, top = y_limits(task, drawn + [v for v, label, _ in lines if not zoom or label == "random policy"],
+                               ymax, zoom)
+        for value, label, style in lines:
+            if bottom <= value <= top:  # off a zoomed axis: neither drawn nor in the legend
+                handles.setdefault(label, ax.axhline(value, label=label, **style))
+        seeds = [len([r for r in runs if r.task == task and r.method == m]) for m in methods]
+        ax.set_title(_title(task) + _seeds_note(seeds), fontsize=9)
         ax.set_xlim(0, budget)
-        ax.set_ylim(-0.02 * ymax, ymax)
+        ax.set_ylim(bottom, top)
         ax.tick_params(labelsize=7)
         ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 20k, 1M
         ax.grid(alpha=0.3)
@@ -168,24 +236,35 @@ def plot_aggregate(summaries: dict[str, dict[str, analysis.TaskSummary]], out_pr
     entries = []  # (label, {'mean': (p, lo, hi), 'iqm': ...} or None, color, has_ci)
     methods = sorted(summaries, key=lambda m: (m == PUBLISHED_METHOD, m != "dreamer", m))
     all_tasks = list(tasks)
-    tasks = analysis.aggregate_tasks(summaries, all_tasks, [m for m in methods if m != PUBLISHED_METHOD])
-    for i, method in enumerate(methods):
+    own = [m for m in methods if m != PUBLISHED_METHOD]
+    selection = analysis.aggregate_selection(summaries, all_tasks, own)
+    tasks = selection.tasks
+    colors = dict(zip(own, run_colors(len(own))))  # as in the curves: the same method, the same colour
+    for method in methods:
+        name = "Dreamer, published curves" if method == PUBLISHED_METHOD else f"{method} (this run)"
         agg = analysis.aggregate(summaries[method], tasks, reps=reps, seed=seed)
         if agg is None:
-            entries.append((f"{method} (this run) [no final scores yet]", None, "k", False))
+            scored = any(t in summaries[method] and summaries[method][t].n for t in all_tasks)
+            why = "its tasks have no known normaliser" if scored else "no final scores yet"
+            entries.append((f"{name} [{why}]", None, "k", False))
             continue
         count = analysis.comparable(summaries, method, tasks)
-        label = ("Dreamer, published curves" if method == PUBLISHED_METHOD
-                 else f"{method} (this run)") + f" [{count} tasks{'; not comparable' if count < len(tasks) else ''}]"
-        color = _PUBLISHED_COLOR if method == PUBLISHED_METHOD else _RUN_COLORS[i % len(_RUN_COLORS)]
-        entries.append((label, agg, color, True))
+        label = f"{name} [{count} task{'s' if count != 1 else ''}{'; not comparable' if count < len(tasks) else ''}]"
+        entries.append((label, agg, colors.get(method, _PUBLISHED_COLOR), True))
     for column, color in _BASELINE_STYLE.items():
-        values = [v / analysis.DMC_MAX_RETURN for t in tasks
+        values = [float(analysis.normalise(t, v)) for t in tasks
                   if (v := paper.get(t, {}).get(column)) is not None]
         if values:
             m, q = float(np.mean(values)), analysis.iqm(values)
-            entries.append((f"{PAPER_COLUMNS[column]} [{len(values)} tasks]",
+            entries.append((f"{PAPER_COLUMNS[column]} [{len(values)} task{'s' if len(values) != 1 else ''}]",
                             {"mean": (m, m, m), "iqm": (q, q, q)}, color, False))
+    shown = [v for _, agg, _, _ in entries if agg for ci in agg.values() for v in ci]
+    scales = sorted({n.name for t in tasks if (n := analysis.normaliser(t))}) or ["return / 1000"]
+    if not any(agg for _, agg, _, _ in entries):  # nothing to draw: say why instead of empty axes
+        figure = _figure(9, 1.6)
+        why = selection.describe() if not tasks else "No aggregate: no method has final scores on these tasks yet."
+        figure.text(0.5, 0.5, why, ha="center", va="center", fontsize=9, wrap=True)
+        return _save(figure, Path(out_prefix))
     figure = _figure(9, 0.45 * max(len(entries), 1) + 1.6)
     axes = figure.subplots(1, 2, sharey=True, squeeze=False)[0]
     for ax, (key, name) in zip(axes, (("mean", "Mean"), ("iqm", "IQM"))):
@@ -197,17 +276,15 @@ def plot_aggregate(summaries: dict[str, dict[str, analysis.TaskSummary]], out_pr
                 ax.plot([low, high], [y, y], color=color, lw=6, alpha=0.45, solid_capstyle="butt")
             ax.plot([point], [y], marker="o" if has_ci else "D", color=color, ms=5)
         ax.set_title(name, fontsize=10)
-        ax.set_xlabel("normalised final score (return / 1000)", fontsize=8)
-        ax.set_xlim(0, 1)
+        ax.set_xlabel(f"normalised final score ({'; '.join(scales)})", fontsize=8)
+        ax.set_xlim(min([0.0] + shown) - 0.02, max([1.0] + shown) + 0.02)  # 0 to 1, or what lies outside
         ax.grid(axis="x", alpha=0.3)
         ax.tick_params(labelsize=8)
     axes[0].set_yticks(range(len(entries)))
     axes[0].set_yticklabels([e[0] for e in entries], fontsize=8)
     axes[0].invert_yaxis()
-    subset = (f" (the {len(tasks)} tasks where every method of this run has final scores)"
-              if len(tasks) < len(all_tasks) else "")
-    figure.suptitle(f"Final scores over tasks{subset} and seeds: bars = 95% stratified-bootstrap CI "
-                    "(rliable);\ndiamonds = paper table (one score per task, no CI)", fontsize=9)
+    figure.suptitle(f"Final scores over tasks ({selection.title()}) and seeds:\nbars = 95% stratified-bootstrap "
+                    "CI (rliable); diamonds = paper table (one score per task, no CI)", fontsize=9)
     figure.tight_layout()
     return _save(figure, Path(out_prefix))
 
@@ -221,8 +298,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=5e6, help="x-axis extent in env steps (default 5e6)")
     p.add_argument("--spread", choices=["std", "ci"], default="std",
                    help="shaded band: std across seeds (default) or 95%% bootstrap CI of the mean")
-    p.add_argument("--ymax", type=float, default=1030.0, help="top of the curves' y-axis (default 1030; "
-                   "lower it to zoom into short runs)")
+    p.add_argument("--ymax", type=float, default=None, help="top of every panel's y-axis (default: each "
+                   "panel spans its data, negative returns included, and DMC panels 0 to 1000; lines above "
+                   "it are cut off)")
+    p.add_argument("--zoom", action="store_true", help="fit each panel's y-axis to its runs' curves (for "
+                   "runs far shorter than the paper's); the paper's lines outside it are left out")
     p.add_argument("--random-policy", nargs="+", default=[], metavar="TASK=RETURN",
                    help="draw a random-policy baseline, e.g. dmc_cheetah_run=7.4 (dreamer-tf eval --random)")
     analysis.add_selection_args(p)
@@ -246,9 +326,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
     def plot() -> int:
-        if args.bin_size <= 0 or args.budget <= 0 or args.ymax <= 0:
-            raise ValueError(f"--bin-size, --budget and --ymax must be positive, got {args.bin_size}, "
-                             f"{args.budget} and {args.ymax}")
+        if not (args.bin_size > 0 and args.budget > 0):  # NaN fails these too
+            raise ValueError(f"--bin-size and --budget must be positive, got {args.bin_size} and {args.budget}")
+        if args.ymax is not None and not math.isfinite(args.ymax):
+            raise ValueError(f"--ymax must be a finite number, got {args.ymax}")
         runs = analysis.find_runs(args.root, args.tasks, args.methods) if args.root else []
         published = [] if args.no_published else analysis.load_published_curves()
         paper = {} if args.no_published else analysis.load_paper_table()
@@ -256,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prefix = analysis.output_prefix(args)
         written = plot_curves(runs, f"{prefix}_curves", tasks, published, paper, args.bin_size,
                               args.budget, args.spread, random_policy=_parse_random_policy(args.random_policy),
-                              ymax=args.ymax, action_repeat=action_repeat(r.path for r in runs))
+                              ymax=args.ymax, action_repeat=action_repeat(r.path for r in runs), zoom=args.zoom)
         summaries = analysis.summarize([r for r in runs + published if r.task in set(tasks)],
                                        window=args.window)
         written += plot_aggregate(summaries, f"{prefix}_aggregate", tasks, paper, args.reps, args.seed)

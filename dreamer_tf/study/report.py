@@ -221,15 +221,15 @@ def _figures(runs, infos, published, paper, tbl, tasks, out: Path, args) -> list
                          action_repeat=repeat)
     lines = ["## Learning curves", "",
              f"Test return over {steps_axis_label(repeat)}, binned into {format_steps(args.bin_size)}-env-step "
-             "bins; the published Dreamer curves in grey, the paper table's final scores dashed.", "",
+             "bins; the published Dreamer curves in grey, the paper table's final scores dashed. Each panel's "
+             "y-axis spans its data (DMC panels 0 to 1000).", "",
              "![learning curves](figures/curves.png)", ""]
     longest = max((r.budget or r.step for r in runs), default=0)
     if runs and longest <= 0.2 * PUBLISHED_BUDGET:
-        top = max([float(r.eval_returns.max()) for r in runs if r.eval_returns.size] + [10.0])
         plotting.plot_curves(runs, fig / "curves_closeup", tasks, (), paper, max(longest / 20, 1), longest,
-                             args.spread, ymax=min(1030.0, 1.15 * top), action_repeat=repeat)
+                             args.spread, action_repeat=repeat, zoom=True)
         lines += [f"Close-up on the runs' {format_steps(longest)} env steps (without the published curves, "
-                  "which have one point per 1e5 env steps):", "",
+                  "which have one point per 1e5 env steps; each panel's y-axis fitted to its runs):", "",
                   "![learning curves, close-up](figures/curves_closeup.png)", ""]
     plotting.plot_aggregate(tbl.summaries, fig / "aggregate", tasks, paper, args.reps, args.seed)
     lines += ["## Aggregate: mean and IQM with 95% CIs", "", "![aggregate scores](figures/aggregate.png)", "",
@@ -305,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {', '.join(str(p) for p in written)} in {time.time() - start:.0f} s")
         return 0
 
-    return analysis.tool_main(args, "report on", report)
+    return analysis.tool_main(args, "report on", report, out_is_dir=True)
 
 
 if __name__ == "__main__":

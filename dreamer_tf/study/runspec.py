@@ -45,9 +45,9 @@ class RunResult:
 
 
 def read_status(logdir: Path) -> dict:
-    """The run's status.json as a dict ({} when missing or unreadable)."""
+    """The run's status.json as a dict ({} when missing or unreadable, e.g. below a file)."""
     try:
         status = json.loads((logdir / "status.json").read_text())
         return status if isinstance(status, dict) else {}
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
         return {}

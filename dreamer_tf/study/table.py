@@ -19,6 +19,7 @@ from typing import Sequence
 from dreamer_tf.study import analysis
 from dreamer_tf.study.analysis import PAPER_COLUMNS, PUBLISHED_METHOD, TaskSummary
 from dreamer_tf.study.runinfo import format_steps
+from dreamer_tf.utils import atomic_write_text
 
 __all__ = ["Table", "build_table", "to_markdown", "aggregate_markdown", "to_csv", "main"]
 
@@ -35,14 +36,21 @@ class Table:
     aggregates: dict[str, dict[str, tuple[float, float, float]] | None]  # {method: {'mean'|'iqm': ci}}
     paper_aggregates: dict[str, dict[str, float]]  # {paper column: {'mean'|'iqm': value, 'tasks': k}}
     aggregate_tasks: list[str]  # tasks the aggregates run over
+    selection: analysis.Selection | None = None  # why those tasks, and which were left out
+
+    @property
+    def mean_tasks(self) -> list[str]:
+        """The tasks a mean of raw returns over tasks may pool, as the paper's table does: DMC's, all on
+        one 0 to 1000 scale (returns of other suites differ in scale and sign)."""
+        return [t for t in self.tasks if t.startswith("dmc_")]
 
     def seeded_mean(self, method: str) -> tuple[float, int]:
         """Mean over tasks of the per-task mean final score, and the number of tasks with one."""
-        values = [s.mean for t in self.tasks if (s := self.summaries[method].get(t)) and s.n]
+        values = [s.mean for t in self.mean_tasks if (s := self.summaries[method].get(t)) and s.n]
         return (sum(values) / len(values) if values else float("nan")), len(values)
 
     def paper_mean(self, column: str) -> tuple[float, int]:
-        values = [v for t in self.tasks if (v := self.paper.get(t, {}).get(column)) is not None]
+        values = [v for t in self.mean_tasks if (v := self.paper.get(t, {}).get(column)) is not None]
         return (sum(values) / len(values) if values else float("nan")), len(values)
 
 
@@ -61,16 +69,17 @@ def build_table(root: str | Path | None = None, tasks: Sequence[str] | None = No
         summaries.setdefault(method, {})
     paper = analysis.load_paper_table() if published else {}
     own = [m for m in found if m != PUBLISHED_METHOD]
-    agg_tasks = analysis.aggregate_tasks(summaries, tasks, own)
+    selection = analysis.aggregate_selection(summaries, tasks, own)
+    agg_tasks = selection.tasks
     aggregates = {m: analysis.aggregate(summaries[m], agg_tasks, reps=reps, seed=seed) for m in found}
     paper_aggregates = {}
     for column in (PAPER_COLUMNS if published else {}):
-        values = [v / analysis.DMC_MAX_RETURN for t in agg_tasks
+        values = [float(analysis.normalise(t, v)) for t in agg_tasks
                   if (v := paper.get(t, {}).get(column)) is not None]
         if values:
             paper_aggregates[column] = {"mean": sum(values) / len(values),
                                         "iqm": analysis.iqm(values), "tasks": len(values)}
-    return Table(tasks, found, summaries, paper, window, aggregates, paper_aggregates, agg_tasks)
+    return Table(tasks, found, summaries, paper, window, aggregates, paper_aggregates, agg_tasks, selection)
 
 
 def _label(method: str, table: Table | None = None) -> str:
@@ -120,7 +129,7 @@ def to_markdown(table: Table, aggregates: bool = True) -> str:
         if table.paper:
             cells += [_number(table.paper.get(task, {}).get(c)) for c in PAPER_COLUMNS]
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
-    total = len(table.tasks)
+    total = len(table.mean_tasks)
     means = [_mean_cell(*table.seeded_mean(m), total) for m in table.methods]
     if table.paper:
         means += [_mean_cell(*table.paper_mean(c), total) for c in PAPER_COLUMNS]
@@ -136,7 +145,9 @@ def to_markdown(table: Table, aggregates: bool = True) -> str:
         "*incomplete*: no evaluation in the final window yet (running, or the curve stops early). "
         "Paper columns: the final scores of the paper's table (Hafner et al., 2020): Dreamer and "
         "PlaNet from pixels at 5e6 env steps, D4PG from pixels and A3C from proprioceptive states at "
-        f"1e8 steps. {DASH}: no data. Means over tasks use the tasks that have a value.",
+        f"1e8 steps. {DASH}: no data. Means over tasks use the tasks that have a value"
+        + (f", on DMC's scale only (left out: {', '.join(left_out)})."
+           if (left_out := [t for t in table.tasks if t not in table.mean_tasks]) else "."),
         "",
     ]
     lines += _aggregate_lines(table) if aggregates else []
@@ -163,13 +174,11 @@ def _aggregate_lines(table: Table) -> list[str]:
     for column, agg in table.paper_aggregates.items():
         rows.append(f"| {PAPER_COLUMNS[column]} (one score per task) | {agg['mean']:.3f} | "
                     f"{agg['iqm']:.3f} | {agg['tasks']} |")
-    if not rows:
-        return []
-    own = [m for m in table.methods if m != PUBLISHED_METHOD]
-    names = "every method of this run" if len(own) > 1 else "this run"
-    subset = (f" Aggregates run over the {total} task{'s' if total != 1 else ''} where {names} has final scores "
-              f"({', '.join(table.aggregate_tasks)}), for every method, so they compare like with like."
-              if total < len(table.tasks) else "")
+    selection = table.selection or analysis.aggregate_selection(
+        table.summaries, table.tasks, [m for m in table.methods if m != PUBLISHED_METHOD])
+    if not rows:  # nothing to aggregate: say why when tasks were left out
+        return [selection.describe(), ""] if selection.left_out else []
+    subset = (" " + selection.describe()) if selection.describe() else ""
     if partial:
         subset += (" Rows marked ⚠ have final scores on fewer of these tasks than the others: their "
                    "aggregates are over other tasks and not comparable with them.")
@@ -225,8 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prefix = analysis.output_prefix(args)
         prefix.parent.mkdir(parents=True, exist_ok=True)
         markdown = to_markdown(table)
-        Path(f"{prefix}_table.md").write_text(markdown)
-        Path(f"{prefix}_table.csv").write_text(to_csv(table))
+        atomic_write_text(f"{prefix}_table.md", markdown)
+        atomic_write_text(f"{prefix}_table.csv", to_csv(table))
         print(markdown)
         print(f"wrote {prefix}_table.md and {prefix}_table.csv")
         return 0
