@@ -223,3 +223,13 @@ def test_a_resumed_run_quarantines_damaged_episodes_and_finishes(finished_run, t
         assert len(said) == 1 and re.search(rf"moved it to \S+/quarantine/{path.name}$", said[0]), said
         assert (quarantine / path.name).exists() and not path.exists()
     assert '"finished"' in (logdir / "status.json").read_text()
+
+
+def test_a_new_episode_never_takes_the_number_of_a_quarantined_one(tmp_path):
+    # Resume compares file names with the checkpoint's `last_episode`: numbers must keep growing.
+    replay = Replay(tmp_path, store="chunks")
+    paths = [replay.add(make_episode(i, 20, size=8)) for i in range(3)]
+    _truncated(paths[2])  # the newest
+    reopened = Replay(tmp_path, store="chunks")
+    assert (tmp_path / "quarantine" / paths[2].name).exists()
+    assert reopened.add(make_episode(3, 20, size=8)).name.startswith("00000003-")

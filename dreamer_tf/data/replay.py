@@ -46,7 +46,6 @@ from dreamer_tf.data.episodes import (
     next_index,
     remove_temp_files,
 )
-from dreamer_tf.utils import fsync_dir
 from dreamer_tf.data.sampler import (
     Sampler,
     Windows,
@@ -55,6 +54,7 @@ from dreamer_tf.data.sampler import (
     uniform_episodes,
 )
 from dreamer_tf.data.stores import EpisodeEntry, NullStore, episode_writer, store_factory
+from dreamer_tf.utils import fsync_dir
 
 __all__ = ["Replay"]
 
@@ -186,7 +186,9 @@ class Replay:
                 say(f"replay: skipping {e}")
                 continue
             loaded.append((EpisodeEntry(path, len(arrays["action"]), arrays), image_shape))
-        self._next = next_index(self.directory)
+        # Past quarantined files too: a new episode never takes the number of one set aside (names
+        # are compared with the checkpoint's `last_episode` on resume).
+        self._next = max(next_index(self.directory), next_index(self.directory / QUARANTINE))
         # Apply the capacity before touching images, so dropped episodes are never decoded.
         keep = _fitting([e.length - 1 for e, _ in loaded], self.capacity, self.action_repeat)
         for episode, _ in loaded[:len(loaded) - keep]:
