@@ -19,6 +19,9 @@ run's episode: time limit 100, action repeat 2) of dmc_cartpole_balance rendered
 actions in a worker process without TensorFlow.
 
   python scripts/corruption_scan.py [--frames 51] [--out results/corruption_scan.json]
+
+Writes results/corruption_scan.json and .md, and the same table as the section "Corruption scan"
+of results/reliability.md (the rest of that file is left as it is).
 """
 from __future__ import annotations
 
@@ -178,6 +181,8 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=51, help="frames of the episode (T+1)")
     parser.add_argument("--forms", nargs="+", default=["chunks", "npz"], choices=["chunks", "npz"])
     parser.add_argument("--out", default=str(ROOT / "results" / "corruption_scan.json"))
+    parser.add_argument("--reliability", default=str(ROOT / "results" / "reliability.md"),
+                        help="the report whose corruption-scan section is written ('' = none)")
     parser.add_argument("--render", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.render:
@@ -217,7 +222,25 @@ def main() -> None:
         "scans": scans}
     atomic_write_text(args.out, json.dumps(data, indent=1) + "\n")
     atomic_write_text(Path(args.out).with_suffix(".md"), markdown(data))
+    if args.reliability:
+        put_section(Path(args.reliability), markdown(data))
     print(markdown(data))
+
+
+def put_section(path: Path, section: str) -> None:
+    """Replace this scan's section of `path` (from its heading to the next "## " heading), or
+    append it: the file holds other runs' sections too."""
+    from dreamer_tf.utils import atomic_write_text
+
+    text = path.read_text() if path.exists() else ""
+    heading = section.splitlines()[0]
+    if heading in text:
+        before, _, rest = text.partition(heading)
+        after = rest.find("\n## ")
+        text = before + section + (rest[after + 1:] if after >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    atomic_write_text(path, text)
 
 
 if __name__ == "__main__":

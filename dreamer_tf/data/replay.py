@@ -67,6 +67,24 @@ def say(message: str) -> None:
     print(" ".join(message.split()), file=sys.stderr, flush=True)
 
 
+def quarantine(directory: Path, path: Path, error: Exception) -> None:
+    """Move the damaged episode file `path` to `directory`/quarantine/ (never over an earlier one
+    of that name) and say so in one line; if it cannot be moved, it is only skipped."""
+    folder = directory / QUARANTINE
+    try:
+        folder.mkdir(exist_ok=True)
+        target, n = folder / path.name, 1
+        while target.exists():
+            target, n = folder / f"{path.name}.{n}", n + 1
+        os.replace(path, target)
+        fsync_dir(directory)
+        done = f"moved it to {target}"
+    except OSError as e:
+        done = f"skipping it (it could not be moved to {folder}: {e.strerror or e})"
+    what = str(error) if str(path) in str(error) else f"episode file {path}: {error}"
+    say(f"replay: {what}; {done}")
+
+
 def _fitting(steps: list[int], capacity: int, action_repeat: int) -> int:
     """How many of the newest episodes (of `steps` transitions, oldest first) fit `capacity` env
     steps (0 = unlimited): the most that do, but always at least one."""
@@ -177,7 +195,7 @@ class Replay:
             try:
                 arrays, image_shape = load_parts(path, with_images=False)
             except EpisodeError as e:
-                self._quarantine(path, e)
+                quarantine(self.directory, path, e)
                 continue
             try:
                 self._fix(check_signature(episode_signature(arrays, image_shape), self._signature,
@@ -198,27 +216,10 @@ class Replay:
             try:
                 self._store.attach(episode, image_shape, None)
             except EpisodeError as e:
-                self._quarantine(episode.path, e)
+                quarantine(self.directory, episode.path, e)
                 continue
             self._append(episode)
         self._store.cleanup({e.path.stem for e in self._episodes})
-
-    def _quarantine(self, path: Path, error: Exception) -> None:
-        """Move the damaged episode file `path` to quarantine/ (never overwriting an earlier one of
-        that name) and say so in one line; if it cannot be moved, it is only skipped."""
-        folder = self.directory / QUARANTINE
-        try:
-            folder.mkdir(exist_ok=True)
-            target, n = folder / path.name, 1
-            while target.exists():
-                target, n = folder / f"{path.name}.{n}", n + 1
-            os.replace(path, target)
-            fsync_dir(self.directory)
-            done = f"moved it to {target}"
-        except OSError as e:
-            done = f"skipping it (it could not be moved to {folder}: {e.strerror or e})"
-        what = str(error) if str(path) in str(error) else f"episode file {path}: {error}"
-        say(f"replay: {what}; {done}")
 
     def _fix(self, signature: dict) -> None:
         """Record the episodes' signature; the first one chooses the store (images or none)."""
@@ -340,7 +341,7 @@ class Replay:
                     broken, error = failed
                     self._remove(broken)
                     if isinstance(error, EpisodeError):  # its data: quarantined
-                        self._quarantine(broken.path, error)
+                        quarantine(self.directory, broken.path, error)
                     else:  # OSError: maybe the system's (e.g. too many open files), so left in place
                         say(f"replay: dropping episode file {broken.path} from sampling: {error}")
                     continue
