@@ -416,8 +416,11 @@ def check_section(check: dict | None) -> list[str]:
         f"The machine was shared and loaded: 1-minute load average {meta['loadavg_start']} when the "
         f"run started, {min(loads)} to {max(loads)} over its rows (`load`), {meta['loadavg_end']} at "
         f"the end, on {meta['cpus']} cores. A `chunks` directory of {frames} frames (byte copies of "
-        f"{len(meta['tasks'])} tasks' real episodes, as above; "
-        f"{check['disk']['episode_files'] / 2**30:.2f} GiB) is opened by a fresh process per row, with "
+        f"{len(meta['tasks'])} tasks' real episodes, rendered as above"
+        + (f" ({len(meta['tasks'])} of the 20 tasks: those rendered within this benchmark's time "
+           "budget on the loaded machine, so the mean size per frame is not the 20-task mix's)"
+           if len(meta["tasks"]) < 20 else "")
+        + f"; {check['disk']['episode_files'] / 2**30:.2f} GiB) is opened by a fresh process per row, with "
         "the check off (`ChunkStore.verify = False`: the code before it) and on, in the order listed. "
         "`cold open`: every file of the directory was dropped from the page cache just before the "
         "open (`posix_fadvise(DONTNEED)`), as after a reboot; otherwise the files are cached. "
