@@ -229,17 +229,23 @@ def drop_page_cache(directory: Path) -> int:
 def child(args) -> None:
     """One (size, store) row: open, sample warm, sample cold; prints one JSON line."""
     from dreamer_tf.data import Replay
+    from dreamer_tf.data.stores import ChunkStore
 
+    ChunkStore.verify = not args.no_check  # --check-cost: the CRC check at open, off and on
+    if args.cold_open:
+        drop_page_cache(Path(args.dir))
     before = status()
-    start = time.perf_counter()
+    # CPU seconds of this process (all its threads) beside wall time: on a shared, loaded machine
+    # they move much less with the other jobs (I/O waits are not in them).
+    start, cpu = time.perf_counter(), time.process_time()
     replay = Replay(args.dir, store=args.store, cache=args.cache, seed=0)
-    load_s = time.perf_counter() - start
+    load_s, load_cpu = time.perf_counter() - start, time.process_time() - cpu
     loaded = status()
     replay.sample(BATCH, LENGTH)  # warm-up
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(args.batches):
         replay.sample(BATCH, LENGTH)
-    elapsed = time.perf_counter() - start
+    elapsed, sample_cpu = time.perf_counter() - start, time.process_time() - cpu
     sampled = status()
     loadavg = os.getloadavg()[0]
     drop_page_cache(Path(args.dir))
@@ -252,21 +258,25 @@ def child(args) -> None:
     print(json.dumps({
         "store": args.store, "cache": args.cache if args.store == "cache" else None,
         "frames": replay.num_steps + replay.num_episodes, "episodes": replay.num_episodes,
-        "load_s": round(load_s, 2), "batches": args.batches,
+        "load_s": round(load_s, 2), "load_cpu_s": round(load_cpu, 2), "batches": args.batches,
+        "cpu_ms_per_batch": round(1000 * sample_cpu / args.batches, 2),
         "batches_per_s": round(args.batches / elapsed, 2),
         "ms_per_sequence": round(1000 * elapsed / (args.batches * BATCH), 3),
         "cold_batches": args.cold_batches,
-        "cold_ms_per_sequence": round(1000 * cold / (args.cold_batches * BATCH), 3),
+        "cold_ms_per_sequence": round(1000 * cold / (args.cold_batches * BATCH), 3) if args.cold_batches else None,
         "index_bytes": index_bytes,
+        "check": not args.no_check, "cold_open": args.cold_open,
         "loadavg_1min": round(loadavg, 2),
         "rss_start_mib": before, "rss_loaded_mib": loaded, "rss_sampled_mib": sampled,
     }), flush=True)
 
 
-def measure(directory: Path, store: str, batches: int, cold_batches: int, cache: int = 50_000) -> dict:
+def measure(directory: Path, store: str, batches: int, cold_batches: int, cache: int = 50_000,
+            check: bool = True, cold_open: bool = False) -> dict:
     os.sync()  # finish the writeback first: it would otherwise compete with the sampling reads
     cmd = [sys.executable, __file__, "--child", "--dir", str(directory), "--store", store,
            "--cache", str(cache), "--batches", str(batches), "--cold-batches", str(cold_batches)]
+    cmd += ([] if check else ["--no-check"]) + (["--cold-open"] if cold_open else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"{store} child failed: {proc.stderr[-2000:]}")
@@ -356,7 +366,103 @@ def markdown(data: dict) -> str:
     lines += ["", "`disk` counts what the store keeps: the episode files, plus the raw frame files for "
               "`frames` (`cache` reads the `.npz` files alone). `index B/frame`: the chunk offsets "
               "`chunks` keeps in RAM per stored frame."]
-    return "\n".join(lines + reading(rows, tasks)) + "\n"
+    return "\n".join(lines + reading(rows, tasks) + check_section(data.get("check"))) + "\n"
+
+
+CHECK_ORDER = [(False, False), (True, False), (True, False), (False, False), (False, False), (True, False),
+               (False, True), (True, True)]  # (check, cold open): warm pairs balanced (ABBAAB), then cold
+
+
+def check_cost(pool: list[dict], tasks: list[str], directory: Path, frames: int, batches: int) -> dict:
+    """The CRC check at open (`ChunkStore.verify`), off then on, in one run at `frames` frames:
+    fresh processes in the order of CHECK_ORDER ((check, page cache dropped before the open)), the
+    warm pairs twice, alternating, so a drift of the shared machine's load hits both."""
+    from dreamer_tf.utils import cpu_model_and_flags, git_commit
+    import platform
+
+    shutil.rmtree(directory, ignore_errors=True)
+    filler = Filler(directory, "chunks", pool)
+    start = time.perf_counter()
+    filler.fill(frames)
+    fill_s = time.perf_counter() - start
+    model, flags = cpu_model_and_flags()
+    out = {"meta": {"command": "python scripts/bench_replay.py " + " ".join(sys.argv[1:]),
+                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": git_commit(ROOT),
+                    "cpu": model, "avx512f": "avx512f" in flags, "cpus": os.cpu_count(),
+                    "python": platform.python_version(), "tasks": tasks,
+                    "fill_s": round(fill_s, 1), "loadavg_start": round(os.getloadavg()[0], 2)},
+           "disk": filler.disk(), "rows": []}
+    for check, cold in CHECK_ORDER:
+        row = measure(directory, "chunks", batches, 0 if cold else 20, check=check, cold_open=cold)
+        out["rows"].append(row)
+        print(json.dumps(row), flush=True)
+    out["meta"]["loadavg_end"] = round(os.getloadavg()[0], 2)
+    shutil.rmtree(directory, ignore_errors=True)
+    return out
+
+
+def check_section(check: dict | None) -> list[str]:
+    """The CRC check's cost: load time and batches/s with the check off and on, one run."""
+    if not check:
+        return []
+    meta, rows = check["meta"], check["rows"]
+    loads = [r["loadavg_1min"] for r in rows]
+    frames = rows[0]["frames"]
+    lines = [
+        "", "## The CRC check at open: its cost", "",
+        f"Generated by `{meta['command']}` on {meta['date']} at commit {meta['commit']} ({meta['cpu']}, "
+        f"avx512f {'present' if meta['avx512f'] else 'absent'}, {meta['cpus']} CPUs, Python {meta['python']}), "
+        f"a run of its own, so compare these rows with each other only, not with the tables above. "
+        f"The machine was shared and loaded: 1-minute load average {meta['loadavg_start']} when the "
+        f"run started, {min(loads)} to {max(loads)} over its rows (`load`), {meta['loadavg_end']} at "
+        f"the end, on {meta['cpus']} cores. A `chunks` directory of {frames} frames (byte copies of "
+        f"{len(meta['tasks'])} tasks' real episodes, rendered as above"
+        + (f" ({len(meta['tasks'])} of the 20 tasks: those rendered within this benchmark's time "
+           "budget on the loaded machine, so the mean size per frame is not the 20-task mix's)"
+           if len(meta["tasks"]) < 20 else "")
+        + f"; {check['disk']['episode_files'] / 2**30:.2f} GiB) is opened by a fresh process per row, with "
+        "the check off (`ChunkStore.verify = False`: the code before it) and on, in the order listed. "
+        "`cold open`: every file of the directory was dropped from the page cache just before the "
+        "open (`posix_fadvise(DONTNEED)`), as after a reboot; otherwise the files are cached. "
+        f"Then {rows[0]['batches']} batches of {BATCH} x {LENGTH} are timed (`batches/s`; after a cold "
+        "open without the check the pages are cold, after one with it warm, so only warm opens are "
+        "compared for sampling).",
+        "",
+        "`CPU` columns: CPU seconds of the process (all threads, `time.process_time`), which the "
+        "other jobs move much less than wall time; reads from disk are not in them.",
+        "",
+        "| # | check | cold open | load s | load CPU s | batches/s | CPU ms/batch | RssAnon MiB | load |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, r in enumerate(rows, 1):
+        lines.append(f"| {i} | {'on' if r['check'] else 'off'} | {'yes' if r['cold_open'] else 'no'} "
+                     f"| {r['load_s']} | {r.get('load_cpu_s', '-')} | {r['batches_per_s']} "
+                     f"| {r.get('cpu_ms_per_batch', '-')} | {r['rss_sampled_mib']['RssAnon']} | {r['loadavg_1min']} |")
+
+    def mean(key, check, cold):
+        values = [r[key] for r in rows if r["check"] == check and r["cold_open"] == cold]
+        return float(np.mean(values)) if values else float("nan")
+    off_b, on_b = mean("batches_per_s", False, False), mean("batches_per_s", True, False)
+    warm = [r["batches_per_s"] for r in rows if not r["cold_open"]]
+    off_c, on_c = mean("cpu_ms_per_batch", False, False), mean("cpu_ms_per_batch", True, False)
+    lines += ["", "Reading:", "",
+              f"- Sampling (warm opens, mean of {len(warm) // 2} each): {off_b:.2f} batches/s without "
+              f"the check, {on_b:.2f} with it ({100 * (on_b / off_b - 1):+.1f} %), {off_c:.1f} vs "
+              f"{on_c:.1f} CPU ms per batch ({100 * (on_c / off_c - 1):+.1f} %); the warm rows spread "
+              f"over {min(warm)}-{max(warm)} batches/s ({100 * (max(warm) / min(warm) - 1):.0f} % apart) "
+              "on this loaded machine. The check adds no work to a sampled window (it runs once per "
+              "file, when the replay opens it; `read_window` is unchanged), so the difference is the "
+              "machine's noise, not the check.",
+              f"- Load, files cached: {mean('load_s', False, False):.2f} s without, "
+              f"{mean('load_s', True, False):.2f} s with the check; CPU "
+              f"{mean('load_cpu_s', False, False):.2f} vs {mean('load_cpu_s', True, False):.2f} s (one "
+              "read and CRC-32 of every file's payload).",
+              f"- Load, cold page cache: {mean('load_s', False, True):.2f} s without, "
+              f"{mean('load_s', True, True):.2f} s with the check (CPU {mean('load_cpu_s', False, True):.2f} "
+              f"vs {mean('load_cpu_s', True, True):.2f} s): here the check reads the whole replay "
+              f"({check['disk']['episode_files'] / 2**30:.2f} GiB) from disk once; episodes added "
+              "while the run goes on are not re-read (their images are in hand when written)."]
+    return lines
 
 
 def reading(rows: list[dict], tasks: list[dict]) -> list[str]:
@@ -448,7 +554,12 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite results/replay_memory.md from results/replay_memory.json")
     parser.add_argument("--out", default="replay_memory", help="results/OUT.md and results/OUT.json")
+    parser.add_argument("--check-cost", action="store_true",
+                        help="only the CRC check's cost at the largest of --sizes (chunks, check off "
+                             "and on); adds it to results/OUT.json and .md, keeping the rest")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--no-check", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--cold-open", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--render-task", help=argparse.SUPPRESS)
     parser.add_argument("--store", default="chunks", help=argparse.SUPPRESS)
     parser.add_argument("--cache", type=int, default=50_000, help=argparse.SUPPRESS)
@@ -471,6 +582,15 @@ def main() -> None:
         from dreamer_tf.utils import atomic_write_text
         data = json.loads((RESULTS / f"{args.out}.json").read_text())
         atomic_write_text(RESULTS / f"{args.out}.md", markdown(data))
+        return
+
+    if args.check_cost:
+        episodes = real_episodes(real_dir, args.tasks or TASKS)
+        pool = [e for eps in episodes.values() for e in eps]
+        data = json.loads((RESULTS / f"{args.out}.json").read_text())
+        data["check"] = check_cost(pool, sorted(episodes), Path(args.dir) / "check", max(args.sizes),
+                                   args.batches)
+        save(data, args.out)
         return
 
     from dreamer_tf.utils import cpu_model_and_flags, git_commit

@@ -1,6 +1,7 @@
 """Tests of dreamer_tf.data: storage, reload, corruption, samplers, capacity, cache, state, tf.data."""
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -151,8 +152,13 @@ def _write_raw_npz(path: Path, **arrays) -> None:
     np.savez_compressed(path, **arrays)
 
 
+def stderr_lines(capfd) -> list[str]:
+    """The non-empty stderr lines written since the last call."""
+    return [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+
+
 @pytest.mark.parametrize("store", STORES)
-def test_bad_files_are_skipped_with_a_warning_naming_them(tmp_path, store):
+def test_bad_files_are_quarantined_in_one_line_naming_them(tmp_path, store, capfd):
     replay = Replay(tmp_path, store=store)
     good = [replay.add(make_episode(i, 12)) for i in range(3)]
     truncated = tmp_path / "00000010-aaaaaaaa-11.npz"
@@ -169,17 +175,22 @@ def test_bad_files_are_skipped_with_a_warning_naming_them(tmp_path, store):
     wrong_name = tmp_path / "00000015-ffffffff-99.npz"  # name says 99 steps, holds 11
     _write_raw_npz(wrong_name, **ep)
     bad = [truncated, garbage, missing, inconsistent, wrong_dtype, wrong_name]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    stderr_lines(capfd)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RuntimeWarning (two lines with a source line) any more
         reloaded = Replay(tmp_path, store=store)
-    messages = [str(w.message) for w in caught]
+    messages = stderr_lines(capfd)
+    assert len(messages) == len(bad), messages  # one line each
     for path in bad:
-        assert sum(str(path) in m for m in messages) == 1, (path, messages)
+        assert sum(str(path) in m and "quarantine" in m for m in messages) == 1, (path, messages)
+        assert not path.exists() and (tmp_path / "quarantine" / path.name).exists()
     assert any("'reward'" in m for m in messages if str(missing) in m)
     assert any("float64" in m for m in messages if str(wrong_dtype) in m)
     assert reloaded.paths() == good
     batch = reloaded.sample(8, 5)
     assert {eid for eid, _ in windows_of(batch)} <= {0, 1, 2}
+    # Moved once: the next open says nothing and loads the same episodes.
+    assert Replay(tmp_path, store=store).paths() == good and stderr_lines(capfd) == []
 
 
 def _corrupt_image_payload(path: Path) -> None:
@@ -197,26 +208,31 @@ def _corrupt_image_payload(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_corrupt_image_data_is_skipped_at_load_by_frames_store(tmp_path):
+def test_corrupt_image_data_is_quarantined_at_load_by_frames_store(tmp_path, capfd):
     writer = Replay(tmp_path / "ep", store="cache")
     paths = [writer.add(make_episode(i, 40, size=32)) for i in range(3)]
     _corrupt_image_payload(paths[1])
-    with pytest.warns(RuntimeWarning, match=paths[1].name):
-        replay = Replay(tmp_path / "ep", store="frames")
+    stderr_lines(capfd)
+    replay = Replay(tmp_path / "ep", store="frames")
     assert replay.paths() == [paths[0], paths[2]]
+    [line] = stderr_lines(capfd)
+    assert paths[1].name in line and (tmp_path / "ep" / "quarantine" / paths[1].name).exists()
 
 
-def test_corrupt_image_data_is_dropped_at_sampling_by_cache_store(tmp_path):
+def test_corrupt_image_data_is_quarantined_at_sampling_by_cache_store(tmp_path, capfd):
     writer = Replay(tmp_path, store="cache")
     paths = [writer.add(make_episode(i, 40, size=32)) for i in range(3)]
     _corrupt_image_payload(paths[1])
     replay = Replay(tmp_path, store="cache")  # images are only decoded when sampled
     assert replay.num_episodes == 3
-    with pytest.warns(RuntimeWarning, match=paths[1].name):
-        for _ in range(20):
-            batch = replay.sample(4, 10)
-            assert 1 not in {eid for eid, _ in windows_of(batch)}
+    stderr_lines(capfd)
+    for _ in range(20):
+        batch = replay.sample(4, 10)
+        assert 1 not in {eid for eid, _ in windows_of(batch)}
     assert replay.paths() == [paths[0], paths[2]]
+    [line] = stderr_lines(capfd)
+    assert str(paths[1]) in line and f"quarantine/{paths[1].name}" in line
+    assert not paths[1].exists() and Replay(tmp_path, store="cache").paths() == [paths[0], paths[2]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,7 +454,7 @@ def test_state_only_iterator_has_no_image_key_and_exact_state(tmp_path):
     assert not (tmp_path / "frames").exists()
 
 
-def test_episode_without_observation_key_is_refused(tmp_path):
+def test_episode_without_observation_key_is_refused(tmp_path, capfd):
     episode = make_episode(0, 10, images=False)  # no image and no state
     replay = Replay(tmp_path)
     with pytest.raises(EpisodeError, match=r"no observation key.*it has \['action', 'discount', 'reward'\]"):
@@ -446,15 +462,17 @@ def test_episode_without_observation_key_is_refused(tmp_path):
     with pytest.raises(EpisodeError, match="no observation key"):
         save_episode(tmp_path / "eval", episode)
     assert list(tmp_path.glob("*.npz")) == [] and replay.num_episodes == 0
-    # On disk: a file without observations is skipped with a warning naming it.
+    # On disk: a file without observations is quarantined in one line naming it.
     bad = tmp_path / "00000000-aaaaaaaa-9.npz"
     _write_raw_npz(bad, **episode)
-    with pytest.warns(RuntimeWarning, match=f"{bad.name}.*no observation key"):
-        assert Replay(tmp_path).num_episodes == 0
+    capfd.readouterr()
+    assert Replay(tmp_path).num_episodes == 0
+    [line] = stderr_lines(capfd)
+    assert bad.name in line and "no observation key" in line and (tmp_path / "quarantine" / bad.name).exists()
 
 
 @pytest.mark.parametrize("first", ["image", "state-only"])
-def test_mixing_image_and_state_only_episodes_is_refused(tmp_path, first):
+def test_mixing_image_and_state_only_episodes_is_refused(tmp_path, first, capfd):
     with_images = make_episode(0, 10, state=True)
     state_only = make_episode(1, 10, state=True, images=False)
     images_only = make_episode(2, 10)
@@ -472,12 +490,14 @@ def test_mixing_image_and_state_only_episodes_is_refused(tmp_path, first):
         assert "\n" not in message and f"key(s) {differing}" in message, message
     assert replay.num_episodes == 1 and len(list(tmp_path.glob("*.npz"))) == 1
     assert (tmp_path / "frames").exists() == (first == "image")
-    # A file of the other kind in the directory is skipped on reload with that message.
+    # A sound file of the other kind in the directory is skipped on reload, in one line, not moved.
     stray = tmp_path / "00000005-bbbbbbbb-9.npz"
     _write_raw_npz(stray, **(state_only if first == "image" else with_images))
-    with pytest.warns(RuntimeWarning, match=rf"{stray.name} differs .* key\(s\) \['image'\]"):
-        reloaded = Replay(tmp_path)
-    assert reloaded.num_episodes == 1 and stray not in reloaded.paths()
+    capfd.readouterr()
+    reloaded = Replay(tmp_path)
+    [line] = stderr_lines(capfd)
+    assert re.search(rf"{stray.name} differs .* key\(s\) \['image'\]", line), line
+    assert reloaded.num_episodes == 1 and stray not in reloaded.paths() and stray.exists()
 
 
 # ---------------------------------------------------------------------------------------------

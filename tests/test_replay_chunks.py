@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import warnings
 import zipfile
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 
 from dreamer_tf.data import EpisodeError, Replay, load_episode
 from dreamer_tf.data import chunks
-from dreamer_tf.data.stores import DISK_BYTES_PER_FRAME, disk_bytes_per_frame
+from dreamer_tf.data.stores import DISK_BYTES_PER_FRAME, ChunkStore, disk_bytes_per_frame
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_replay import make_episode, windows_of  # noqa: E402
@@ -164,7 +163,7 @@ def _payload_offset(path: Path) -> tuple[int, np.ndarray]:
     return index.data_offset, index.offsets
 
 
-def test_a_corrupt_chunk_is_a_one_line_error_naming_the_file(tmp_path, decoder):
+def test_a_corrupt_chunk_is_a_one_line_error_naming_the_file(tmp_path, decoder, capfd, monkeypatch):
     replay = Replay(tmp_path, store="chunks")
     paths = [replay.add(make_episode(i, 60, size=32)) for i in range(3)]
     start, offsets = _payload_offset(paths[1])
@@ -175,18 +174,21 @@ def test_a_corrupt_chunk_is_a_one_line_error_naming_the_file(tmp_path, decoder):
         load_episode(paths[1])
     message = str(caught.value)
     assert str(paths[1]) in message and "chunk 1" in message and "\n" not in message
-    reloaded = Replay(tmp_path, store="chunks")  # the index is intact: found when sampled
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        for _ in range(30):
-            assert 1 not in {eid for eid, _ in windows_of(reloaded.sample(8, 40))}
-    dropped = [str(w.message) for w in seen if "dropping" in str(w.message)]
-    assert len(dropped) == 1 and str(paths[1]) in dropped[0] and "\n" not in dropped[0]
-    assert reloaded.paths() == [paths[0], paths[2]]
+    # Found when sampled if the open-time CRC check is off: dropped and quarantined.
+    monkeypatch.setattr(ChunkStore, "verify", False)
+    reloaded = Replay(tmp_path, store="chunks")
+    monkeypatch.undo()
+    capfd.readouterr()
+    for _ in range(30):
+        assert 1 not in {eid for eid, _ in windows_of(reloaded.sample(8, 40))}
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and str(paths[1]) in lines[0] and "chunk 1" in lines[0], lines
+    assert reloaded.paths() == [paths[0], paths[2]] and (tmp_path / "quarantine" / paths[1].name).exists()
     # A truncated payload is caught when the file is opened.
     paths[2].write_bytes(paths[2].read_bytes()[:start + offsets[2]])
-    with pytest.warns(RuntimeWarning, match=paths[2].name):
-        assert Replay(tmp_path, store="chunks").paths() == paths[:2]  # chunk 1 is found when sampled
+    assert Replay(tmp_path, store="chunks").paths() == paths[:1]
+    [line] = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert paths[2].name in line and "quarantine" in line
 
 
 def test_disk_bytes_per_frame_is_the_measured_bound():
@@ -197,7 +199,7 @@ def test_disk_bytes_per_frame_is_the_measured_bound():
 
 
 
-def test_the_earliest_failed_window_is_reported_whatever_thread_read_it(tmp_path):
+def test_the_earliest_failed_window_is_reported_whatever_thread_read_it(tmp_path, monkeypatch):
     # Which episode a failed batch drops must not depend on the thread count (reproducibility):
     # read_many reports the failure of the earliest job, as reading them in order would.
     from dreamer_tf.data.stores import read_in_order
@@ -209,6 +211,7 @@ def test_the_earliest_failed_window_is_reported_whatever_thread_read_it(tmp_path
         for c in range(len(offsets) - 1):  # every chunk: any window of the episode fails
             data[start + offsets[c]:start + offsets[c] + 64] = bytes(64)
         path.write_bytes(bytes(data))
+    monkeypatch.setattr(ChunkStore, "verify", False)  # else both are quarantined when opened
     reloaded = Replay(tmp_path, store="chunks")
     good, first, second = reloaded._episodes
     out = lambda: np.empty((10, 32, 32, 3), np.uint8)  # noqa: E731

@@ -15,9 +15,16 @@ checkpoint's ``last_episode`` and `np.load` of the small arrays all work as befo
 Codec and chunk size (`CODEC`, `LEVEL`, `CHUNK_FRAMES`) were chosen on real rendered frames of
 the 20 DMC tasks (``results/replay_memory.md``): LZ4 high-compression decodes several times
 faster than zstd or zlib at a ratio near zlib's. The file records codec, level and chunk, so a
-later choice still reads older files. LZ4 blocks carry no checksum: a damaged chunk is caught by
-the decoder's bounds checks and the exact decoded size (`ChunkError`); the zip's CRC of the whole
-payload is there for an offline check (`zipfile.ZipFile.testzip`).
+later choice still reads older files.
+
+Integrity. LZ4 blocks carry no checksum, and `read_window` reads with ``pread``, past the zip's
+CRC: a flipped byte in a chunk mostly decodes, silently, to other frames (the decoder's bounds
+checks and the exact decoded size catch only some, `ChunkError`). So `read_index(verify=True)`
+checks the payload against the zip's own CRC-32 of the stored member once, when the replay opens a
+file from disk: one sequential read of the file, no format change (files written before the check
+verify the same way) and nothing added to sampling. Every other member is deflated and read
+through `zipfile`, which checks its CRC. What the check catches is measured byte by byte in
+``results/reliability.md`` (corruption scan); its cost in ``results/replay_memory.md``.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ import os
 import struct
 import threading
 import zipfile
+import zlib
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -34,7 +42,7 @@ import lz4.block
 import numpy as np
 
 __all__ = ["ChunkError", "ChunkIndex", "CODEC", "LEVEL", "CHUNK_FRAMES", "IMAGE_MEMBER", "INDEX_MEMBER",
-           "encode", "read_index", "read_window", "decode_all", "is_chunked"]
+           "encode", "read_index", "read_window", "decode_all", "is_chunked", "payload_crc", "check_payload"]
 
 FORMAT_VERSION = 1
 CODEC = "lz4hc"
@@ -44,6 +52,7 @@ IMAGE_MEMBER = "image.chunks"
 INDEX_MEMBER = "image.chunks.json"
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature ... file name length, extra field length
 _LOCAL_SIGNATURE = b"PK\x03\x04"
+_CRC_BLOCK = 1 << 20  # bytes per read while checking a payload's CRC (zlib.crc32 releases the GIL)
 
 
 class ChunkError(ValueError):
@@ -72,6 +81,7 @@ class ChunkIndex:
     offsets: np.ndarray  # int64 [chunks + 1]: chunk c is payload bytes offsets[c]:offsets[c+1]
     chunk: int  # frames per chunk
     shape: tuple[int, ...]  # image array shape [T+1, H, W, C]
+    crc: int = 0  # the zip's CRC-32 of the payload (`verify`)
 
     @property
     def nbytes(self) -> int:
@@ -119,29 +129,65 @@ def read_meta(zf: zipfile.ZipFile) -> dict:
     return meta
 
 
-def read_index(path: str | os.PathLike) -> ChunkIndex | None:
+def payload_crc(fd: int, offset: int, size: int) -> int:
+    """CRC-32 (the zip's) of `size` bytes at `offset` of open file `fd`; `ChunkError` if the file
+    ends before them or a read fails (EIO: a bad sector is this file's problem)."""
+    crc, done = 0, 0
+    while done < size:
+        try:
+            block = os.pread(fd, min(_CRC_BLOCK, size - done), offset + done)
+        except OSError as e:
+            raise ChunkError(f"payload unreadable at byte {done}: {e}") from None
+        if not block:
+            raise ChunkError(f"payload truncated: {done} of {size} bytes")
+        crc = zlib.crc32(block, crc)
+        done += len(block)
+    return crc
+
+
+def read_index(path: str | os.PathLike, verify: bool = False) -> ChunkIndex | None:
     """The index of a chunked episode file; None if the file is a plain `.npz` (images as
-    ``image.npy``). `ChunkError` if it is chunked but malformed."""
+    ``image.npy``). `ChunkError` if it is chunked but malformed, whatever the damage, or
+    (`verify`) its image payload does not match the zip's CRC-32 of it: one read of the payload.
+    OSError only if the file cannot be opened."""
     with open(path, "rb") as f:
         try:
-            with zipfile.ZipFile(f) as zf:
-                if not is_chunked(zf.namelist()):
-                    return None
-                meta = read_meta(zf)
-                info = zf.getinfo(IMAGE_MEMBER)
-        except zipfile.BadZipFile as e:
-            raise ChunkError(f"not a zip file: {e}") from None
-        if info.compress_type != zipfile.ZIP_STORED:
-            raise ChunkError(f"{IMAGE_MEMBER} is compressed by the zip; it must be stored")
-        f.seek(info.header_offset)
-        signature, name_len, extra_len = _LOCAL_HEADER.unpack(f.read(_LOCAL_HEADER.size))
-        if signature != _LOCAL_SIGNATURE:
-            raise ChunkError(f"bad local header of {IMAGE_MEMBER}")
+            index = _read_index(f)
+        except ChunkError:
+            raise
+        except Exception as e:  # BadZipFile, NotImplementedError, struct.error, ...: a damaged zip
+            raise ChunkError(f"unreadable zip: {type(e).__name__}: {' '.join(str(e).split())}") from None
+        if index is not None and verify:
+            check_payload(f.fileno(), index)
+    return index
+
+
+def _read_index(f) -> ChunkIndex | None:
+    with zipfile.ZipFile(f) as zf:
+        if not is_chunked(zf.namelist()):
+            return None
+        meta = read_meta(zf)
+        info = zf.getinfo(IMAGE_MEMBER)
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise ChunkError(f"{IMAGE_MEMBER} is compressed by the zip; it must be stored")
+    f.seek(info.header_offset)
+    header = f.read(_LOCAL_HEADER.size)
+    if len(header) != _LOCAL_HEADER.size:
+        raise ChunkError(f"file ends inside the local header of {IMAGE_MEMBER}")
+    signature, name_len, extra_len = _LOCAL_HEADER.unpack(header)
+    if signature != _LOCAL_SIGNATURE:
+        raise ChunkError(f"bad local header of {IMAGE_MEMBER}")
     offsets = np.array(meta["offsets"], np.int64)
     if offsets[0] != 0 or np.any(np.diff(offsets) <= 0) or offsets[-1] != info.file_size:
         raise ChunkError(f"chunk offsets do not cover the {info.file_size}-byte payload")
     return ChunkIndex(info.header_offset + _LOCAL_HEADER.size + name_len + extra_len, offsets,
-                      int(meta["chunk"]), tuple(meta["shape"]))
+                      int(meta["chunk"]), tuple(meta["shape"]), info.CRC)
+
+
+def check_payload(fd: int, index: ChunkIndex) -> None:
+    """`ChunkError` unless the payload of the file open as `fd` matches its CRC-32."""
+    if payload_crc(fd, index.data_offset, int(index.offsets[-1])) != index.crc:
+        raise ChunkError(f"{IMAGE_MEMBER} fails its CRC-32 check (damaged on disk)")
 
 
 def _native_decoder():
@@ -222,8 +268,9 @@ def read_window(fd: int, index: ChunkIndex, start: int, out: np.ndarray) -> None
             raise ChunkError(f"chunk {c} is corrupt: {e}") from None
 
 
-def decode_all(path: str | os.PathLike, index: ChunkIndex | None = None) -> np.ndarray:
-    """The whole image array of a chunked episode file."""
+def decode_all(path: str | os.PathLike, index: ChunkIndex | None = None, verify: bool = False) -> np.ndarray:
+    """The whole image array of a chunked episode file; `verify`: also check the payload's CRC-32
+    (after decoding, so a chunk that does not decode is the error named)."""
     index = index or read_index(path)
     if index is None:
         raise ChunkError("the file holds no chunked images")
@@ -231,6 +278,8 @@ def decode_all(path: str | os.PathLike, index: ChunkIndex | None = None) -> np.n
     fd = os.open(path, os.O_RDONLY)
     try:
         read_window(fd, index, 0, out)
+        if verify:
+            check_payload(fd, index)
     finally:
         os.close(fd)
     return out

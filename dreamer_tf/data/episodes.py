@@ -23,7 +23,6 @@ import io
 import os
 import re
 import uuid
-import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -214,11 +213,18 @@ def read_npy_header(fileobj) -> tuple[tuple[int, ...], np.dtype, int]:
     return shape, dtype, fileobj.tell()
 
 
+def one_line(error: BaseException) -> str:
+    """`error` as one line: its type and its message's lines joined (zipfile and numpy messages
+    may span lines)."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
 def _open_npz(path: Path, fileobj) -> "np.lib.npyio.NpzFile":
     try:
         npz = np.load(fileobj, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise EpisodeError(f"episode file {path} cannot be opened: {e}") from e
+    except Exception as e:  # a damaged zip raises many kinds: NotImplementedError('zip file
+        # version 6.5'), struct.error, BadZipFile, UnicodeDecodeError, ...; all are the file's problem
+        raise EpisodeError(f"episode file {path} cannot be opened: {one_line(e)}") from None
     if not isinstance(npz, np.lib.npyio.NpzFile):
         raise EpisodeError(f"episode file {path} is not an .npz archive")
     return npz
@@ -231,6 +237,15 @@ def load_parts(path: Path, with_images: bool) -> tuple[dict[str, np.ndarray], tu
     `.npy` header, so the images need not be decompressed; None if the episode has no images).
     """
     path = Path(path)
+    try:
+        return _load_parts(path, with_images)
+    except (EpisodeError, OSError):  # OSError: open() failed (e.g. too many open files): not the data
+        raise
+    except Exception as e:  # whatever a damaged file's content raises is that file's problem, in one line
+        raise EpisodeError(f"episode file {path} cannot be read: {one_line(e)}") from None
+
+
+def _load_parts(path: Path, with_images: bool) -> tuple[dict[str, np.ndarray], tuple[int, ...] | None]:
     # Open the file ourselves: np.load leaks the handle when the zip is unreadable.
     with open(path, "rb") as fileobj, _open_npz(path, fileobj) as npz:
         chunked = chunks.is_chunked(npz.files)
@@ -251,12 +266,12 @@ def load_parts(path: Path, with_images: bool) -> tuple[dict[str, np.ndarray], tu
         except EpisodeError:
             raise
         except Exception as e:  # zlib.error, BadZipFile (CRC), ValueError, EOFError, ChunkError, ...
-            raise EpisodeError(f"episode file {path} is corrupt: {type(e).__name__}: {e}") from e
+            raise EpisodeError(f"episode file {path} is corrupt: {one_line(e)}") from None
     if chunked and with_images:
         try:
-            arrays["image"] = chunks.decode_all(path)
+            arrays["image"] = chunks.decode_all(path, verify=True)
         except (chunks.ChunkError, OSError) as e:
-            raise EpisodeError(f"episode file {path} is corrupt: {e}") from e
+            raise EpisodeError(f"episode file {path} is corrupt: {' '.join(str(e).split())}") from None
     if image_shape is not None:
         if image_dtype != np.uint8:
             raise EpisodeError(f"episode file {path}: key 'image' has dtype {image_dtype}, expected uint8")

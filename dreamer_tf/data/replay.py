@@ -11,11 +11,20 @@ identical sequence of batches that ``sample`` would have returned, given the sam
 (batch size, length). The state records the newest sampleable episode file; ``set_state`` warns
 if the replay's newest differs (e.g. episodes saved after the checkpoint), since the stream then
 differs. Prefetching pipelines sample ahead: see `pipeline` for the exact resume point.
+
+Damaged files. A file that cannot be read as an episode (truncated, empty, a damaged zip, image
+data that fails its CRC or does not decode) is that file's problem, not the run's: it is moved to
+``quarantine/`` in the replay's directory (out of what the replay loads), once, and named in one
+line on stderr; the replay goes on without it. Found when the replay opens its directory, the
+sample stream of the healthy episodes is what it would be without the file; a file found damaged
+while sampling (``cache`` decodes only then) is dropped and the batch drawn again without it.
+A file of another kind of episode (other keys or shapes) is not damaged: it is skipped, in place.
 """
 from __future__ import annotations
 
 import collections
 import os
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -45,10 +54,35 @@ from dreamer_tf.data.sampler import (
     uniform_episodes,
 )
 from dreamer_tf.data.stores import EpisodeEntry, NullStore, episode_writer, store_factory
+from dreamer_tf.utils import fsync_dir
 
 __all__ = ["Replay"]
 
 _STATE_VERSION = 1
+QUARANTINE = "quarantine"  # damaged episode files go to DIRECTORY/quarantine/
+
+
+def say(message: str) -> None:
+    """One line on stderr: what the replay did about a file (the run goes on)."""
+    print(" ".join(message.split()), file=sys.stderr, flush=True)
+
+
+def quarantine(directory: Path, path: Path, error: Exception) -> None:
+    """Move the damaged episode file `path` to `directory`/quarantine/ (never over an earlier one
+    of that name) and say so in one line; if it cannot be moved, it is only skipped."""
+    folder = directory / QUARANTINE
+    try:
+        folder.mkdir(exist_ok=True)
+        target, n = folder / path.name, 1
+        while target.exists():
+            target, n = folder / f"{path.name}.{n}", n + 1
+        os.replace(path, target)
+        fsync_dir(directory)
+        done = f"moved it to {target}"
+    except OSError as e:
+        done = f"skipping it (it could not be moved to {folder}: {e.strerror or e})"
+    what = str(error) if str(path) in str(error) else f"episode file {path}: {error}"
+    say(f"replay: {what}; {done}")
 
 
 def _fitting(steps: list[int], capacity: int, action_repeat: int) -> int:
@@ -160,13 +194,19 @@ class Replay:
         for path in episode_paths(self.directory):
             try:
                 arrays, image_shape = load_parts(path, with_images=False)
+            except EpisodeError as e:
+                quarantine(self.directory, path, e)
+                continue
+            try:
                 self._fix(check_signature(episode_signature(arrays, image_shape), self._signature,
                                           f"episode file {path}"))
-            except EpisodeError as e:
-                warnings.warn(f"replay skips a bad file: {e}", RuntimeWarning, stacklevel=3)
+            except EpisodeError as e:  # a sound episode of another kind: not ours to move
+                say(f"replay: skipping {e}")
                 continue
             loaded.append((EpisodeEntry(path, len(arrays["action"]), arrays), image_shape))
-        self._next = next_index(self.directory)
+        # Past quarantined files too: a new episode never takes the number of one set aside (names
+        # are compared with the checkpoint's `last_episode` on resume).
+        self._next = max(next_index(self.directory), next_index(self.directory / QUARANTINE))
         # Apply the capacity before touching images, so dropped episodes are never decoded.
         keep = _fitting([e.length - 1 for e, _ in loaded], self.capacity, self.action_repeat)
         for episode, _ in loaded[:len(loaded) - keep]:
@@ -176,7 +216,7 @@ class Replay:
             try:
                 self._store.attach(episode, image_shape, None)
             except EpisodeError as e:
-                warnings.warn(f"replay skips a bad file: {e}", RuntimeWarning, stacklevel=3)
+                quarantine(self.directory, episode.path, e)
                 continue
             self._append(episode)
         self._store.cleanup({e.path.stem for e in self._episodes})
@@ -299,8 +339,11 @@ class Replay:
                 batch, failed = _gather(self._episodes, self._store, self.signature, episodes, starts, length)
                 if failed is not None:  # an image read failed: drop that episode, redraw without it
                     broken, error = failed
-                    warnings.warn(f"dropping episode file {broken.path} from sampling: {error}", RuntimeWarning)
                     self._remove(broken)
+                    if isinstance(error, EpisodeError):  # its data: quarantined
+                        quarantine(self.directory, broken.path, error)
+                    else:  # OSError: maybe the system's (e.g. too many open files), so left in place
+                        say(f"replay: dropping episode file {broken.path} from sampling: {error}")
                     continue
                 self._batches += 1
                 return batch

@@ -268,6 +268,10 @@ class ChunkStore:
     """
 
     frames = 0  # decoded frames held in RAM: none (only the windows being read)
+    # Check the CRC-32 of every file opened from disk (`chunks.read_index(verify=True)`) before
+    # any window of it is read: LZ4 has no checksum of its own. scripts/bench_replay.py turns it
+    # off to time it; nothing else should.
+    verify = True
 
     def __init__(self, frames_dir: Path, threads: int = 2):
         self.frames_dir = frames_dir  # where an older run's frame files may be (deleted on migration)
@@ -275,9 +279,11 @@ class ChunkStore:
 
     def attach(self, episode: EpisodeEntry, image_shape: tuple[int, ...],
                images: np.ndarray | None) -> None:
-        """Read `episode`'s chunk index, first rewriting a plain `.npz` as a chunked file."""
+        """Read `episode`'s chunk index, first rewriting a plain `.npz` as a chunked file; a file
+        opened from disk (`images` None) is checked against its CRC first. `EpisodeError` if the
+        file is damaged."""
         try:
-            index = chunks.read_index(episode.path)
+            index = chunks.read_index(episode.path, verify=self.verify and images is None)
             if index is None:  # an older run's .npz: migrate it once (atomic rename, same name)
                 logger.info("rewriting %s as a chunked episode file", episode.path)
                 write_chunked(episode.path, load_episode(episode.path))
