@@ -68,8 +68,11 @@ class Trainer:
         self.logger = Logger(self.logdir, tensorboard and "tensorboard" in config.loggers, config.loggers, config)
         # eval_start 'after_prefill': the first evaluation follows the prefill and pretraining (the reference).
         self.state = LoopState(next_log=config.log_every,
-                               next_eval=config.prefill if config.eval_start == "after_prefill" else 0)
-        self.stop = GracefulStop()  # its signum is set by the first SIGINT/SIGTERM
+                               next_eval=config.prefill if config.eval_start == "after_prefill" else 0,
+                               last_eval=-1)
+        # Its signum is set by the first SIGINT/SIGTERM; its message names the updates it waits for.
+        self.stop = GracefulStop(lambda: self.learner.in_progress() if hasattr(self, "learner") else "")
+        self._video_note = False  # a skipped video was reported
 
     # --- set-up -------------------------------------------------------------------------
     def _build(self) -> None:
@@ -117,7 +120,7 @@ class Trainer:
                 raise
             raise failure from None
         s = self.state
-        self._progress = Progress(c.steps, s.step)
+        self._progress = Progress(c.steps, s.step, measure_from=c.prefill)  # ETA at the training rate
         self._clock = Clock(s.step, s.wall_time)
         self._watch = Stopwatch()
         self.collector.reset(episode_role(s.step, c.prefill))
@@ -135,9 +138,11 @@ class Trainer:
                 stopped = Stopped(self.stop.signum, s.step)
                 write_status(self.logdir, "interrupted", s.step, c.steps, str(stopped))
                 raise stopped
-            # The final evaluation and checkpoint (an episode still in progress is not stored).
-            if s.step >= s.next_eval:
-                self._evaluate()
+            # The final evaluation and checkpoint (an episode still in progress is not stored): every
+            # run ends with a score, also when `steps` is not a multiple of `eval_every`, and only once
+            # (a finished run resumed, or one killed after the final checkpoint, does not evaluate again).
+            if final_evaluation_due(s):
+                self._evaluate(scheduled=s.step >= s.next_eval)
             self._checkpoint()
             self._progress.update(s.step, force=True)  # the last line shows the final evaluation
             write_status(self.logdir, "finished", s.step, c.steps)
@@ -247,6 +252,7 @@ class Trainer:
         self._join()
         if self.replay.num_episodes == 0:
             return
+        check_episode_lengths(self.replay, c.batch_length, c.task)
         if not s.pretrained:
             self.learner.update(c.pretrain)
             self._join()
@@ -264,20 +270,28 @@ class Trainer:
         return extra
 
     # --- evaluation and checkpoints -----------------------------------------------------
-    def _evaluate(self) -> None:
+    def _evaluate(self, scheduled: bool = True) -> None:
+        """An evaluation; one not `scheduled` (the final one between two due) keeps the schedule."""
         c, s = self.config, self.state
         self._join()
         with self._watch("eval"):
             returns, episodes = evaluate(self.agent, self.eval_env, c.eval_episodes, self.seeds)
         s.evals += 1
-        s.next_eval += c.eval_every
+        s.last_eval = s.step
+        if scheduled:
+            s.next_eval += c.eval_every
         row = {"test_return": float(np.mean(returns)), "test_return_std": float(np.std(returns)),
                "test_length": (len(episodes[0]["reward"]) - 1) * c.action_repeat}
         self.logger.write(s.step, row)
         self._progress.set(test_return=row["test_return"])
         if c.video_every and (s.evals - 1) % c.video_every == 0:
-            from dreamer_tf.run.video import evaluation_video
-            self.logger.video(s.step, *evaluation_video(self.agent, episodes))
+            from dreamer_tf.run.video import VideoSkipped, evaluation_video
+            try:
+                self.logger.video(s.step, *evaluation_video(self.agent, episodes))
+            except VideoSkipped as e:  # e.g. episodes of a few steps: a note, once per process
+                if not self._video_note:
+                    print(f"video: skipped at step {s.step}: {e} (this note is shown once)", file=sys.stderr, flush=True)
+                    self._video_note = True
         self.logger.flush()
 
     def _checkpoint(self, scheduled: bool = True) -> None:
@@ -298,6 +312,30 @@ class Trainer:
             self.checkpointer.save(self.agent, s.step, saved, extra)
             self.logger.commit(s.step)  # the trackers get what the checkpoint now holds
             write_status(self.logdir, "running", s.step, self.config.steps)
+
+
+def final_evaluation_due(state: LoopState) -> bool:
+    """Whether a run that reached its `steps` still needs its final evaluation: none has been made
+    at this step (a checkpoint from before `last_eval` existed: only a due one, as it was then)."""
+    if state.last_eval is None:
+        return state.step >= state.next_eval
+    return state.last_eval != state.step
+
+
+def check_episode_lengths(replay, batch_length: int, task: str) -> None:
+    """RunError (one line) when no stored episode has the `batch_length` entries a training sequence
+    needs. Shorter episodes are stored but never sampled (the reference skips them too); a task whose
+    episodes are all shorter cannot train at this batch_length."""
+    try:
+        replay.windows(batch_length)  # cached: the sampler asks for the same windows
+        return
+    except ValueError:
+        lengths = replay.windows(1).lengths  # entries (agent steps + 1) of every episode
+    steps = sorted(set(int(n) - 1 for n in lengths))
+    shown = ", ".join(map(str, steps[:8])) + (", ..." if len(steps) > 8 else "")
+    raise RunError(f"{task}: the {len(lengths)} episodes collected are too short to train on: batch_length="
+                   f"{batch_length} needs episodes of at least {batch_length - 1} agent steps, these have {shown}; "
+                   f"set batch_length to at most {int(max(lengths))} (shorter episodes are skipped when sampling)")
 
 
 def train(config: configlib.Config, logdir: str | os.PathLike, force: bool = False) -> dict:

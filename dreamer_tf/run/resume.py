@@ -36,6 +36,8 @@ class LoopState:
     next_ckpt: int = 0            # ... of the next checkpoint (taken at an episode boundary)
     pretrained: bool = False      # the `pretrain` updates after prefill are done
     evals: int = 0                # evaluations so far (videos every `video_every`)
+    last_eval: int | None = None  # env step of the newest evaluation (-1: none yet; None: a checkpoint from
+                                  #   before this field, whose run evaluated at the end only when due)
     nonfinite_streak: int = 0     # consecutive skipped updates
     wall_time: float = 0.0        # seconds of training over all resumes
     rng: dict | None = None       # prefill action generator state
