@@ -80,7 +80,15 @@ class Gym(Env):
         self._render = pixels or video
         # render_mode only when rendering: envs without rendering may not accept the argument.
         render = {"render_mode": "rgb_array"} if self._render else {}
-        self._env = env = gymnasium.make(env_id, **render)
+        try:
+            self._env = env = gymnasium.make(env_id, **render)
+        except TypeError:  # an env that renders nothing may not take render_mode at all
+            if not render:
+                raise
+            self._env = env = gymnasium.make(env_id)  # raises again if that was not the reason
+            if "rgb_array" in env.metadata.get("render_modes", []):
+                env.close()
+                raise
         try:
             if self._render and "rgb_array" not in env.metadata.get("render_modes", []):
                 # The advice names the config keys (and the make() arguments they set).

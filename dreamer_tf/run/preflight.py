@@ -44,9 +44,8 @@ def check_trackers(loggers, environ: Mapping[str, str] | None = None) -> None:
     if "mlflow" in loggers:
         uri = mlflow_file_store(environ)
         if uri is not None:
-            raise Refused(f"loggers: mlflow refuses the file store MLFLOW_TRACKING_URI={uri} (MLflow 3 keeps "
-                          f"file stores for reading only); use a database, e.g. MLFLOW_TRACKING_URI=sqlite:///mlflow.db, "
-                          f"or set MLFLOW_ALLOW_FILE_STORE=true")
+            raise Refused(f"loggers: MLflow 3 refuses the file store MLFLOW_TRACKING_URI={uri}; use a database, "
+                          f"e.g. MLFLOW_TRACKING_URI=sqlite:///mlflow.db, or set MLFLOW_ALLOW_FILE_STORE=true")
 
 
 def mlflow_file_store(environ: Mapping[str, str]) -> str | None:
