@@ -3,7 +3,8 @@
     prefill `prefill` env steps with uniform random actions; `pretrain` gradient steps;
     every `train_every` env steps: `train_steps` gradient steps (world model + behaviour);
     act with the policy plus exploration noise; store finished episodes in the replay;
-    every `eval_every` env steps: evaluation episodes with the mode action and a video.
+    every `eval_every` env steps: evaluation episodes with the mode action and a video;
+    at the last step: a final evaluation, unless one was made there (every run ends with a score).
 With `overlap: true` the updates run in the background while the envs keep stepping (run/learner.py).
 
 Env steps count simulator frames (action repeat included), as in the paper. Checkpoints are taken
