@@ -249,19 +249,32 @@ def test_short_evaluation_episodes_skip_the_video_with_a_reason():
     assert name == "openloop" and frames.shape == (7, 64, 2 * 3 * 64, 3)
 
 
+def test_the_logger_notes_a_skipped_video_once(tmp_path, capsys):
+    log = Logger(tmp_path, tensorboard=False)
+    for step in (0, 100):
+        log.evaluation_video(step, _VideoAgent(), [_episode(3)])
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["video: skipped at step 0: the evaluation episode has 3 frames and an open-loop video needs "
+                   "more than 5 (this note is shown once)"]
+    log.evaluation_video(200, _VideoAgent(), [_episode(8)])
+    assert [p.name for p in (tmp_path / "videos").iterdir()] == ["openloop_000000200.gif"]
+    log.close()
+
+
 def test_episodes_all_shorter_than_batch_length_are_refused_in_one_line(tmp_path):
     from dreamer_tf.data import Replay
     from dreamer_tf.run.logdir import RunError
-    from dreamer_tf.run.loop import check_episode_lengths
+    from dreamer_tf.run.loop import trainable
     replay = Replay(tmp_path / "episodes", store="frames")
+    assert not trainable(replay, 8, "gym_Blackjack-v1")  # no episode yet: nothing to train on, no error
     for i, length in enumerate((2, 4, 3, 4)):
         replay.add(_episode(length, i))
     with pytest.raises(RunError) as error:
-        check_episode_lengths(replay, 8, "gym_Blackjack-v1")
+        trainable(replay, 8, "gym_Blackjack-v1")
     message = str(error.value)
     assert "\n" not in message and message.startswith("gym_Blackjack-v1: the 4 episodes")
     assert "batch_length=8" in message and "these have 1, 2, 3;" in message and "at most 4" in message
-    check_episode_lengths(replay, 4, "gym_Blackjack-v1")  # one episode is long enough: shorter ones are skipped
+    assert trainable(replay, 4, "gym_Blackjack-v1")  # one episode is long enough: shorter ones are skipped
     replay.sample(2, 4)
 
 

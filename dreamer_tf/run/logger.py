@@ -34,6 +34,7 @@ class Logger:
         self.logdir = Path(logdir)
         self.path = self.logdir / "metrics.jsonl"
         self.sinks: list[Sink] = [TensorBoardSink(self.logdir / "tb")] if tensorboard else []
+        self._video_noted = False  # a skipped evaluation video was reported
         try:
             self.sinks += open_trackers(self.logdir, trackers, config)
         except BaseException:
@@ -78,6 +79,17 @@ class Logger:
         for sink in self.sinks:
             sink.video(int(step), name, path)
         return path
+
+    def evaluation_video(self, step: int, agent, episodes: list[dict]) -> None:
+        """The video of an evaluation (run/video.py); one the episodes are too short for is skipped
+        with a note on stderr, once per process (not at every evaluation)."""
+        from dreamer_tf.run.video import VideoSkipped, evaluation_video
+        try:
+            self.video(step, *evaluation_video(agent, episodes))
+        except VideoSkipped as e:
+            if not self._video_noted:
+                print(f"video: skipped at step {step}: {e} (this note is shown once)", file=sys.stderr, flush=True)
+                self._video_noted = True
 
     def commit(self, step: int) -> None:
         """A checkpoint now holds everything up to `step`: the trackers may send it (no later

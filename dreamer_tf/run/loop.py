@@ -69,11 +69,8 @@ class Trainer:
         self.logger = Logger(self.logdir, tensorboard and "tensorboard" in config.loggers, config.loggers, config)
         # eval_start 'after_prefill': the first evaluation follows the prefill and pretraining (the reference).
         self.state = LoopState(next_log=config.log_every,
-                               next_eval=config.prefill if config.eval_start == "after_prefill" else 0,
-                               last_eval=-1)
-        # Its signum is set by the first SIGINT/SIGTERM; its message names the updates it waits for.
-        self.stop = GracefulStop(lambda: self.learner.in_progress() if hasattr(self, "learner") else "")
-        self._video_note = False  # a skipped video was reported
+                               next_eval=config.prefill if config.eval_start == "after_prefill" else 0)
+        self.stop = GracefulStop(lambda: self.learner.in_progress() if hasattr(self, "learner") else "")  # SIGINT/TERM
 
     # --- set-up -------------------------------------------------------------------------
     def _build(self) -> None:
@@ -139,9 +136,7 @@ class Trainer:
                 stopped = Stopped(self.stop.signum, s.step)
                 write_status(self.logdir, "interrupted", s.step, c.steps, str(stopped))
                 raise stopped
-            # The final evaluation and checkpoint (an episode still in progress is not stored): every
-            # run ends with a score, also when `steps` is not a multiple of `eval_every`, and only once
-            # (a finished run resumed, or one killed after the final checkpoint, does not evaluate again).
+            # The final evaluation (once) and checkpoint (an episode still in progress is not stored).
             if final_evaluation_due(s):
                 self._evaluate(scheduled=s.step >= s.next_eval)
             self._checkpoint()
@@ -251,9 +246,8 @@ class Trainer:
         if s.step < c.prefill or (s.pretrained and s.step < s.next_train):
             return
         self._join()
-        if self.replay.num_episodes == 0:
+        if not trainable(self.replay, c.batch_length, c.task):  # no episode yet (RunError: all too short)
             return
-        check_episode_lengths(self.replay, c.batch_length, c.task)
         if not s.pretrained:
             self.learner.update(c.pretrain)
             self._join()
@@ -272,27 +266,18 @@ class Trainer:
 
     # --- evaluation and checkpoints -----------------------------------------------------
     def _evaluate(self, scheduled: bool = True) -> None:
-        """An evaluation; one not `scheduled` (the final one between two due) keeps the schedule."""
         c, s = self.config, self.state
         self._join()
         with self._watch("eval"):
             returns, episodes = evaluate(self.agent, self.eval_env, c.eval_episodes, self.seeds)
-        s.evals += 1
-        s.last_eval = s.step
-        if scheduled:
-            s.next_eval += c.eval_every
+        s.evals, s.last_eval = s.evals + 1, s.step
+        s.next_eval += c.eval_every if scheduled else 0  # the final one between two due keeps the schedule
         row = {"test_return": float(np.mean(returns)), "test_return_std": float(np.std(returns)),
                "test_length": (len(episodes[0]["reward"]) - 1) * c.action_repeat}
         self.logger.write(s.step, row)
         self._progress.set(test_return=row["test_return"])
         if c.video_every and (s.evals - 1) % c.video_every == 0:
-            from dreamer_tf.run.video import VideoSkipped, evaluation_video
-            try:
-                self.logger.video(s.step, *evaluation_video(self.agent, episodes))
-            except VideoSkipped as e:  # e.g. episodes of a few steps: a note, once per process
-                if not self._video_note:
-                    print(f"video: skipped at step {s.step}: {e} (this note is shown once)", file=sys.stderr, flush=True)
-                    self._video_note = True
+            self.logger.evaluation_video(s.step, self.agent, episodes)
         self.logger.flush()
 
     def _checkpoint(self, scheduled: bool = True) -> None:
@@ -323,13 +308,15 @@ def final_evaluation_due(state: LoopState) -> bool:
     return state.last_eval != state.step
 
 
-def check_episode_lengths(replay, batch_length: int, task: str) -> None:
-    """RunError (one line) when no stored episode has the `batch_length` entries a training sequence
-    needs. Shorter episodes are stored but never sampled (the reference skips them too); a task whose
-    episodes are all shorter cannot train at this batch_length."""
+def trainable(replay, batch_length: int, task: str) -> bool:
+    """Whether the replay holds an episode with the `batch_length` entries a training sequence needs:
+    False before the first episode, RunError (one line) if every episode is shorter. Shorter episodes
+    are stored but never sampled (the reference skips them too)."""
+    if replay.num_episodes == 0:
+        return False
     try:
         replay.windows(batch_length)  # cached: the sampler asks for the same windows
-        return
+        return True
     except ValueError:
         lengths = replay.windows(1).lengths  # entries (agent steps + 1) of every episode
     steps = sorted(set(int(n) - 1 for n in lengths))

@@ -46,3 +46,4 @@ def evaluation_video(agent, episodes: list[dict], length: int = 100) -> tuple[st
         raise VideoSkipped(f"the evaluation episode has {length} frames and an open-loop video needs "
                            f"more than {CONTEXT}")
     return "openloop", tile_batch(agent.video_predictions(batch))
+
