@@ -282,14 +282,16 @@ def test_the_final_evaluation_is_due_once_whatever_the_schedule():
     from dreamer_tf.run.loop import final_evaluation_due
     from dreamer_tf.run.resume import LoopState
     # steps=400, eval_every=300: the last scheduled evaluation was at 300, the next due at 600.
-    assert final_evaluation_due(LoopState(step=400, next_eval=600, last_eval=300))
-    assert not final_evaluation_due(LoopState(step=400, next_eval=600, last_eval=400))  # done, then resumed
-    assert final_evaluation_due(LoopState(step=600, next_eval=600, last_eval=300))
+    assert final_evaluation_due(LoopState(step=400, next_eval=600, last_eval=300), 0)
+    assert not final_evaluation_due(LoopState(step=400, next_eval=600, last_eval=400), 400)  # done, resumed
+    assert final_evaluation_due(LoopState(step=600, next_eval=600, last_eval=300), 0)
     state = LoopState.from_dict(LoopState(step=400, next_eval=600, last_eval=400).to_dict())
     assert state.last_eval == 400  # in state.json, so a resume after the final checkpoint skips it
-    # A checkpoint written before `last_eval` existed: the old rule (evaluate only when due).
+    # A checkpoint written before `last_eval` existed, and no evaluation since it was restored:
     old = {k: v for k, v in LoopState(step=400, next_eval=600).to_dict().items() if k != "last_eval"}
-    assert not final_evaluation_due(LoopState.from_dict(old))
+    assert LoopState.from_dict(old).last_eval is None
+    assert not final_evaluation_due(LoopState.from_dict(old), 400)  # a finished run rerun: the old rule
+    assert final_evaluation_due(LoopState.from_dict(old), 300)  # extended from 300 (e.g. 600 -> 800)
 
 
 def test_progress_shows_no_eta_until_the_training_rate_is_measured():

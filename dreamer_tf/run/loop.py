@@ -137,7 +137,7 @@ class Trainer:
                 write_status(self.logdir, "interrupted", s.step, c.steps, str(stopped))
                 raise stopped
             # The final evaluation (once) and checkpoint (an episode still in progress is not stored).
-            if final_evaluation_due(s):
+            if final_evaluation_due(s, self._clock.start_step):
                 self._evaluate(scheduled=s.step >= s.next_eval)
             self._checkpoint()
             self._progress.update(s.step, force=True)  # the last line shows the final evaluation
@@ -300,11 +300,13 @@ class Trainer:
             write_status(self.logdir, "running", s.step, self.config.steps)
 
 
-def final_evaluation_due(state: LoopState) -> bool:
-    """Whether a run that reached its `steps` still needs its final evaluation: none has been made
-    at this step (a checkpoint from before `last_eval` existed: only a due one, as it was then)."""
+def final_evaluation_due(state: LoopState, started: int) -> bool:
+    """Whether a run that reached its `steps` still needs its final evaluation: none has been made at
+    this step. `started`: the step this process started at. (Restored from a checkpoint written before
+    `last_eval` existed, and no evaluation since: one is due if the run advanced here, or was due
+    by the old rule, which evaluated at the end only when the schedule said so.)"""
     if state.last_eval is None:
-        return state.step >= state.next_eval
+        return state.step > started or state.step >= state.next_eval
     return state.last_eval != state.step
 
 
