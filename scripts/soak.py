@@ -12,7 +12,7 @@ own, spread over the run, plus a random 0-`--jitter` s, so it lands anywhere in 
 evaluation, episode or checkpoint writes. After each one the same command resumes the run. Then:
 
 * the episode counter of the `train_return` rows runs 1..N without a gap or a duplicate;
-* the evaluations (`test_return` rows) fall exactly at 0, eval_every, 2 eval_every, ...;
+* the evaluations (`test_return` rows) fall exactly at 0, eval_every, 2 eval_every, ... and the last step;
 * the episode files are N, numbered 0..N-1, and file k holds the return of counter k+1;
 * no environment worker of any attempt outlives the run, and no temp file is left;
 * the final status is `finished` at the planned step;
@@ -134,8 +134,9 @@ def check_record(logdir: Path, steps: int, eval_every: int) -> list[str]:
     if counter != list(range(1, expected + 1)):
         problems.append(f"episode counter is not 1..{expected}: {counter}")
     evals = [r["step"] for r in rows if "test_return" in r]
-    if evals != list(range(0, steps + 1, eval_every)):
-        problems.append(f"evaluations at {evals}, planned {list(range(0, steps + 1, eval_every))}")
+    planned = list(range(0, steps + 1, eval_every)) + ([steps] if steps % eval_every else [])  # + the final one
+    if evals != planned:
+        problems.append(f"evaluations at {evals}, planned {planned}")
     files = sorted((logdir / "train_episodes").glob("*.npz"))
     indices = [int(f.name.split("-")[0]) for f in files]
     if indices != list(range(len(counter))):

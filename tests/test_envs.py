@@ -163,6 +163,9 @@ def test_worker_side_bad_value_is_value_error_with_traceback():
         envs.make("dmc_walker_walk", camera=9)
     assert isinstance(err.value, RuntimeError) and isinstance(err.value, ValueError)
     assert "dmc_walker_walk" in str(err.value) and "Traceback" in str(err.value)
+    # ... and its one-line summary is the worker's own message, for a CLI refusal (run/preflight.py).
+    assert "\n" not in err.value.summary and "camera_id=9 is invalid" in err.value.summary
+    assert "Traceback" not in err.value.summary and "worker" not in err.value.summary
     env = ProcessEnv(resolve("dmc_walker_walk", camera=9), wait=False)
     with pytest.raises(WorkerValueError):
         env.wait_ready()
@@ -273,6 +276,7 @@ def test_worker_segfault_raises_runtime_error(walker):
         with pytest.raises(RuntimeError, match="dmc_cartpole_swingup") as err:
             env.step(np.zeros(1))
         assert "SIGSEGV" in str(err.value) and "Segmentation fault" in str(err.value)
+        assert err.value.summary == str(err.value).splitlines()[0] and "SIGSEGV" in err.value.summary
         with pytest.raises(WorkerError, match="died"):  # stays failed
             env.reset()
     assert env._proc.returncode == -signal.SIGSEGV

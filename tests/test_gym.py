@@ -97,7 +97,12 @@ class _NoRender(_Custom):
     metadata = {"render_modes": [], "render_fps": 30}
 
 
-_CUSTOM = {"DreamerTestMultiDiscrete-v0": _MultiDiscreteAction,
+class _NoRenderArg(_NoRender):
+    def __init__(self):  # an env that renders nothing need not take render_mode
+        pass
+
+
+_CUSTOM = {"DreamerTestNoRenderArg-v0": _NoRenderArg, "DreamerTestMultiDiscrete-v0": _MultiDiscreteAction,
            "DreamerTestUnbounded-v0": _UnboundedAction, "DreamerTestDictObs-v0": _DictObs,
            "DreamerTestNoRender-v0": _NoRender}
 
@@ -312,6 +317,18 @@ def test_unsupported_spaces_and_rendering_name_the_id(custom_envs):
         _local("gym_DreamerTestNoRender-v0")
     assert _local("gym_DreamerTestNoRender-v0", pixels=False, proprio=True).reset()["state"].shape \
         == (2,)
+
+
+def test_an_env_without_render_mode_is_refused_with_the_config_key_to_use(custom_envs):
+    """Its advice names the user's config key (observation=state), not only make()'s arguments."""
+    with pytest.raises(ValueError, match=r"'DreamerTestNoRenderArg-v0' cannot render 'rgb_array' frames "
+                                         r"\(render_modes \[\]\); observe its state instead: observation=state"):
+        _local("gym_DreamerTestNoRenderArg-v0")
+    with pytest.raises(ValueError, match="evaluation videos need frames: video_every=0"):
+        _local("gym_DreamerTestNoRenderArg-v0", pixels=False, proprio=True, video=True)
+    assert _local("gym_DreamerTestNoRenderArg-v0", pixels=False, proprio=True).reset()["state"].shape == (2,)
+    with pytest.raises(ValueError, match="Tuple.* for observation=state or both .*observation=pixels"):
+        _local("gym_Blackjack-v1", pixels=False, proprio=True)
 
 
 @pytest.mark.parametrize("kwargs, match", [

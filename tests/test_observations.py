@@ -126,7 +126,7 @@ def test_gym_cartpole_trains_end_to_end_with_discrete_actions_from_states(tmp_pa
     rows, status = _run(tmp_path, "cartpole", "--task", "gym_CartPole-v1", *TINY_STATE, "steps=1500",
                         "video_every=0")
     assert status["status"] == "finished"
-    assert [r["step"] for r in rows if "test_return" in r] == [0, 1000]
+    assert [r["step"] for r in rows if "test_return" in r] == [0, 1000, 1500]  # every run ends with one
     assert all(math.isfinite(r["model_loss"]) for r in rows if "model_loss" in r)
 
 

@@ -77,7 +77,7 @@ def _run(tmp_path, *sets: str) -> list[dict]:
 def test_after_prefill_evaluations_follow_the_pretraining_updates(tmp_path):
     rows = _run(tmp_path, "eval_start=after_prefill", "prefill=200", "eval_every=300", "pretrain=3",
                 "train_every=100", "train_steps=2", "log_every=100")
-    assert [r["step"] for r in rows if "test_return" in r] == [200, 500]
+    assert [r["step"] for r in rows if "test_return" in r] == [200, 500, 600]  # 600: the final evaluation
     # The row logged at step 200 counts the 3 pretraining updates: the evaluation at 200 came after them.
     updates = {r["step"]: r["train_updates"] for r in rows if "train_updates" in r}
     assert updates[200] == 3

@@ -221,3 +221,138 @@ def test_thread_pools_are_pinned_to_the_checkpoints_counts():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.splitlines()[-1]) == {"intra_op": 3, "inter_op": 5}
     assert "pinned TensorFlow thread pools to the checkpoint's {'intra_op': 3, 'inter_op': 5}" in proc.stderr
+
+
+# --- issue 29: short episodes, the final evaluation, the ETA, what a stop waits for ----------------
+
+def _episode(length: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"image": rng.integers(0, 255, (length, 64, 64, 3), dtype=np.uint8),
+            "action": np.zeros((length, 1), np.float32), "reward": np.zeros(length, np.float32),
+            "discount": np.ones(length, np.float32)}
+
+
+class _VideoAgent:
+    decoder = object()
+
+    def video_predictions(self, batch):  # real | model | error side by side, as the agent's
+        return np.concatenate([batch["image"]] * 3, axis=3)
+
+
+def test_short_evaluation_episodes_skip_the_video_with_a_reason():
+    from dreamer_tf.agent.openloop import CONTEXT
+    from dreamer_tf.run.video import VideoSkipped, evaluation_video
+    with pytest.raises(VideoSkipped, match=f"has 2 frames and an open-loop video needs more than {CONTEXT}"):
+        evaluation_video(_VideoAgent(), [_episode(2)])
+    # Episodes of different lengths: the video is as long as the shortest.
+    name, frames = evaluation_video(_VideoAgent(), [_episode(9), _episode(7, 1)])
+    assert name == "openloop" and frames.shape == (7, 64, 2 * 3 * 64, 3)
+
+
+def test_the_logger_notes_a_skipped_video_once(tmp_path, capsys):
+    log = Logger(tmp_path, tensorboard=False)
+    for step in (0, 100):
+        log.evaluation_video(step, _VideoAgent(), [_episode(3)])
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["video: skipped at step 0: the evaluation episode has 3 frames and an open-loop video needs "
+                   "more than 5 (this note is shown once)"]
+    log.evaluation_video(200, _VideoAgent(), [_episode(8)])
+    assert [p.name for p in (tmp_path / "videos").iterdir()] == ["openloop_000000200.gif"]
+    log.close()
+
+
+def test_episodes_all_shorter_than_batch_length_are_refused_in_one_line(tmp_path):
+    from dreamer_tf.data import Replay
+    from dreamer_tf.run.logdir import RunError
+    from dreamer_tf.run.loop import trainable
+    replay = Replay(tmp_path / "episodes", store="frames")
+    assert not trainable(replay, 8, "gym_Blackjack-v1")  # no episode yet: nothing to train on, no error
+    for i, length in enumerate((2, 4, 3, 4)):
+        replay.add(_episode(length, i))
+    with pytest.raises(RunError) as error:
+        trainable(replay, 8, "gym_Blackjack-v1")
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("gym_Blackjack-v1: the 4 episodes")
+    assert "batch_length=8" in message and "these have 1, 2, 3;" in message and "at most 4" in message
+    assert trainable(replay, 4, "gym_Blackjack-v1")  # one episode is long enough: shorter ones are skipped
+    replay.sample(2, 4)
+
+
+def test_the_final_evaluation_is_due_once_whatever_the_schedule():
+    from dreamer_tf.run.loop import final_evaluation_due
+    from dreamer_tf.run.resume import LoopState
+    # steps=400, eval_every=300: the last scheduled evaluation was at 300, the next due at 600.
+    assert final_evaluation_due(LoopState(step=400, next_eval=600, last_eval=300), 0)
+    assert not final_evaluation_due(LoopState(step=400, next_eval=600, last_eval=400), 400)  # done, resumed
+    assert final_evaluation_due(LoopState(step=600, next_eval=600, last_eval=300), 0)
+    state = LoopState.from_dict(LoopState(step=400, next_eval=600, last_eval=400).to_dict())
+    assert state.last_eval == 400  # in state.json, so a resume after the final checkpoint skips it
+    # A checkpoint written before `last_eval` existed, and no evaluation since it was restored:
+    old = {k: v for k, v in LoopState(step=400, next_eval=600).to_dict().items() if k != "last_eval"}
+    assert LoopState.from_dict(old).last_eval is None
+    assert not final_evaluation_due(LoopState.from_dict(old), 400)  # a finished run rerun: the old rule
+    assert final_evaluation_due(LoopState.from_dict(old), 300)  # extended from 300 (e.g. 600 -> 800)
+
+
+def test_progress_shows_no_eta_until_the_training_rate_is_measured():
+    import io
+    from dreamer_tf.run.logger import Progress
+    now = [0.0]
+    out = io.StringIO()
+    progress = Progress(80000, 0, stream=out, measure_from=5000, clock=lambda: now[0])
+    now[0] = 30.0
+    progress.update(2)  # the step-0 evaluation compiled the policy: 2 steps in 30 s
+    for step in range(100, 5001, 100):  # prefill: random actions, 500 steps/s
+        now[0] += 0.2
+        progress.update(step)
+    for step in range(5010, 6001, 10):  # training: 1 step/s
+        now[0] += 10.0
+        progress.update(step)
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("[2/80000]") and " eta ? " in lines[0] + " "
+    etas = [line.split(" eta ")[1].split()[0] for line in lines]
+    assert all(eta == "?" for eta, line in zip(etas, lines) if int(line[1:].split("/")[0]) < 5120)
+    assert etas[-1] != "?"
+    hours, minutes, _ = map(int, etas[-1].split(":"))
+    assert 20 <= hours + minutes / 60 <= 23  # 74000 steps left at 1 step/s: 20.6 hours
+
+
+def test_a_stop_names_the_updates_it_waits_for(capsys):
+    import signal
+    from dreamer_tf.run.signals import GracefulStop
+    stop = GracefulStop(lambda: "the 63 updates left of 100 (about 2 min)")
+    stop._on_signal(signal.SIGINT, None)
+    err = capsys.readouterr().err
+    assert "SIGINT: finishing the episodes in progress after the 63 updates left of 100 (about 2 min), " \
+           "then saving a checkpoint" in err
+    GracefulStop()._on_signal(signal.SIGTERM, None)
+    assert "SIGTERM: finishing the episodes in progress, then saving" in capsys.readouterr().err
+
+
+def test_learner_says_how_many_updates_are_left(tmp_path):
+    from dreamer_tf.run.learner import Learner
+    seen = []
+
+    class Agent:
+        train_step_count = tf.Variable(0, dtype=tf.int64)
+
+        def train(self, batch):
+            seen.append(learner.in_progress())
+            return {"model_loss": 1.0}
+
+    class Replay:
+        class _It:
+            def __enter__(self):
+                return iter(lambda: {}, None)
+
+            def __exit__(self, *exc):
+                return False
+
+        def iterator(self, batch_size, length):
+            return self._It()
+
+    learner = Learner(Agent(), Replay(), 1, 2, lambda metrics: {})
+    assert learner.in_progress() == ""
+    learner.update(3)
+    assert seen[0] == "the 3 updates left of 3" and seen[2].startswith("the 1 updates left of 3 (about ")
+    assert learner.in_progress() == ""

@@ -216,13 +216,19 @@ def test_representation_variants_run_end_to_end(tmp_path, representation):
 
 
 def test_extending_a_finished_run_with_set_steps(finished_run):
-    """`train --logdir DIR --set steps=N` resumes with the stored config and a larger budget."""
+    """`train --logdir DIR --set steps=N` resumes with the stored config and a larger budget, and
+    ends with an evaluation at N although N is not a multiple of eval_every (300); rerun once more,
+    the finished run does not evaluate again."""
     proc = cli("train", "--logdir", str(finished_run), "--no-tensorboard", "--set", "steps=700")
     assert "resume: restored ckpt-000000000600" in proc.stderr
     status = json.loads((finished_run / "status.json").read_text())
     assert status["status"] == "finished" and status["step"] == 700
     rows = read_metrics(finished_run)
     assert [r["train_episodes"] for r in rows if "train_return" in r] == list(range(1, 8))
+    assert [r["step"] for r in rows if "test_return" in r] == [0, 300, 600, 700]
+    assert "last test return" in proc.stdout and "(step 700)" in proc.stdout
+    cli("train", "--logdir", str(finished_run), "--no-tensorboard", "--set", "steps=700")
+    assert read_metrics(finished_run) == rows
     from dreamer_tf import config
     assert config.load_file(finished_run / "config.yaml").steps == 700
 
@@ -308,3 +314,21 @@ def test_every_train_and_eval_option_has_help_with_its_default():
             assert action.help, f"{name} {action.option_strings} has no help"
             if action.default not in (None, False) and action.dest != "help":
                 assert str(action.default) in action.help, f"{name} {action.option_strings}: default not shown"
+
+
+def test_short_episodes_skip_the_video_and_are_refused_in_one_line(tmp_path):
+    """Blackjack's episodes are 1-3 agent steps, shorter than the debug preset's batch_length 8: the
+    step-0 video is skipped with a note, and the first training phase refuses in one line naming
+    batch_length and the episode lengths (no sampler traceback)."""
+    pytest.importorskip("gymnasium")
+    logdir = tmp_path / "blackjack"
+    proc = cli("train", "--task", "gym_Blackjack-v1", "--preset", "debug", "--logdir", str(logdir),
+               "--no-tensorboard", "--set", "prefill=40", check=False, timeout=400)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    notes = [line for line in proc.stderr.splitlines() if line.startswith("video: skipped at step 0")]
+    assert len(notes) == 1 and "open-loop video needs more than 5" in notes[0]
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("dreamer-tf: error: gym_Blackjack-v1: the ") and "batch_length=8" in error, error
+    assert "these have " in error and "set batch_length to at most" in error
+    assert not list((logdir / "videos").glob("*.gif"))

@@ -118,7 +118,22 @@ def make_config_batch(cfg: Mapping[str, Any], n: int | None = None, seed: int | 
                       cfg["seed"] if seed is None else seed, **kwargs, **options)
 
 
-def check_config_env(cfg: Mapping[str, Any], **options: Any) -> None:
+def check_config_env(cfg: Mapping[str, Any], *, probe: bool = False, timeout: float = 120.0,
+                     **options: Any) -> None:
     """Validate what `make_config_batch(cfg, **options)` would build, without starting a worker: an
-    unknown task or gym id, a bad option value. Raises ValueError (one line)."""
-    resolve(cfg["task"], cfg["seed"], **_config_kwargs(cfg), **options)
+    unknown task or gym id, a bad option value. Raises ValueError (one line).
+
+    probe: also build a gym_ task's env once in a worker and close it (a few seconds), so what only
+    the env itself knows (a gym_import module that is missing, an observation space or renderer the
+    config cannot use) is refused in one line too. DMC and Atari tasks are fully checked without."""
+    spec = resolve(cfg["task"], cfg["seed"], **_config_kwargs(cfg), **options)
+    if not probe or spec["suite"] != "gym":
+        return
+    env = None
+    try:
+        env = ProcessEnv(spec, timeout=_timeout(timeout))
+    except WorkerError as e:
+        raise ValueError(e.summary) from None
+    finally:
+        if env is not None:
+            env.close()

@@ -80,12 +80,22 @@ class Gym(Env):
         self._render = pixels or video
         # render_mode only when rendering: envs without rendering may not accept the argument.
         render = {"render_mode": "rgb_array"} if self._render else {}
-        self._env = env = gymnasium.make(env_id, **render)
+        try:
+            self._env = env = gymnasium.make(env_id, **render)
+        except TypeError:  # an env that renders nothing may not take render_mode at all
+            if not render:
+                raise
+            self._env = env = gymnasium.make(env_id)  # raises again if that was not the reason
+            if "rgb_array" in env.metadata.get("render_modes", []):
+                env.close()
+                raise
         try:
             if self._render and "rgb_array" not in env.metadata.get("render_modes", []):
+                # The advice names the config keys (and the make() arguments they set).
+                fix = ("observe its state instead: observation=state (make(): pixels=False, proprio=True)"
+                       if pixels else "evaluation videos need frames: video_every=0 (make(): video=False)")
                 raise ValueError(f"{task}: gymnasium env {env_id!r} cannot render 'rgb_array' "
-                                 f"frames (render_modes {env.metadata.get('render_modes', [])});"
-                                 " use pixels=False, proprio=True")
+                                 f"frames (render_modes {env.metadata.get('render_modes', [])}); {fix}")
             self._check_spaces(gymnasium, env.observation_space, env.action_space)
         except BaseException:
             self.close()
@@ -137,8 +147,9 @@ class Gym(Env):
             self._obs_onehot = (int(obs_space.start), int(obs_space.n))
         else:
             raise ValueError(f"{task}: gymnasium env {env_id!r} has an unsupported observation "
-                             f"space {obs_space} for proprio=True; only Box and Discrete are "
-                             "supported (pixels=True, proprio=False observes rendered frames only)")
+                             f"space {obs_space} for observation=state or both (make(): proprio=True); "
+                             "only Box and Discrete are supported: observation=pixels observes "
+                             "rendered frames only (make(): pixels=True, proprio=False)")
 
     # --- observations -------------------------------------------------------------------------
 

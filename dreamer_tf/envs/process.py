@@ -31,7 +31,12 @@ _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
 
 
 class WorkerError(RuntimeError):
-    """An environment worker raised, crashed, hung or is closed."""
+    """An environment worker raised, crashed, hung or is closed. `summary`: one line (the worker's
+    error message, or the first line of this one), for users who need no traceback."""
+
+    @property
+    def summary(self) -> str:
+        return getattr(self, "_summary", None) or (str(self).splitlines() or [""])[0]
 
 
 class WorkerValueError(WorkerError, ValueError):
@@ -158,9 +163,13 @@ class ProcessEnv(Env):
         if status == "ok":
             return result
         cls = WorkerValueError if result["type"] == "ValueError" else WorkerError
-        raise cls(f"environment worker for {self.task!r} raised {result['type']} during "
-                  f"{command!r}: {result['message']}\n--- worker traceback ---\n"
-                  f"{result['traceback']}")
+        error = cls(f"environment worker for {self.task!r} raised {result['type']} during "
+                    f"{command!r}: {result['message']}\n--- worker traceback ---\n"
+                    f"{result['traceback']}")
+        # Our own ValueErrors name the task and the fix; anything else is named with its type.
+        message = " ".join(str(result["message"]).split())
+        error._summary = message if cls is WorkerValueError else f"{self.task}: {result['type']}: {message}"
+        raise error
 
     def wait_ready(self) -> None:
         """Waits for the worker to build the environment (raises if it failed)."""

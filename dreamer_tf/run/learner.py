@@ -56,6 +56,7 @@ class Learner:
         self._error: BaseException | None = None
         self._acting = None
         self.updates = int(agent.train_step_count.numpy())  # updates done as of the last join
+        self._phase: tuple[int, int, float] | None = None  # (done, issued, start) of the updates running
 
     # --- updates ----------------------------------------------------------------------------
     def update(self, steps: int) -> None:
@@ -82,7 +83,8 @@ class Learner:
         start = time.perf_counter()
         try:
             with self.replay.iterator(self.batch_size, self.batch_length) as batches:
-                for _ in range(steps):
+                for done in range(steps):
+                    self._phase = (done, steps, start)
                     wait = time.perf_counter()
                     batch = next(batches)
                     self.sample_seconds += time.perf_counter() - wait
@@ -90,7 +92,21 @@ class Learner:
                     for key, value in {**self.check(metrics), **metrics}.items():
                         self._running.setdefault(key, []).append(value)
         finally:
+            self._phase = None
             self.seconds += time.perf_counter() - start
+
+    def in_progress(self) -> str:
+        """'the 63 updates left of 100 (about 2 min)' while updates run, else ''."""
+        phase = self._phase
+        if phase is None:
+            return ""
+        done, steps, start = phase
+        left = steps - done
+        text = f"the {left} updates left of {steps}"
+        if done:
+            seconds = left * (time.perf_counter() - start) / done
+            text += f" (about {seconds:.0f} s)" if seconds < 120 else f" (about {seconds / 60:.0f} min)"
+        return text
 
     @property
     def busy(self) -> bool:

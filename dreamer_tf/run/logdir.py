@@ -13,7 +13,7 @@ from dreamer_tf import config as configlib
 from dreamer_tf.utils import DISK_ERRNOS, atomic_write_json, describe_write_error
 
 __all__ = ["RESUMABLE_KEYS", "Diverged", "check_divergence", "RunError", "Stopped", "WriteFailed", "write_status",
-           "record_failure", "prepare_logdir", "never_started", "move_newer_episodes"]
+           "record_failure", "prepare_logdir", "stored_config_conflict", "never_started", "move_newer_episodes"]
 
 # Keys that may change when a run is resumed (extending the budget, logging cadence, trackers; the
 # replay store: every store yields the same batches, and "chunks" migrates an older run's files; the
@@ -96,17 +96,24 @@ def prepare_logdir(config: configlib.Config, logdir: Path, force: bool = False) 
     """Write `config.yaml`, or check it against the stored one when resuming."""
     logdir.mkdir(parents=True, exist_ok=True)
     path = logdir / "config.yaml"
-    if path.exists():
-        stored = configlib.load_file(path, fill_missing=force)
-        differ = configlib.diff(stored, config, ignore=RESUMABLE_KEYS)
-        if differ and not force and never_started(logdir):  # e.g. a mistyped task: nothing to keep
-            print(f"{logdir}: replacing the config of a run that has no checkpoint and no episodes", file=sys.stderr)
-        elif differ and not force:
-            lines = ", ".join(f"{k}: stored {a!r} vs new {b!r}" for k, (a, b) in differ.items())
-            raise RunError(f"logdir {logdir} was written with a different config ({lines}); "
-                           f"use another logdir, or --force to resume with the new config")
+    if path.exists() and stored_config_conflict(config, logdir, force):
+        print(f"{logdir}: replacing the config of a run that has no checkpoint and no episodes", file=sys.stderr)
     configlib.save(config, path)
     return config
+
+
+def stored_config_conflict(config: configlib.Config, logdir: Path, force: bool = False) -> bool:
+    """RunError if the stored config.yaml differs from `config` (resumable keys aside) in a run that
+    has started; True if it differs in one that never started (it is replaced), else False."""
+    stored = configlib.load_file(logdir / "config.yaml", fill_missing=force)
+    differ = configlib.diff(stored, config, ignore=RESUMABLE_KEYS)
+    if differ and not force and never_started(logdir):  # e.g. a mistyped task: nothing to keep
+        return True
+    if differ and not force:
+        lines = ", ".join(f"{k}: stored {a!r} vs new {b!r}" for k, (a, b) in differ.items())
+        raise RunError(f"logdir {logdir} was written with a different config ({lines}); "
+                       f"use another logdir, or --force to resume with the new config")
+    return False
 
 
 def never_started(logdir: Path) -> bool:

@@ -34,6 +34,7 @@ class Logger:
         self.logdir = Path(logdir)
         self.path = self.logdir / "metrics.jsonl"
         self.sinks: list[Sink] = [TensorBoardSink(self.logdir / "tb")] if tensorboard else []
+        self._video_noted = False  # a skipped evaluation video was reported
         try:
             self.sinks += open_trackers(self.logdir, trackers, config)
         except BaseException:
@@ -78,6 +79,17 @@ class Logger:
         for sink in self.sinks:
             sink.video(int(step), name, path)
         return path
+
+    def evaluation_video(self, step: int, agent, episodes: list[dict]) -> None:
+        """The video of an evaluation (run/video.py); one the episodes are too short for is skipped
+        with a note on stderr, once per process (not at every evaluation)."""
+        from dreamer_tf.run.video import VideoSkipped, evaluation_video
+        try:
+            self.video(step, *evaluation_video(agent, episodes))
+        except VideoSkipped as e:
+            if not self._video_noted:
+                print(f"video: skipped at step {step}: {e} (this note is shown once)", file=sys.stderr, flush=True)
+                self._video_noted = True
 
     def commit(self, step: int) -> None:
         """A checkpoint now holds everything up to `step`: the trackers may send it (no later
@@ -207,17 +219,27 @@ def _write_gif_summary(tf, writer, name: str, gif: bytes, shape, step: int) -> N
 
 
 class Progress:
-    """A progress bar over env steps with the last returns and ETA; plain lines when not a TTY."""
+    """A progress bar over env steps with the last returns and ETA; plain lines when not a TTY.
 
-    def __init__(self, total: int, initial: int = 0, stream=None):
+    The plain lines' ETA is measured on the training phase only: from the first step at or past
+    `measure_from` (the end of the prefill, whose random actions are many times faster than training),
+    and shown once that measurement spans `min_seconds`; before that the ETA is `?`. (Measured from
+    the start, the step-0 evaluation's compile time over a few steps gave ETAs of 100 hours.)
+    """
+
+    def __init__(self, total: int, initial: int = 0, stream=None, measure_from: int = 0,
+                 min_seconds: float = 120.0, clock=time.time):
         self.total = int(total)
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.info: dict[str, str] = {}
         self._bar = None
-        self._last_print = 0.0
-        self._start_time = time.time()
+        self._clock = clock
+        self._last_print = -math.inf
+        self._start_time = clock()
         self._start_step = int(initial)
+        self._measure_from, self._min_seconds = int(measure_from), float(min_seconds)
+        self._mark: tuple[float, int] | None = None  # (time, step) where the ETA's measurement starts
         self.step = int(initial)
         if self.tty:
             from tqdm import tqdm
@@ -228,18 +250,29 @@ class Progress:
         for key, value in info.items():
             self.info[key] = f"{value:.1f}" if isinstance(value, float) else str(value)
 
+    def eta(self, step: int, now: float) -> float:
+        """Seconds to `total` at the training phase's rate; inf while it is not measured enough."""
+        if self._mark is None:
+            return math.inf
+        seconds, steps = now - self._mark[0], step - self._mark[1]
+        if seconds < self._min_seconds or steps <= 0:
+            return math.inf
+        return (self.total - step) * seconds / steps
+
     def update(self, step: int, force: bool = False) -> None:
         """Advance to `step`; without a terminal, a line a minute (`force`: now)."""
+        now = self._clock()
+        if self._mark is None and step >= self._measure_from:
+            self._mark = (now, step)
         if self._bar is not None:
             self._bar.update(step - self.step)
             self._bar.set_postfix(self.info, refresh=force)
-        elif time.time() - self._last_print > 60 or force:
-            rate = (step - self._start_step) / max(time.time() - self._start_time, 1e-6)
-            eta = (self.total - step) / rate if rate > 0 else float("inf")
+        elif now - self._last_print > 60 or force:
+            rate = (step - self._start_step) / max(now - self._start_time, 1e-6)
             extras = " ".join(f"{k}={v}" for k, v in self.info.items())
-            print(f"[{step}/{self.total}] {rate:.1f} steps/s eta {_fmt_time(eta)} {extras}",
+            print(f"[{step}/{self.total}] {rate:.1f} steps/s eta {_fmt_time(self.eta(step, now))} {extras}",
                   file=self.stream, flush=True)
-            self._last_print = time.time()
+            self._last_print = now
         self.step = step
 
     def close(self) -> None:

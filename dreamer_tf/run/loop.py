@@ -3,7 +3,8 @@
     prefill `prefill` env steps with uniform random actions; `pretrain` gradient steps;
     every `train_every` env steps: `train_steps` gradient steps (world model + behaviour);
     act with the policy plus exploration noise; store finished episodes in the replay;
-    every `eval_every` env steps: evaluation episodes with the mode action and a video.
+    every `eval_every` env steps: evaluation episodes with the mode action and a video;
+    at the last step: a final evaluation, unless one was made there (every run ends with a score).
 With `overlap: true` the updates run in the background while the envs keep stepping (run/learner.py).
 
 Env steps count simulator frames (action repeat included), as in the paper. Checkpoints are taken
@@ -69,7 +70,7 @@ class Trainer:
         # eval_start 'after_prefill': the first evaluation follows the prefill and pretraining (the reference).
         self.state = LoopState(next_log=config.log_every,
                                next_eval=config.prefill if config.eval_start == "after_prefill" else 0)
-        self.stop = GracefulStop()  # its signum is set by the first SIGINT/SIGTERM
+        self.stop = GracefulStop(lambda: self.learner.in_progress() if hasattr(self, "learner") else "")  # SIGINT/TERM
 
     # --- set-up -------------------------------------------------------------------------
     def _build(self) -> None:
@@ -119,7 +120,7 @@ class Trainer:
                 raise
             raise failure from None
         s = self.state
-        self._progress = Progress(c.steps, s.step)
+        self._progress = Progress(c.steps, s.step, measure_from=c.prefill)  # ETA at the training rate
         self._clock = Clock(s.step, s.wall_time)
         self._watch = Stopwatch()
         self.collector.reset(episode_role(s.step, c.prefill))
@@ -137,9 +138,9 @@ class Trainer:
                 stopped = Stopped(self.stop.signum, s.step)
                 write_status(self.logdir, "interrupted", s.step, c.steps, str(stopped))
                 raise stopped
-            # The final evaluation and checkpoint (an episode still in progress is not stored).
-            if s.step >= s.next_eval:
-                self._evaluate()
+            # The final evaluation (once) and checkpoint (an episode still in progress is not stored).
+            if final_evaluation_due(s, self._clock.start_step):
+                self._evaluate(scheduled=s.step >= s.next_eval)
             self._checkpoint()
             self._progress.update(s.step, force=True)  # the last line shows the final evaluation
             write_status(self.logdir, "finished", s.step, c.steps)
@@ -247,7 +248,7 @@ class Trainer:
         if s.step < c.prefill or (s.pretrained and s.step < s.next_train):
             return
         self._join()
-        if self.replay.num_episodes == 0:
+        if not trainable(self.replay, c.batch_length, c.task):  # no episode yet (RunError: all too short)
             return
         if not s.pretrained:
             self.learner.update(c.pretrain)
@@ -266,20 +267,19 @@ class Trainer:
         return extra
 
     # --- evaluation and checkpoints -----------------------------------------------------
-    def _evaluate(self) -> None:
+    def _evaluate(self, scheduled: bool = True) -> None:
         c, s = self.config, self.state
         self._join()
         with self._watch("eval"):
             returns, episodes = evaluate(self.agent, self.eval_env, c.eval_episodes, self.seeds)
-        s.evals += 1
-        s.next_eval += c.eval_every
+        s.evals, s.last_eval = s.evals + 1, s.step
+        s.next_eval += c.eval_every if scheduled else 0  # the final one between two due keeps the schedule
         row = {"test_return": float(np.mean(returns)), "test_return_std": float(np.std(returns)),
                "test_length": (len(episodes[0]["reward"]) - 1) * c.action_repeat}
         self.logger.write(s.step, row)
         self._progress.set(test_return=row["test_return"])
         if c.video_every and (s.evals - 1) % c.video_every == 0:
-            from dreamer_tf.run.video import evaluation_video
-            self.logger.video(s.step, *evaluation_video(self.agent, episodes))
+            self.logger.evaluation_video(s.step, self.agent, episodes)
         self.logger.flush()
 
     def _checkpoint(self, scheduled: bool = True) -> None:
@@ -300,6 +300,34 @@ class Trainer:
             self.checkpointer.save(self.agent, s.step, saved, extra)
             self.logger.commit(s.step)  # the trackers get what the checkpoint now holds
             write_status(self.logdir, "running", s.step, self.config.steps)
+
+
+def final_evaluation_due(state: LoopState, started: int) -> bool:
+    """Whether a run that reached its `steps` still needs its final evaluation: none has been made at
+    this step. `started`: the step this process started at. (Restored from a checkpoint written before
+    `last_eval` existed, and no evaluation since: one is due if the run advanced here, or was due
+    by the old rule, which evaluated at the end only when the schedule said so.)"""
+    if state.last_eval is None:
+        return state.step > started or state.step >= state.next_eval
+    return state.last_eval != state.step
+
+
+def trainable(replay, batch_length: int, task: str) -> bool:
+    """Whether the replay holds an episode with the `batch_length` entries a training sequence needs:
+    False before the first episode, RunError (one line) if every episode is shorter. Shorter episodes
+    are stored but never sampled (the reference skips them too)."""
+    if replay.num_episodes == 0:
+        return False
+    try:
+        replay.windows(batch_length)  # cached: the sampler asks for the same windows
+        return True
+    except ValueError:
+        lengths = replay.windows(1).lengths  # entries (agent steps + 1) of every episode
+    steps = sorted(set(int(n) - 1 for n in lengths))
+    shown = ", ".join(map(str, steps[:8])) + (", ..." if len(steps) > 8 else "")
+    raise RunError(f"{task}: the {len(lengths)} episodes collected are too short to train on: batch_length="
+                   f"{batch_length} needs episodes of at least {batch_length - 1} agent steps, these have {shown}; "
+                   f"set batch_length to at most {int(max(lengths))} (shorter episodes are skipped when sampling)")
 
 
 def train(config: configlib.Config, logdir: str | os.PathLike, force: bool = False) -> dict:

@@ -36,6 +36,8 @@ class LoopState:
     next_ckpt: int = 0            # ... of the next checkpoint (taken at an episode boundary)
     pretrained: bool = False      # the `pretrain` updates after prefill are done
     evals: int = 0                # evaluations so far (videos every `video_every`)
+    last_eval: int | None = -1    # env step of the newest evaluation (-1: none yet; None: a checkpoint from
+                                  #   before this field, whose run evaluated at the end only when due)
     nonfinite_streak: int = 0     # consecutive skipped updates
     wall_time: float = 0.0        # seconds of training over all resumes
     rng: dict | None = None       # prefill action generator state
@@ -50,7 +52,7 @@ class LoopState:
     @classmethod
     def from_dict(cls, values: dict) -> "LoopState":
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
+        return cls(**{"last_eval": None, **{k: v for k, v in values.items() if k in names}})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -28,11 +28,22 @@ def tile_batch(video: np.ndarray, columns: int | None = None) -> np.ndarray:
     return grid.transpose(2, 0, 3, 1, 4, 5).reshape(time, rows * height, columns * width, channels)
 
 
+class VideoSkipped(ValueError):
+    """No video can be made of these episodes (the reason is one line)."""
+
+
 def evaluation_video(agent, episodes: list[dict], length: int = 100) -> tuple[str, np.ndarray]:
     """(name, frames) for the first 4 evaluation episodes: real frames | open-loop predictions |
-    error; without a decoder (contrastive / reward-only representations) the real frames alone."""
-    length = min(len(episodes[0]["reward"]), length)
-    batch = {k: np.stack([e[k][:length] for e in episodes[:4]]) for k in episodes[0]}
+    error; without a decoder (contrastive / reward-only representations) the real frames alone.
+    Raises VideoSkipped if the episodes are too short for an open-loop prediction."""
+    shown = episodes[:4]
+    length = min(length, *(len(e["reward"]) for e in shown))  # episodes may differ in length
+    batch = {k: np.stack([e[k][:length] for e in shown]) for k in shown[0]}
     if agent.decoder is None:
         return "episode", tile_batch(batch["image"])
+    from dreamer_tf.agent.openloop import CONTEXT
+    if length <= CONTEXT:  # the model observes CONTEXT frames before it predicts any
+        raise VideoSkipped(f"the evaluation episode has {length} frames and an open-loop video needs "
+                           f"more than {CONTEXT}")
     return "openloop", tile_batch(agent.video_predictions(batch))
+
