@@ -259,6 +259,26 @@ def test_silent_and_slow_clients_do_not_block_the_real_follower(monkeypatch, cap
     silent.close()
 
 
+def test_a_trickled_frame_is_refused_by_its_deadline(monkeypatch, capfd):
+    """An authenticated client that sends its join a byte at a time: each byte comes in time, the
+    whole frame does not (the deadline is the message's, not each read's)."""
+    monkeypatch.setattr(feed, "HANDSHAKE_SECONDS", 2.0)
+    chief, follower = roles(free_port())
+    listener = Listener(chief)
+    slow = raw_client(chief.address[1])
+    frame = frames_of(slow, [payload({"kind": "join", "name": "worker 1", "pad": "x" * 40})])[0]
+    for i in range(len(frame)):  # 0.25 s a byte: 100+ bytes would take half a minute
+        try:
+            slow.sock.sendall(frame[i:i + 1])
+        except OSError:
+            break  # the chief hung up
+        time.sleep(0.25)
+    conn = feed.connect(follower, WAIT)
+    listener.join()
+    assert "the join message took too long" in refusals(capfd, 2)
+    conn.close()
+
+
 def test_a_frame_that_stalls_midway_is_refused_by_its_deadline():
     with channels() as (chief, follower):
         chief.sock.sendall(struct.pack("!Q", 1000) + b"x" * 10)
@@ -379,10 +399,13 @@ def test_fuzz_frames_random_truncated_and_wrong_types():
     rng = random.Random(30)
     values = [7, -1, 2 ** 70, 1.5, float("nan"), "a", "", None, True, [], ["a"], [0.5], [[1]], {}, {"a": 1}]
     seen = {FeedError: 0, FeedLost: 0}
-    for case in range(60):
-        kind = case % 4
+    for case in range(75):
+        kind = case % 5
         if kind == 0:
             data = rng.randbytes(rng.randrange(0, 300))
+        elif kind == 3:  # a header of the right length holding anything
+            head = rng.choice([rng.randbytes(rng.randrange(0, 60)), json.dumps(rng.choice(values)).encode()[:-1]])
+            data = payload(raw_header=head, tail=rng.randbytes(rng.randrange(0, 8)))
         elif kind == 1:
             header = {"kind": rng.choice(["ready", "join", "armed", "train", rng.choice(values)])}
             for key in rng.sample(["replicas", "name", "arrays", "error"], rng.randrange(0, 4)):
