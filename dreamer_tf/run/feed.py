@@ -29,47 +29,36 @@ Only the standard library and numpy are imported here; TensorFlow inside functio
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import queue
-import re
 import select
-import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 import types
-from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
+from dreamer_tf.run.cluster_start import FeedStopped, start_cluster, stop_on_signals
 from dreamer_tf.run.logdir import Stopped
-from dreamer_tf.run.wire import (CONFIG_LIMIT, KEY_ENV, MAKE_KEY, SMALL, Channel, FeedError, FeedLost, array_bytes,
-                                 decode, encode, feed_key, field, handshake_chief, handshake_follower, keep_alive,
+from dreamer_tf.run.messages import (checkpoint_bytes, checkpoint_files, message_bytes, read_ready, restore_bytes,
+                                     space, spaces_from, train_arrays)
+from dreamer_tf.run.wire import (CONFIG_LIMIT, KEY_ENV, SMALL, TIMEOUT_ENV, Channel, FeedError, FeedLost, decode,
+                                 encode, feed_key, field, handshake_chief, handshake_follower, keep_alive,
                                  local_key_file, read_local_key, write_local_key)
 
 __all__ = ["FeedError", "FeedLost", "FeedStopped", "Role", "cluster_role", "Feed", "ChiefFeed", "open_feed",
            "connect", "send", "receive", "space", "spaces_from", "rows_of", "replica_ids", "cluster_step",
-           "peer_closed", "start_cluster", "checkpoint_files", "read_ready", "train_arrays", "PORT_ENV", "KEY_ENV",
-           "TIMEOUT_ENV"]
+           "peer_closed", "start_cluster", "stop_on_signals", "checkpoint_bytes", "checkpoint_files", "restore_bytes",
+           "read_ready", "train_arrays", "message_bytes", "PORT_ENV", "KEY_ENV", "TIMEOUT_ENV", "SMALL", "CONFIG_LIMIT"]
 
-PORT_ENV, TIMEOUT_ENV = "DREAMER_FEED_PORT", "DREAMER_FEED_TIMEOUT"
+PORT_ENV = "DREAMER_FEED_PORT"
 PROTOCOL = 2
 HANDSHAKE_SECONDS = 10.0  # a connection must authenticate and say who it is within this (or the deadline)
 MAX_PENDING = 32  # connections being authenticated at once; more are closed at once
-
-
-class FeedStopped(Stopped):
-    """SIGINT/SIGTERM while the chief waited for its workers: nothing was trained or written since."""
-
-    def __init__(self, signum: int):
-        Exception.__init__(self, f"multi_worker: stopped by {signal.Signals(signum).name} while waiting for the "
-                                 f"workers; the run directory is as it was: run the same command to resume")
-        self.signum, self.step = signum, 0
 
 
 class Role(types.SimpleNamespace):
@@ -136,108 +125,6 @@ def receive(conn: Channel, limit: int, wait: float | None, what: str = "a messag
     return decode(conn.receive(limit, wait, what, rest), what, conn.peer)
 
 
-def space(box: Any) -> dict:
-    """A gym-like space as JSON (what the agent reads of it: shape, bounds, `n`)."""
-    out = {"shape": list(getattr(box, "shape", None) or ())}
-    if getattr(box, "n", None) is not None:
-        out["n"] = int(box.n)
-    for bound in ("low", "high"):
-        if getattr(box, bound, None) is not None:
-            out[bound] = np.broadcast_to(np.asarray(getattr(box, bound), np.float64), out["shape"]).tolist()
-    return out
-
-
-def spaces_from(message: dict, peer: str = "the chief") -> tuple[dict, Any]:
-    """The (observation spaces, action space) of a `spaces` message; FeedError (one line) if malformed."""
-    def make(d: Any, name: str) -> types.SimpleNamespace:
-        try:
-            shape = tuple(d["shape"])
-            if len(shape) > 8 or not all(type(n) is int and 0 < n < 2 ** 24 for n in shape):
-                raise ValueError("shape")
-            n = d.get("n")
-            if n is not None and not (type(n) is int and 0 < n < 2 ** 24):
-                raise ValueError("n")
-            bounds = {b: np.asarray(d.get(b, 0.0), np.float64) for b in ("low", "high")}
-            if any(v.shape not in ((), shape) for v in bounds.values()):
-                raise ValueError("bounds")
-        except (KeyError, TypeError, ValueError) as e:
-            raise FeedError(f"multi_worker: the spaces message from {peer} is malformed: {name} "
-                            f"({type(e).__name__}: {e})") from None
-        return types.SimpleNamespace(shape=shape, n=n, **bounds)
-    obs = field(message, "obs_space", dict, "the spaces message", peer)
-    if not obs or len(obs) > 64:
-        raise FeedError(f"multi_worker: the spaces message from {peer} is malformed: {len(obs)} observation keys")
-    return {str(k): make(v, f"obs_space[{str(k)[:40]!r}]") for k, v in obs.items()}, \
-        make(field(message, "act_space", dict, "the spaces message", peer), "act_space")
-
-
-def checkpoint_bytes(agent) -> dict[str, np.ndarray]:
-    """The agent's variables as the files of a TF checkpoint, in memory."""
-    import tensorflow as tf
-    with tempfile.TemporaryDirectory() as tmp:
-        tf.train.Checkpoint(agent=agent).write(os.path.join(tmp, "agent"))
-        return {f"file:{p.name}": np.frombuffer(p.read_bytes(), np.uint8) for p in Path(tmp).iterdir()}
-
-
-# The only files `tf.train.Checkpoint.write(".../agent")` makes: received names must be one of them.
-_CHECKPOINT_FILE = re.compile(r"file:(agent\.index|agent\.data-\d{5}-of-\d{5})")
-
-
-def checkpoint_files(files: Mapping[str, Any], peer: str = "the chief") -> dict[str, bytes]:
-    """{file name: bytes} of a `sync` message, every name checked before anything is written: only a
-    TF checkpoint's own file names (no path, no `..`), as 1-D uint8 arrays; FeedError (one line) otherwise."""
-    if not files or len(files) > 64:
-        raise FeedError(f"multi_worker: the sync message from {peer} holds {len(files)} files, not a checkpoint")
-    out = {}
-    for name, data in files.items():
-        match = _CHECKPOINT_FILE.fullmatch(name) if isinstance(name, str) else None
-        if match is None:
-            raise FeedError(f"multi_worker: the sync message from {peer} names file {str(name)[:100]!r}: only "
-                            f"'file:agent.index' and 'file:agent.data-NNNNN-of-NNNNN' are allowed; refused")
-        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 1:
-            raise FeedError(f"multi_worker: the sync message from {peer} holds {name} as "
-                            f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}, not bytes")
-        out[match.group(1)] = data.tobytes()
-    if "agent.index" not in out:
-        raise FeedError(f"multi_worker: the sync message from {peer} has no agent.index: not a checkpoint")
-    return out
-
-
-def restore_bytes(agent, files: Mapping[str, Any]) -> None:
-    """Load a `sync` message's checkpoint into `agent`; FeedError (one line) if it is not one."""
-    checked = checkpoint_files(files)  # before anything is written
-    import tensorflow as tf
-    with tempfile.TemporaryDirectory() as tmp:  # the follower's only files, deleted at once
-        for name, data in checked.items():
-            path = Path(tmp, name)
-            if path.parent != Path(tmp):  # cannot happen with the names above; never write elsewhere
-                raise FeedError(f"multi_worker: refused to write {name!r} outside {tmp}")
-            path.write_bytes(data)
-        try:
-            tf.train.Checkpoint(agent=agent).read(os.path.join(tmp, "agent")).assert_existing_objects_matched()
-        except (tf.errors.OpError, ValueError, AssertionError) as e:
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise FeedError(f"multi_worker: the chief's checkpoint does not fit this agent: {first}") from None
-
-
-def train_arrays(arrays: Mapping[str, np.ndarray], expected: Mapping[str, tuple[tuple[int, ...], np.dtype]],
-                 peer: str = "the chief") -> dict[str, np.ndarray]:
-    """A `train` message's arrays, which must be exactly `expected` ({name: (shape, dtype)})."""
-    if set(arrays) != set(expected):
-        raise FeedError(f"multi_worker: the train message from {peer} holds {sorted(arrays)[:12]}, expected "
-                        f"{sorted(expected)}")
-    for name, (shape, dtype) in expected.items():
-        if arrays[name].shape != tuple(shape) or arrays[name].dtype != dtype:
-            raise FeedError(f"multi_worker: the train message from {peer} holds {name} as {arrays[name].dtype} "
-                            f"{arrays[name].shape}, expected {np.dtype(dtype)} {tuple(shape)}")
-    return dict(arrays)
-
-
-def message_bytes(expected: Mapping[str, tuple[tuple[int, ...], Any]]) -> int:
-    """The largest message that carries the arrays `expected`: their bytes and a small header."""
-    return SMALL + sum(array_bytes(shape, dtype) for shape, dtype in expected.values())
-
-
 def cluster_step(agent, batch: Mapping[str, Any]) -> dict[str, float]:
     """`agent.train(batch)`; FeedLost (one line) when TensorFlow aborts the step's collectives because
     a worker stopped (its coordination service notices missing heartbeats within seconds)."""
@@ -280,114 +167,6 @@ def replica_ids(strategy) -> list[int]:
     cluster owns rows r*b .. (r+1)*b - 1 of the global batch)."""
     ids = strategy.experimental_distribute_values_from_function(lambda ctx: ctx.replica_id_in_sync_group)
     return [int(i) for i in strategy.experimental_local_results(ids)]
-
-
-def read_ready(header: dict, peer: str, replicas: int) -> list[int]:
-    """The replica ids of a follower's `ready` message; FeedError (one line) if it is not one."""
-    if header.get("kind") != "ready":
-        raise FeedError(f"multi_worker: {peer} failed to start: {str(header.get('error', header))[:300]}")
-    ids = field(header, "replicas", list, "the ready message", peer)
-    if not ids or not all(type(i) is int and 0 <= i < replicas for i in ids) or len(set(ids)) != len(ids):
-        raise FeedError(f"multi_worker: the ready message from {peer} is malformed: `replicas` must be distinct "
-                        f"replica ids in 0..{replicas - 1}, got {str(ids)[:80]}")
-    return ids
-
-
-# --- the cluster's start-up -------------------------------------------------------------------------
-def start_cluster(config, wait: float, name: str) -> None:
-    """Make the multi_worker strategy (TensorFlow's collective start-up, every task at once), giving
-    up after `wait` s with a FeedError of one line: TensorFlow waits for every task inside one call
-    that holds the GIL (no signal handler, no thread runs), so its own deadline is set: the
-    coordination service's registration barrier, which otherwise waits without end for a task that died."""
-    from dreamer_tf.agent import replicas
-    _register_deadline(wait)
-    try:
-        with _tf_log_held():
-            replicas.make_strategy(config)
-    except ValueError as e:
-        raise FeedError(str(e)) from None
-    except Exception as e:  # noqa: BLE001  (TensorFlow's errors: a task missing, a port in use)
-        import tensorflow as tf
-        if not isinstance(e, tf.errors.OpError):
-            raise
-        _mute_tf_log()  # the coordination agent's shutdown logs its error again, in many lines
-        raise FeedError(f"multi_worker: {name}: TensorFlow's cluster start-up failed ({type(e).__name__}): "
-                        f"{_first_line(e)}; every task must start within {wait:g} s ({TIMEOUT_ENV})") from None
-
-
-def _first_line(error) -> str:
-    text = str(getattr(error, "message", error)).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
-
-
-def _register_deadline(wait: float) -> None:
-    """Configure the coordination service as MultiWorkerMirroredStrategy does, plus a registration
-    barrier that fails after `wait` s (TensorFlow's private API; without it, no deadline)."""
-    try:
-        from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
-        from tensorflow.python.distribute import multi_worker_util
-        from tensorflow.python.distribute.cluster_resolver import TFConfigClusterResolver
-        from tensorflow.python.eager import context
-    except ImportError:
-        return
-    ctx = context.context()
-    if ctx.coordination_service is not None:
-        return
-    spec = TFConfigClusterResolver().cluster_spec()
-    jobs = [coordination_config_pb2.CoordinatedJob(name=job, num_tasks=spec.num_tasks(job))
-            for job in ("chief", "worker") if job in spec.jobs]
-    ctx.configure_coordination_service(service_type="standalone",
-                                       service_leader=multi_worker_util.coordination_leader(spec),
-                                       coordinated_jobs=jobs, cluster_register_timeout_in_ms=int(wait * 1000))
-    ctx.coordination_service.cluster_register_with_barrier = True
-
-
-@contextlib.contextmanager
-def _tf_log_held() -> Iterator[None]:
-    """TensorFlow's C++ log of the start-up goes to a file, shown only with DREAMER_TF_VERBOSE=1
-    (its errors are many lines; ours is one)."""
-    if os.environ.get("DREAMER_TF_VERBOSE"):
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
-def _mute_tf_log() -> None:
-    """After a failed start-up: fd 2 (TensorFlow's C++ log) to /dev/null, Python's stderr kept."""
-    if os.environ.get("DREAMER_TF_VERBOSE"):
-        return
-    sys.stderr.flush()
-    if sys.stderr.fileno() == 2:  # Python writes to fd 2 too: give it its own copy first
-        sys.stderr = open(os.dup(2), "w", buffering=1, encoding=sys.stderr.encoding or "utf-8",
-                          errors="backslashreplace")
-    null = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 2)
-    os.close(null)
-
-
-@contextlib.contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """While the chief waits for its workers, SIGINT/SIGTERM end it at once (FeedStopped, one line)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise FeedStopped(signum)
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 # --- the follower's end ---------------------------------------------------------------------------

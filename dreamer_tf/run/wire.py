@@ -37,9 +37,9 @@ import numpy as np
 from dreamer_tf.run.logdir import RunError
 
 __all__ = ["FeedError", "FeedLost", "Channel", "handshake_chief", "handshake_follower", "encode", "decode",
-           "feed_key", "KEY_ENV", "MAKE_KEY", "SMALL", "CONFIG_LIMIT", "array_bytes"]
+           "feed_key", "KEY_ENV", "TIMEOUT_ENV", "MAKE_KEY", "SMALL", "CONFIG_LIMIT", "array_bytes"]
 
-KEY_ENV = "DREAMER_FEED_KEY"
+KEY_ENV, TIMEOUT_ENV = "DREAMER_FEED_KEY", "DREAMER_FEED_TIMEOUT"
 MAKE_KEY = "python -c 'import secrets; print(secrets.token_hex(32))'"
 MIN_KEY = 16  # characters: a key shorter than this is guessable
 MAGIC = b"dreamer_tf feed v2\n"
