@@ -237,6 +237,15 @@ def test_a_key_folder_others_can_read_is_refused(tmp_path, monkeypatch):
     one_line(e.value)
 
 
+def test_an_unwritable_key_folder_is_one_line(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(blocker))  # a file where the folder would be
+    with pytest.raises(FeedError, match="cannot make .* set DREAMER_FEED_KEY") as e:
+        wire.local_key_file(("127.0.0.1", 1))
+    one_line(e.value)
+
+
 # --- 3. deadlines: one silent or slow client blocks no other ----------------------------------------------
 def test_silent_and_slow_clients_do_not_block_the_real_follower(monkeypatch, capfd):
     monkeypatch.setattr(feed, "HANDSHAKE_SECONDS", 1.0)

@@ -91,8 +91,12 @@ def feed_key(environ: Mapping[str, str], hosts: list[str]) -> bytes | None:
 def local_key_file(address: tuple[str, int]) -> Path:
     """Where a loopback-only chief puts its per-run key: a folder of the user's own, mode 0700."""
     folder = Path(os.environ.get("XDG_RUNTIME_DIR") or Path.home() / ".cache") / "dreamer_tf" / "feed_keys"
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    info = folder.stat()
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        info = folder.stat()
+    except OSError as e:
+        raise FeedError(f"multi_worker: cannot make {folder} for the feed's key ({e.strerror or e}); set "
+                        f"{KEY_ENV} on every task instead (e.g. the output of `{MAKE_KEY}`)") from None
     if info.st_uid != os.getuid() or info.st_mode & 0o077:
         raise FeedError(f"multi_worker: {folder} must belong to this user with mode 0700 (it holds the feed's "
                         f"keys); fix it, or set {KEY_ENV}")
@@ -104,13 +108,17 @@ def write_local_key(path: Path) -> bytes:
     """A fresh random key in `path` (0600, replaced atomically): the followers on this machine read it."""
     key = secrets.token_hex(32).encode()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, key)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, key)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise FeedError(f"multi_worker: cannot write the feed's key to {path} ({e.strerror or e}); set "
+                        f"{KEY_ENV} on every task instead") from None
     return key
 
 
@@ -122,6 +130,9 @@ def read_local_key(path: Path) -> bytes | None:
         key = path.read_bytes().strip()
     except FileNotFoundError:
         return None
+    except OSError as e:
+        raise FeedError(f"multi_worker: cannot read the feed's key {path} ({e.strerror or e}); set {KEY_ENV} "
+                        f"on every task instead") from None
     return key if len(key) >= MIN_KEY else None
 
 
