@@ -81,6 +81,7 @@ def _follow(conn, role: Role, wait: float) -> int:
             cluster_step(agent, batch)
             updates += 1
         elif kind == "stop" and header.get("ok") is True:
+            _finished.set()  # the chief hangs up next: not a loss (the watchdog must not report it)
             print(f"multi_worker: {role.name} done: the chief stopped after {updates} updates here",
                   file=sys.stderr, flush=True)
             return 0
@@ -142,6 +143,7 @@ def _expect(conn, kind: str, limit: int, wait: float, what: str) -> dict:
 
 _reported = threading.Lock()
 _busy = threading.Event()  # the main thread is inside TensorFlow, not reading the feed
+_finished = threading.Event()  # the chief said the run ended well
 
 
 def _report(line: str) -> bool:
@@ -162,6 +164,8 @@ def _watch(conn, lost: str) -> None:
         while True:
             _busy.wait()
             time.sleep(1.0)
+            if _finished.is_set():
+                return
             if _busy.is_set() and peer_closed(sock):
                 break
         if _report(f"{lost}: the connection closed while this worker was in TensorFlow"):
