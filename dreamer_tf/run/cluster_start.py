@@ -47,8 +47,9 @@ def start_cluster(config, wait: float, name: str) -> None:
 
 
 def _first_line(error) -> str:
+    """The first sentence of TensorFlow's message (the rest is advice for its own developers)."""
     text = str(getattr(error, "message", error)).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
+    return text.splitlines()[0].split(". ")[0][:200] if text else type(error).__name__
 
 
 def _register_deadline(wait: float) -> None:
