@@ -55,8 +55,8 @@ def free_ports(n: int) -> list[int]:
 def cluster_env(ports: list[int], index: int, **extra: str) -> dict:
     workers = [f"127.0.0.1:{p}" for p in ports[:2]]
     tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
-    return dict(ENV, TF_CONFIG=json.dumps(tf_config), DREAMER_FEED_PORT=str(ports[2]), DREAMER_FEED_TIMEOUT="120",
-                **extra)
+    return {**ENV, "TF_CONFIG": json.dumps(tf_config), "DREAMER_FEED_PORT": str(ports[2]), "DREAMER_FEED_TIMEOUT": "120",
+            **extra}
 
 
 def start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
