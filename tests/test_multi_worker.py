@@ -315,3 +315,16 @@ def test_killed_chief_and_follower_resume_bit_exact(cluster, tmp_path):
     assert again["codes"] == {"chief": 0, "worker": 0}, again["err"]
     assert soak.compare_runs(reference, logdir) == []
     assert soak.check_record(logdir, 400, 300) == []
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_hosts_off_loopback_without_a_key_are_refused_in_one_line(tmp_path, index):
+    """Chief and follower alike, before anything is created or TensorFlow imported."""
+    tf_config = {"cluster": {"worker": ["10.1.2.3:2000", "10.1.2.4:2000"]}, "task": {"type": "worker", "index": index}}
+    env = {k: v for k, v in ENV.items() if k != "DREAMER_FEED_KEY"}
+    proc = subprocess.run([sys.executable, "-m", "dreamer_tf", "train", "--logdir", str(tmp_path / "x"), "--preset",
+                           "debug", "--set", "strategy=multi_worker"], env=dict(env, TF_CONFIG=json.dumps(tf_config)),
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "10.1.2.3 is not a loopback address) needs DREAMER_FEED_KEY" in proc.stderr
+    assert "secrets.token_hex(32)" in proc.stderr and not (tmp_path / "x").exists()
