@@ -5,11 +5,18 @@ run directory; worker 1 follows it (run/follower.py) and never writes its own --
 One cluster run is shared by the module: 300 env steps, then the same two commands resumed to 400.
 A `strategy: one` run of the same config runs beside it: the 2-replica run must match it (the
 replicas compute the single-device step, and the follower takes the chief's rows and generator).
+It is also the uninterrupted run that the killed-and-resumed cluster run must equal bit for bit.
+The tests without a cluster put fake workers (feed.connect, no TensorFlow) on the other end.
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import os
+import random
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -19,9 +26,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dreamer_tf.run import feed
 from dreamer_tf.run.logger import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("soak", ROOT / "scripts" / "soak.py")
+soak = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(soak)
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
 # Debug preset, a batch of 4 split across the two workers; no videos (their tracing is not what is tested).
 SETTINGS = ["batch_size=4", "video_every=0"]
@@ -44,8 +55,8 @@ def free_ports(n: int) -> list[int]:
 def cluster_env(ports: list[int], index: int, **extra: str) -> dict:
     workers = [f"127.0.0.1:{p}" for p in ports[:2]]
     tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
-    return dict(ENV, TF_CONFIG=json.dumps(tf_config), DREAMER_FEED_PORT=str(ports[2]), DREAMER_FEED_TIMEOUT="120",
-                **extra)
+    return {**ENV, "TF_CONFIG": json.dumps(tf_config), "DREAMER_FEED_PORT": str(ports[2]), "DREAMER_FEED_TIMEOUT": "120",
+            **extra}
 
 
 def start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
@@ -88,6 +99,7 @@ def cluster(tmp_path_factory):
     timings["first"] = (time.monotonic() - begin, codes)
     for name in procs:
         assert codes[name] == 0, tail(base / {"chief": "chief1", "worker": "worker1", "one": "one"}[name])
+    shutil.copytree(chief, base / "chief_at_300")  # where the killed runs start (test_killed_...)
     # Resume: the chief from its stored config with more steps; the worker needs only the strategy
     # (it takes the chief's config). New ports: the old ones may linger in TIME_WAIT.
     ports = free_ports(3)
@@ -180,3 +192,139 @@ def test_chief_without_its_workers_is_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert f"0 of 1 workers connected to 127.0.0.1:{ports[2]} within 2 s" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+# --- a worker that dies before the cluster starts; SIGTERM while the chief waits ----------------------------
+def fake_worker(port: int, env: dict) -> "feed.Channel":
+    """Worker 1 as the chief sees it (the real protocol, the chief's key), without TensorFlow."""
+    role = feed.cluster_role(dict(env, TF_CONFIG=env["TF_CONFIG"].replace('"index": 0', '"index": 1')))
+    return feed.connect(role, 120)
+
+
+def checkpoint_digest(logdir: Path) -> dict[str, str]:
+    return {str(p.relative_to(logdir)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted((logdir / "checkpoints").rglob("*")) if p.is_file()}
+
+
+def test_a_worker_that_dies_before_the_cluster_starts_is_one_line(cluster, tmp_path):
+    """Worker 1 joins the feed and dies: before saying it is about to start TensorFlow (the chief
+    sees it at once), and just after (the chief is inside TensorFlow's start-up, which holds the GIL:
+    it gives up at DREAMER_FEED_TIMEOUT). A third chief gets SIGTERM while it waits for its workers.
+    Each ends in one line, and the resumed run directory's checkpoints are as they were."""
+    chief_dir = cluster[0]
+    procs, runs = {}, {}
+    for case in ("before", "after", "sigterm"):
+        runs[case] = tmp_path / case
+        shutil.copytree(chief_dir, runs[case])
+        ports = free_ports(3)
+        env = cluster_env(ports, 0, DREAMER_FEED_TIMEOUT="20" if case == "after" else "120")
+        procs[case] = (subprocess.Popen([sys.executable, "-m", "dreamer_tf", "train", "--logdir", str(runs[case]),
+                                         "--set", "steps=500"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, text=True), ports, env)
+    before = checkpoint_digest(chief_dir)
+    try:
+        for case in ("before", "after"):
+            proc, ports, env = procs[case]
+            conn = fake_worker(ports[2], env)
+            header, _ = feed.receive(conn, feed.CONFIG_LIMIT, 120)
+            assert header["kind"] == "hello" and header["config"]["steps"] == 500
+            if case == "after":  # then dies before TensorFlow's start-up registers it
+                feed.send(conn, {"kind": "armed"}, wait=30)
+            conn.close()
+        proc, ports, _ = procs["sigterm"]
+        deadline = time.monotonic() + 300
+        while True:  # the chief listens once it waits for its workers
+            try:
+                socket.create_connection(("127.0.0.1", ports[2]), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+                time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        results = {case: (p.wait(timeout=300), p.stderr.read()) for case, (p, _, _) in procs.items()}
+    finally:
+        for proc, _, _ in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    expected = {"before": (2, "multi_worker: worker 1 (at 127.0.0.1) left before TensorFlow's cluster start-up"),
+                "after": (2, "multi_worker: the chief: TensorFlow's cluster start-up failed (DeadlineExceededError)"),
+                "sigterm": (128 + signal.SIGTERM, "multi_worker: stopped by SIGTERM while waiting for the workers")}
+    for case, (code, err) in results.items():
+        lines = [line for line in err.strip().splitlines() if not line.startswith("multi_worker: refused")]
+        assert code == expected[case][0] and len(lines) == 1 and expected[case][1] in lines[0], (case, code, err)
+        assert "every task must start within 20 s" in lines[0] or case != "after", lines
+        assert checkpoint_digest(runs[case]) == before, case
+        assert (runs[case] / "checkpoints" / "latest").read_text().strip() == "ckpt-000000000400"
+
+
+# --- SIGKILL the chief, and separately a follower: the same commands resume the same run ----------------
+def run_phase(name: str, chief_args: list[str], worker_args: list[str], logs: Path, victim: str | None = None,
+              delay: float = 0.0) -> dict:
+    """One launch of both commands (new ports); with a `victim`, SIGKILL it `delay` s after the chief
+    has restored and runs. Returns the exit codes, the chief's last logged step at the kill, stderr."""
+    ports = free_ports(3)
+    logdir = Path(chief_args[chief_args.index("--logdir") + 1])
+    begun = time.time()
+    procs = {"chief": start(chief_args, cluster_env(ports, 0), logs / f"{name}_chief"),
+             "worker": start(worker_args, cluster_env(ports, 1), logs / f"{name}_worker")}
+    event = {}
+    deadline = time.monotonic() + 900
+    try:
+        while victim and not event and all(p.poll() is None for p in procs.values()):
+            assert time.monotonic() < deadline, tail(logs / f"{name}_chief")
+            if soak._status(logdir).get("time", 0) > begun:  # written once restored, before the first step
+                time.sleep(delay)
+                if procs[victim].poll() is None:
+                    procs[victim].send_signal(signal.SIGKILL)
+                    event = {"victim": victim, "delay": round(delay, 1), "step": soak._max_step(logdir)}
+            time.sleep(0.2)
+        codes = finish(procs, max(60.0, deadline - time.monotonic()))
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    return {"name": name, **event, "codes": codes,
+            "err": {k: (logs / f"{name}_{k}.err").read_text() for k in procs}}
+
+
+def test_killed_chief_and_follower_resume_bit_exact(cluster, tmp_path):
+    """The module's resume command (300 -> 400 env steps: collection, an episode, updates, the final
+    checkpoint) from the same run at 300: the chief SIGKILLed at a random moment, both commands run
+    again with the follower SIGKILLed at a random moment, then both run again to the end. The result
+    is the uninterrupted run bit for bit: metric rows (wall-clock fields aside), episodes, final
+    weights and loop state (scripts/soak.py compare_runs)."""
+    reference, base = cluster[0], cluster[3]
+    logdir = tmp_path / "chief"
+    shutil.copytree(base / "chief_at_300", logdir)
+    seed = int(os.environ.get("DREAMER_TEST_SEED", random.randrange(1000)))
+    rng = random.Random(seed)
+    resume = (["--logdir", str(logdir), "--set", "steps=400"],
+              ["--logdir", str(tmp_path / "w"), "--preset", "debug", "--set", "strategy=multi_worker"])
+    phases = [run_phase("chief_killed", *resume, tmp_path, "chief", rng.uniform(0.0, 40.0)),
+              run_phase("worker_killed", *resume, tmp_path, "worker", rng.uniform(0.0, 40.0)),
+              run_phase("again", *resume, tmp_path)]
+    summary = [{k: v for k, v in p.items() if k != "err"} for p in phases]
+    print(json.dumps({"seed": seed, "phases": summary}))
+    chief_killed, worker_killed, again = phases
+    assert chief_killed["codes"] == {"chief": -signal.SIGKILL, "worker": 1}, summary
+    assert "lost the chief" in chief_killed["err"]["worker"].strip().splitlines()[-1], chief_killed["err"]["worker"]
+    assert worker_killed["codes"] == {"chief": 1, "worker": -signal.SIGKILL}, summary
+    last = worker_killed["err"]["chief"].strip().splitlines()[-1]
+    assert last.startswith("dreamer-tf: run failed: multi_worker:"), worker_killed["err"]["chief"]
+    assert "Traceback" not in worker_killed["err"]["chief"] + chief_killed["err"]["worker"]
+    assert again["codes"] == {"chief": 0, "worker": 0}, again["err"]
+    assert soak.compare_runs(reference, logdir) == []
+    assert soak.check_record(logdir, 400, 300) == []
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_hosts_off_loopback_without_a_key_are_refused_in_one_line(tmp_path, index):
+    """Chief and follower alike, before anything is created or TensorFlow imported."""
+    tf_config = {"cluster": {"worker": ["10.1.2.3:2000", "10.1.2.4:2000"]}, "task": {"type": "worker", "index": index}}
+    env = {k: v for k, v in ENV.items() if k != "DREAMER_FEED_KEY"}
+    proc = subprocess.run([sys.executable, "-m", "dreamer_tf", "train", "--logdir", str(tmp_path / "x"), "--preset",
+                           "debug", "--set", "strategy=multi_worker"], env=dict(env, TF_CONFIG=json.dumps(tf_config)),
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "10.1.2.3 is not a loopback address) needs DREAMER_FEED_KEY" in proc.stderr
+    assert "secrets.token_hex(32)" in proc.stderr and not (tmp_path / "x").exists()

@@ -6,11 +6,14 @@ follower (run/follower.py): it holds the same mirrored variables and joins the c
 whose collectives (the global batch statistics, the summed gradients) pair with the chief's.
 
 The chief listens on DREAMER_FEED_PORT (default: its own TF_CONFIG port + 1) at its TF_CONFIG host.
-Each follower connects (retrying for DREAMER_FEED_TIMEOUT seconds, default 300) and the chief sends:
-  hello   the chief's config and TensorFlow thread pool sizes: every worker then makes the strategy
-          (TensorFlow waits for all of them). The follower's own flags are not used;
+Each follower connects (retrying for DREAMER_FEED_TIMEOUT seconds, default 300), authenticates and
+says which task it is (`join`); then the chief sends:
+  hello   the chief's config and TensorFlow thread pool sizes. The follower sets TensorFlow up and
+          answers `armed`; once every follower has, all make the strategy (TensorFlow's collective
+          start-up, with a deadline: start_cluster). The follower's own flags are not used;
   spaces  the environments' spaces: every worker builds the same agent, so all create the mirrored
-          variables in the same order (their initial values are the chief's, broadcast);
+          variables in the same order (their initial values are the chief's, broadcast). The
+          follower answers `ready` with its replicas;
   sync    the chief's agent after build or resume (every variable, optimiser slots, loss scale,
           update counter and generator, as a TF checkpoint in memory): a follower needs no disk;
   train   per update: the rows of the global batch the follower's replicas own (replica r of R:
@@ -18,51 +21,50 @@ Each follower connects (retrying for DREAMER_FEED_TIMEOUT seconds, default 300) 
           step draws its noise from `agent.rng` on every worker, and the chief's policy draws from
           it between updates, so each follower takes the chief's state before every step;
   stop    the run ended (`ok` false: it failed, the follower exits 1).
-Messages are a JSON header and a .npz of arrays read with allow_pickle=False: nothing received is
-unpickled. The connection is authenticated (HMAC) with DREAMER_FEED_KEY, by default a key derived
-from TF_CONFIG's cluster: it keeps clusters apart but is no secret (set the variable on shared
-networks). Only the standard library and numpy are imported here; TensorFlow inside functions.
+The wire format (run/wire.py): every frame is authenticated with a per-connection session key from
+DREAMER_FEED_KEY, bounded in size by what it carries and read within a deadline; nothing received
+is unpickled or written outside a temporary folder. Without DREAMER_FEED_KEY only a loopback
+cluster starts: its chief writes a random key to a file only this user reads (wire.local_key_file).
+Only the standard library and numpy are imported here; TensorFlow inside functions.
 """
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
+import queue
 import select
 import socket
-import struct
 import sys
-import tempfile
+import threading
 import time
 import types
-from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from dreamer_tf.run.logdir import RunError
+from dreamer_tf.run.cluster_start import FeedStopped, start_cluster, stop_on_signals
+from dreamer_tf.run.logdir import Stopped
+from dreamer_tf.run.messages import (checkpoint_bytes, checkpoint_files, message_bytes, read_ready, restore_bytes,
+                                     space, spaces_from, train_arrays)
+from dreamer_tf.run.wire import (CONFIG_LIMIT, KEY_ENV, SMALL, TIMEOUT_ENV, Channel, FeedError, FeedLost, decode,
+                                 encode, feed_key, field, handshake_chief, handshake_follower, keep_alive,
+                                 local_key_file, read_local_key, write_local_key)
 
-__all__ = ["FeedError", "FeedLost", "Role", "cluster_role", "Feed", "ChiefFeed", "open_feed", "connect", "send",
-           "receive", "space", "spaces_from", "rows_of", "replica_ids", "cluster_step", "peer_closed", "PORT_ENV",
-           "KEY_ENV", "TIMEOUT_ENV"]
+__all__ = ["FeedError", "FeedLost", "FeedStopped", "Role", "cluster_role", "Feed", "ChiefFeed", "open_feed",
+           "connect", "send", "receive", "space", "spaces_from", "rows_of", "replica_ids", "cluster_step",
+           "peer_closed", "start_cluster", "stop_on_signals", "checkpoint_bytes", "checkpoint_files", "restore_bytes",
+           "read_ready", "train_arrays", "message_bytes", "PORT_ENV", "KEY_ENV", "TIMEOUT_ENV", "SMALL", "CONFIG_LIMIT"]
 
-PORT_ENV, KEY_ENV, TIMEOUT_ENV = "DREAMER_FEED_PORT", "DREAMER_FEED_KEY", "DREAMER_FEED_TIMEOUT"
-PROTOCOL = 1
-
-
-class FeedError(RunError):
-    """A multi_worker run that cannot start: bad TF_CONFIG, the chief or a follower unreachable."""
-
-
-class FeedLost(RuntimeError):
-    """The other side of the feed went away during the run."""
+PORT_ENV = "DREAMER_FEED_PORT"
+PROTOCOL = 2
+HANDSHAKE_SECONDS = 10.0  # a connection must authenticate and say who it is within this (or the deadline)
+MAX_PENDING = 32  # connections being authenticated at once; more are closed at once
 
 
 class Role(types.SimpleNamespace):
     """This task in TF_CONFIG: `chief` (bool), `name` ('worker 1'), `followers` (how many tasks
-    follow the chief) and `address` (host, port) of the chief's feed."""
+    follow the chief), `tasks` (the names of the others), `address` (host, port) of the chief's
+    feed and `key` (DREAMER_FEED_KEY, or None: a loopback-only cluster's per-run key file)."""
 
 
 def cluster_role(environ: Mapping[str, str] = os.environ) -> Role:
@@ -74,30 +76,28 @@ def cluster_role(environ: Mapping[str, str] = os.environ) -> Role:
         tf_config = json.loads(text)
         cluster, task = tf_config["cluster"], tf_config["task"]
         kind, index = str(task["type"]), int(task["index"])
-        tasks = {job: list(cluster[job]) for job in cluster}
+        tasks = {str(job): [str(a) for a in cluster[job]] for job in cluster}
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"TF_CONFIG is not a cluster and task ({type(e).__name__}: {e})") from None
     other = sorted(set(tasks) - {"chief", "worker"})
     if other or kind not in ("chief", "worker"):
         raise ValueError(f"TF_CONFIG: strategy multi_worker takes chief and worker tasks only, got "
                          f"{other or [kind]}")
-    if index >= len(tasks.get(kind, [])):
+    if not 0 <= index < len(tasks.get(kind, [])):
         raise ValueError(f"TF_CONFIG: task {kind} {index} is not in the cluster {tasks}")
     leader = ("chief", 0) if tasks.get("chief") else ("worker", 0)
     host, _, port = tasks[leader[0]][0].rpartition(":")
     try:
         feed_port = int(environ.get(PORT_ENV) or int(port) + 1)
+        if not 0 < feed_port < 65536:
+            raise ValueError
     except ValueError:
-        raise ValueError(f"{PORT_ENV} must be a port number, got {environ.get(PORT_ENV)!r}") from None
-    followers = len(tasks.get("chief", [])) + len(tasks.get("worker", [])) - 1
-    return Role(chief=(kind, index) == leader, name=f"{kind} {index}", followers=followers,
-                address=(host.strip("[]"), feed_port), key=_key(environ, tasks))
-
-
-def _key(environ: Mapping[str, str], tasks: dict) -> bytes:
-    if environ.get(KEY_ENV):
-        return environ[KEY_ENV].encode()
-    return hashlib.sha256(b"dreamer_tf feed " + json.dumps(tasks, sort_keys=True).encode()).hexdigest().encode()
+        raise ValueError(f"{PORT_ENV} must be a port number, got {environ.get(PORT_ENV) or port!r}") from None
+    names = [f"{job} {i}" for job in ("chief", "worker") for i in range(len(tasks.get(job, [])))]
+    hosts = [address.rpartition(":")[0] for job in tasks.values() for address in job]
+    return Role(chief=(kind, index) == leader, name=f"{kind} {index}", followers=len(names) - 1,
+                tasks=[n for n in names if n != "{} {}".format(*leader)], address=(host.strip("[]"), feed_port),
+                key=feed_key(environ, hosts))
 
 
 def timeout(environ: Mapping[str, str] = os.environ) -> float:
@@ -105,69 +105,24 @@ def timeout(environ: Mapping[str, str] = os.environ) -> float:
         value = float(environ.get(TIMEOUT_ENV) or 300)
     except ValueError:
         value = -1.0
-    if not value > 0:
+    if not 0 < value < 1e7:
         raise ValueError(f"{TIMEOUT_ENV} must be a positive number of seconds, got {environ.get(TIMEOUT_ENV)!r}")
     return value
 
 
 # --- messages ----------------------------------------------------------------------------------
-def send(conn: Connection, header: dict, arrays: Mapping[str, np.ndarray] | None = None) -> None:
-    """One message: a JSON header and (optional) numpy arrays."""
-    head = json.dumps(header).encode()
-    buffer = io.BytesIO()
-    if arrays:
-        np.savez(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
-    conn.send_bytes(struct.pack("!I", len(head)) + head + buffer.getvalue())
+def send(conn: Channel, header: dict, arrays: Mapping[str, np.ndarray] | None = None,
+         wait: float | None = None) -> None:
+    """One authenticated message: a JSON header and (optional) numpy arrays, sent within `wait` s."""
+    conn.send(encode(header, arrays), timeout() if wait is None else wait, f"the {header.get('kind')} message")
 
 
-def receive(conn: Connection, wait: float | None = None, what: str = "a message") -> tuple[dict, dict]:
-    """(header, arrays) of the next message; FeedLost if the peer closed it, or after `wait` seconds."""
-    try:
-        if wait is not None and not conn.poll(wait):
-            raise FeedLost(f"no {what} within {wait:g} s ({TIMEOUT_ENV})")
-        data = conn.recv_bytes()
-    except (EOFError, OSError) as e:
-        raise FeedLost(f"the connection closed ({type(e).__name__})") from None
-    size = struct.unpack("!I", data[:4])[0]
-    header = json.loads(data[4:4 + size])
-    arrays = {}
-    if len(data) > 4 + size:
-        with np.load(io.BytesIO(data[4 + size:]), allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    return header, arrays
-
-
-def space(box: Any) -> dict:
-    """A gym-like space as JSON (what the agent reads of it: shape, bounds, `n`)."""
-    out = {"shape": list(getattr(box, "shape", None) or ())}
-    if getattr(box, "n", None) is not None:
-        out["n"] = int(box.n)
-    for bound in ("low", "high"):
-        if getattr(box, bound, None) is not None:
-            out[bound] = np.broadcast_to(np.asarray(getattr(box, bound), np.float64), out["shape"]).tolist()
-    return out
-
-
-def spaces_from(hello: dict) -> tuple[dict, Any]:
-    make = lambda d: types.SimpleNamespace(shape=tuple(d["shape"]), n=d.get("n"),  # noqa: E731
-                                           low=np.asarray(d.get("low", 0.0)), high=np.asarray(d.get("high", 0.0)))
-    return {k: make(v) for k, v in hello["obs_space"].items()}, make(hello["act_space"])
-
-
-def checkpoint_bytes(agent) -> dict[str, np.ndarray]:
-    """The agent's variables as the files of a TF checkpoint, in memory."""
-    import tensorflow as tf
-    with tempfile.TemporaryDirectory() as tmp:
-        tf.train.Checkpoint(agent=agent).write(os.path.join(tmp, "agent"))
-        return {f"file:{p.name}": np.frombuffer(p.read_bytes(), np.uint8) for p in Path(tmp).iterdir()}
-
-
-def restore_bytes(agent, files: Mapping[str, np.ndarray]) -> None:
-    import tensorflow as tf
-    with tempfile.TemporaryDirectory() as tmp:  # the follower's only files, deleted at once
-        for name, data in files.items():
-            Path(tmp, name.removeprefix("file:")).write_bytes(data.tobytes())
-        tf.train.Checkpoint(agent=agent).read(os.path.join(tmp, "agent")).assert_existing_objects_matched()
+def receive(conn: Channel, limit: int, wait: float | None, what: str = "a message",
+            rest: float | None = None) -> tuple[dict, dict]:
+    """(header, arrays) of the next message, at most `limit` bytes, starting within `wait` s (None:
+    no limit) and whole within `rest` s of its start (default `wait`). FeedLost if the peer closed
+    or was too slow, FeedError (one line) if the message is too large, not authentic or malformed."""
+    return decode(conn.receive(limit, wait, what, rest), what, conn.peer)
 
 
 def cluster_step(agent, batch: Mapping[str, Any]) -> dict[str, float]:
@@ -215,31 +170,42 @@ def replica_ids(strategy) -> list[int]:
 
 
 # --- the follower's end ---------------------------------------------------------------------------
-def connect(role: Role, wait: float) -> Connection:
-    """The follower's authenticated connection to the chief's feed, retried for `wait` seconds."""
+def connect(role: Role, wait: float) -> Channel:
+    """The follower's authenticated connection to the chief's feed, retried for `wait` seconds, and
+    its `join` message sent. FeedError (one line) if unreachable or refused."""
     host, port = role.address
     deadline = time.monotonic() + wait
+    key_file = None if role.key is not None else local_key_file(role.address)
+    why = "no answer"
     while True:
-        try:
-            sock = socket.create_connection((host, port), timeout=max(1.0, deadline - time.monotonic()))
-            break
-        except OSError as e:
-            if time.monotonic() >= deadline:
-                raise FeedError(f"multi_worker: the chief's feed at {host}:{port} was not reachable within "
-                                f"{wait:g} s ({e.strerror or e}); start the chief (TF_CONFIG task chief, or "
-                                f"worker 0) with the same TF_CONFIG, or check {PORT_ENV}") from None
-            time.sleep(0.5)
-    sock.settimeout(None)
-    conn = Connection(sock.detach())
-    try:
-        answer_challenge(conn, role.key)
-        deliver_challenge(conn, role.key)
-    except Exception as e:
-        conn.close()
-        raise FeedError(f"multi_worker: the feed at {host}:{port} refused this worker ({type(e).__name__}): "
-                        f"{KEY_ENV} must be the same on every task") from None
-    send(conn, {"kind": "join", "name": role.name})
-    return conn
+        key = role.key if key_file is None else read_local_key(key_file)
+        if key is None:
+            why = f"no key in {key_file} (the chief writes it; on other hosts set {KEY_ENV})"
+        else:
+            try:
+                sock = socket.create_connection((host, port), timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+            except OSError as e:
+                why = e.strerror or str(e)
+            else:
+                try:
+                    keep_alive(sock)
+                    conn = handshake_follower(sock, key, min(deadline, time.monotonic() + HANDSHAKE_SECONDS),
+                                              f"the chief at {host}:{port}")
+                    send(conn, {"kind": "join", "name": role.name}, wait=HANDSHAKE_SECONDS)
+                    return conn
+                except FeedError as e:
+                    sock.close()
+                    if key_file is None:  # a key that is not the chief's does not become right
+                        raise FeedError(f"{e}: {KEY_ENV} must be the same on every task") from None
+                    why = "the key file was stale"  # the chief writes a new one when it starts
+                except FeedLost as e:
+                    sock.close()
+                    why = str(e)
+        if time.monotonic() >= deadline:
+            raise FeedError(f"multi_worker: the chief's feed at {host}:{port} was not reachable within "
+                            f"{wait:g} s ({why}); start the chief (TF_CONFIG task chief, or worker 0) with the "
+                            f"same TF_CONFIG, or check {PORT_ENV}")
+        time.sleep(0.5)
 
 
 # --- the chief's end ----------------------------------------------------------------------------
@@ -264,14 +230,15 @@ class Feed:
 class ChiefFeed(Feed):
     """The chief's connections to its followers (in the order they connected)."""
 
-    def __init__(self, role: Role, connections: list[Connection], names: list[str]):
+    def __init__(self, role: Role, connections: list[Channel], names: list[str], wait: float | None = None):
         self.role, self.connections, self.names = role, connections, names
+        self.wait = timeout() if wait is None else wait
         self.rows: list[np.ndarray] = []  # per follower: the global batch rows its replicas own
 
     def build(self, config, obs_space: Mapping[str, Any], act_space: Any):
         header = {"kind": "spaces", "obs_space": {k: space(v) for k, v in obs_space.items()},
                   "act_space": space(act_space)}
-        self._each(lambda conn, _: send(conn, header))
+        self._each(lambda conn, _: send(conn, header, wait=self.wait))
         try:  # creating the variables broadcasts their initial values from the chief
             return super().build(config, obs_space, act_space)
         except _aborted() as e:
@@ -282,60 +249,61 @@ class ChiefFeed(Feed):
         batch, replicas = agent.config.batch_size, agent.strategy.num_replicas_in_sync
         per = batch // replicas
         owned = {i: "the chief" for i in replica_ids(agent.strategy)}
+        deadline = time.monotonic() + self.wait
         for conn, name in zip(self.connections, self.names):
-            header, _ = _receive(conn, name, timeout(), "ready message")
-            if header.get("kind") != "ready":
-                raise FeedError(f"multi_worker: {name} failed to start: {header.get('error', header)}")
-            for i in header["replicas"]:
+            header, _ = _receive(conn, name, SMALL, max(0.0, deadline - time.monotonic()), "ready message")
+            ids = read_ready(header, name, replicas)
+            for i in ids:
                 if i in owned:
                     raise FeedError(f"multi_worker: replica {i} is on both {owned[i]} and {name}")
                 owned[i] = name
-            self.rows.append(rows_of(header["replicas"], per))
+            self.rows.append(rows_of(ids, per))
         if sorted(owned) != list(range(replicas)):
             raise FeedError(f"multi_worker: the workers hold replicas {sorted(owned)}, expected 0..{replicas - 1}")
         state = checkpoint_bytes(agent)
-        self._each(lambda conn, _: send(conn, {"kind": "sync"}, state))
+        self._each(lambda conn, _: send(conn, {"kind": "sync"}, state, wait=self.wait))
 
     def train(self, agent, batch: Mapping[str, Any]) -> dict[str, float]:
         """One update: each follower gets its rows and the generator state, then the chief steps."""
         rng = agent.rng.state.numpy()
         arrays = {k: np.asarray(batch[k]) for k in agent.batch_spec}
         self._each(lambda conn, rows: send(conn, {"kind": "train"},
-                                           {"rng": rng, **{k: v[rows] for k, v in arrays.items()}}))
+                                           {"rng": rng, **{k: v[rows] for k, v in arrays.items()}}, wait=self.wait))
         return cluster_step(agent, batch)
 
     def _each(self, message) -> None:
         for i, (conn, name) in enumerate(zip(self.connections, self.names)):
             try:
                 message(conn, self.rows[i] if i < len(self.rows) else None)
-            except OSError as e:
-                raise FeedLost(f"multi_worker: {name} closed the feed ({type(e).__name__}); the run "
-                               f"stops (its replicas are gone)") from None
+            except FeedLost as e:
+                raise FeedLost(f"multi_worker: {name}: {e}; the run stops (its replicas are gone)") from None
 
     def close(self) -> None:
         """Tell the followers the run ended (failed if an exception is being handled) and hang up."""
         error = sys.exc_info()[1]
-        ok = error is None or type(error).__name__ == "Stopped"  # a graceful stop: resumable, not failed
+        ok = error is None or isinstance(error, Stopped)  # a graceful stop: resumable, not failed
         for conn in self.connections:
             try:
-                send(conn, {"kind": "stop", "ok": ok, "reason": "" if ok else f"{type(error).__name__}: {error}"})
-                conn.close()
-            except OSError:
+                send(conn, {"kind": "stop", "ok": ok, "reason": "" if ok else f"{type(error).__name__}: {error}"[:2000]},
+                     wait=min(self.wait, HANDSHAKE_SECONDS))
+            except (FeedLost, FeedError):
                 pass
+            conn.close()
         self.connections = []
 
 
-def _receive(conn: Connection, name: str, wait: float, what: str) -> tuple[dict, dict]:
+def _receive(conn: Channel, name: str, limit: int, wait: float, what: str) -> tuple[dict, dict]:
     try:
-        return receive(conn, wait, what)
+        return receive(conn, limit, wait, what)
     except FeedLost as e:
         raise FeedError(f"multi_worker: {name}: {e}") from None
 
 
 def open_feed(config) -> Feed:
-    """(multi_worker chief) Wait for every follower to connect, send it the run's config, and make
-    the strategy (every worker makes it at once); a `Feed` that sends nothing for other strategies.
-    Call before TensorFlow's runtime starts: the strategy configures it."""
+    """(multi_worker chief) Wait for every follower to connect and authenticate, send it the run's
+    config, wait until each is about to join TensorFlow's cluster, then make the strategy (every
+    worker makes it at once); a `Feed` that sends nothing for other strategies. SIGINT/SIGTERM end
+    the waits at once. Call before TensorFlow's runtime starts: the strategy configures it."""
     if config.strategy != "multi_worker":
         return Feed()
     try:
@@ -345,45 +313,104 @@ def open_feed(config) -> Feed:
     if not role.chief:
         raise FeedError(f"multi_worker: this process is {role.name}, not the chief: run it with "
                         f"`dreamer-tf train` (it then follows the chief)")
-    feed = ChiefFeed(role, *_accept(role, wait))
-    from dreamer_tf.agent import replicas
     from dreamer_tf.run.threads import current_threads
-    header = {"kind": "hello", "protocol": PROTOCOL, "config": config.to_dict(), "threads": current_threads()}
-    feed._each(lambda conn, _: send(conn, header))
+    with stop_on_signals():
+        feed = ChiefFeed(role, *accept(role, wait), wait=wait)
+        try:
+            header = {"kind": "hello", "protocol": PROTOCOL, "config": config.to_dict(), "threads": current_threads()}
+            feed._each(lambda conn, _: send(conn, header, wait=wait))
+            _await_armed(feed, wait)
+        except BaseException:
+            feed.close()
+            raise
     try:
-        replicas.make_strategy(config)  # waits for every worker's (the followers make theirs on `hello`)
-    except ValueError as e:
-        raise FeedError(str(e)) from None
+        start_cluster(config, wait, "the chief")  # waits for every worker's (the followers make theirs now)
+    except FeedError:
+        feed.close()
+        raise
     return feed
 
 
-def _accept(role: Role, wait: float) -> tuple[list[Connection], list[str]]:
+def _await_armed(feed: ChiefFeed, wait: float) -> None:
+    """Every follower has set up TensorFlow and is about to make the strategy: only then does the chief
+    enter TensorFlow's start-up (a follower that died before is seen here, in one line)."""
+    deadline = time.monotonic() + wait
+    for conn, name in zip(feed.connections, feed.names):
+        try:
+            header, _ = receive(conn, SMALL, max(0.0, deadline - time.monotonic()), "armed message")
+        except FeedLost as e:
+            raise FeedError(f"multi_worker: {name} left before TensorFlow's cluster start-up ({e}); the run "
+                            f"did not start, its run directory is as it was") from None
+        if header.get("kind") != "armed":
+            raise FeedError(f"multi_worker: {name} failed to start: {str(header.get('error', header))[:300]}")
+
+
+def accept(role: Role, wait: float) -> tuple[list[Channel], list[str]]:
+    """Every follower's authenticated connection (one per task, in the order they joined), within
+    `wait` s. Each connection is authenticated on a thread of its own with its own deadline, so a
+    silent or slow client delays no other; a refused one is one line on stderr."""
     host, port = role.address
+    key = role.key if role.key is not None else write_local_key(local_key_file(role.address))
     try:
         server = socket.create_server((host, port))
     except OSError as e:
         raise FeedError(f"multi_worker: cannot listen on {host}:{port} ({e.strerror or e}); set {PORT_ENV}") from None
-    connections, names = [], []
+    joined: queue.Queue = queue.Queue()
+    pending = threading.BoundedSemaphore(MAX_PENDING)
+    connections: dict[str, Channel] = {}
+
+    def admit(sock: socket.socket, peer: str) -> None:
+        try:
+            keep_alive(sock)
+            conn = handshake_chief(sock, key, time.monotonic() + HANDSHAKE_SECONDS, peer)
+            header, _ = receive(conn, SMALL, HANDSHAKE_SECONDS, "the join message")
+            name = field(header, "name", str, "the join message", peer)
+            if header.get("kind") != "join" or name not in role.tasks:
+                raise FeedError(f"multi_worker: {peer} sent no join as one of the tasks {role.tasks} "
+                                f"({str(header.get('kind'))[:40]!r}, {name[:40]!r})")
+            joined.put((conn, name, peer))
+        except (FeedError, FeedLost) as e:
+            sock.close()
+            print(f"multi_worker: refused a connection from {peer}: {str(e).removeprefix('multi_worker: ')}",
+                  file=sys.stderr, flush=True)
+        finally:
+            pending.release()
+
+    try:
+        _serve(server, role, wait, joined, pending, connections, admit)
+    except BaseException:
+        for conn in connections.values():
+            conn.close()
+        raise
+    return list(connections.values()), [conn.peer for conn in connections.values()]
+
+
+def _serve(server: socket.socket, role: Role, wait: float, joined: queue.Queue, pending: threading.BoundedSemaphore,
+           connections: dict[str, Channel], admit) -> None:
+    host, port = role.address
     deadline = time.monotonic() + wait
     with server:
+        server.settimeout(0.2)  # the main thread comes back often: signals, the queue, the deadline
         while len(connections) < role.followers:
-            server.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                sock, peer = server.accept()
-            except socket.timeout:
+            while not joined.empty():
+                conn, name, peer = joined.get()
+                if name in connections:
+                    print(f"multi_worker: refused {peer}: {name} has joined already", file=sys.stderr, flush=True)
+                    conn.close()
+                else:
+                    connections[name] = conn
+                    conn.peer = f"{name} (at {peer})"
+            if len(connections) == role.followers:
+                break
+            if time.monotonic() >= deadline:
                 raise FeedError(f"multi_worker: {len(connections)} of {role.followers} workers connected to "
                                 f"{host}:{port} within {wait:g} s ({TIMEOUT_ENV}); start `dreamer-tf train` "
-                                f"with the same TF_CONFIG on every other task") from None
-            sock.settimeout(None)
-            conn = Connection(sock.detach())
+                                f"with the same TF_CONFIG on every other task")
             try:
-                deliver_challenge(conn, role.key)
-                answer_challenge(conn, role.key)
-                header, _ = receive(conn, 10.0, "join message")
-            except Exception:  # a stray or mis-keyed connection: not one of ours
-                conn.close()
-                print(f"multi_worker: refused a connection from {peer[0]} (wrong {KEY_ENV}?)", file=sys.stderr)
+                sock, address = server.accept()
+            except socket.timeout:
                 continue
-            connections.append(conn)
-            names.append(f"{header.get('name', 'a worker')} (at {peer[0]})")
-    return connections, names
+            if not pending.acquire(blocking=False):
+                sock.close()  # a flood of connections: the real followers retry
+                continue
+            threading.Thread(target=admit, args=(sock, address[0]), name="feed-admit", daemon=True).start()

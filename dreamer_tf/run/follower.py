@@ -18,15 +18,17 @@ import time
 import numpy as np
 
 from dreamer_tf import config as configlib
-from dreamer_tf.run.feed import (FeedLost, Role, cluster_step, connect, peer_closed, receive, replica_ids,
-                                 restore_bytes, rows_of, send, spaces_from, timeout)
+from dreamer_tf.run.feed import (CONFIG_LIMIT, SMALL, FeedError, FeedLost, Role, checkpoint_bytes, cluster_step,
+                                 connect, field, message_bytes, peer_closed, receive, replica_ids, restore_bytes,
+                                 rows_of, send, spaces_from, start_cluster, timeout, train_arrays)
 
 __all__ = ["follow"]
 
 
 def follow(role: Role) -> int:
-    """Follow the chief until it stops; the exit status: 0 when the run ended well, 1 when it failed
-    or the chief went away (one line on stderr). FeedError (unreachable chief) is raised."""
+    """Follow the chief until it stops; the exit status: 0 when the run ended well, 1 when it failed,
+    the chief went away or sent something malformed (one line on stderr). FeedError (unreachable
+    chief, refused key) is raised."""
     wait = timeout()
     host, port = role.address
     conn = connect(role, wait)
@@ -40,59 +42,87 @@ def follow(role: Role) -> int:
     except FeedLost as e:
         _report(f"{lost}: {e}")
         return 1
+    except FeedError as e:
+        _report(f"dreamer-tf: error: {e}; {role.name} stops")
+        return 1
     except _ChiefStopped as e:
         _report(f"dreamer-tf: error: multi_worker: the chief's run failed ({e}); {role.name} stops")
         return 1
 
 
 def _follow(conn, role: Role, wait: float) -> int:
-    hello = _expect(conn, "hello", wait, "hello from the chief (every worker must connect first)")
+    hello = _expect(conn, "hello", CONFIG_LIMIT, wait, "hello from the chief (every worker must connect first)")
     _busy.set()
-    agent = _build(conn, hello, wait)  # if it raises, the chief sees this worker disconnect
+    agent = _build(conn, hello, wait, role.name)  # if it raises, the chief sees this worker disconnect
     ids = replica_ids(agent.strategy)
-    send(conn, {"kind": "ready", "replicas": ids})
     rows = rows_of(ids, agent.config.batch_size // agent.strategy.num_replicas_in_sync)
+    # What the chief may send from now on, and no more: its checkpoint (the same variables as this
+    # agent's, with room to spare) or one update's rows of this worker's replicas and the generator.
+    expected = {"rng": (tuple(agent.rng.state.shape), agent.rng.state.dtype.as_numpy_dtype)}
+    expected.update({k: ((len(rows), *spec.shape[1:]), spec.dtype.as_numpy_dtype)
+                     for k, spec in agent.batch_spec.items()})
+    limit = max(message_bytes(expected), 2 * sum(v.nbytes for v in checkpoint_bytes(agent).values()) + SMALL)
+    send(conn, {"kind": "ready", "replicas": ids}, wait=wait)
     updates = 0
     while True:
         _busy.clear()  # waiting for the chief: a closed feed is seen here
-        header, arrays = receive(conn)  # the chief may collect for long between updates: no time limit
+        # The chief may collect for long between updates: no limit until a message starts, then `wait`.
+        header, arrays = receive(conn, limit, None, "a message from the chief", rest=wait)
         _busy.set()
         kind = header.get("kind")
         if kind == "sync":
             restore_bytes(agent, arrays)
         elif kind == "train":
+            arrays = train_arrays(arrays, expected)
             agent.rng.reset(arrays.pop("rng"))  # the chief's generator: the step's noise is the chief's
             batch = {k: np.zeros(spec.shape, spec.dtype.as_numpy_dtype) for k, spec in agent.batch_spec.items()}
             for key, value in arrays.items():  # only this worker's replicas read their rows
                 batch[key][rows] = value
             cluster_step(agent, batch)
             updates += 1
-        elif kind == "stop" and header.get("ok"):
+        elif kind == "stop" and header.get("ok") is True:
+            _finished.set()  # the chief hangs up next: not a loss (the watchdog must not report it)
             print(f"multi_worker: {role.name} done: the chief stopped after {updates} updates here",
                   file=sys.stderr, flush=True)
             return 0
         elif kind == "stop":
-            raise _ChiefStopped(header.get("reason"))
+            raise _ChiefStopped(str(header.get("reason"))[:2000])
         else:
-            raise FeedLost(f"unknown message {kind!r}")
+            raise FeedError(f"multi_worker: the chief sent an unknown message {kind[:40]!r}")
 
 
-def _build(conn, hello: dict, wait: float):
+def _build(conn, hello: dict, wait: float, name: str):
     """The chief's agent, built as the chief builds it: threads, GPUs and the strategy first (before
     TensorFlow's runtime starts), then the seed and the agent."""
     from dreamer_tf.utils import import_tensorflow_quietly
     tf = import_tensorflow_quietly()
-    from dreamer_tf.agent import Dreamer, replicas
+    from dreamer_tf.agent import Dreamer
     from dreamer_tf.run.devices import configure_gpus
-    config = configlib.Config(hello["config"])
-    threads = hello.get("threads") or {}
-    if threads:  # the chief's pool sizes: the same sums on every worker (run/threads.py)
-        tf.config.threading.set_intra_op_parallelism_threads(int(threads["intra_op"]))
-        tf.config.threading.set_inter_op_parallelism_threads(int(threads["inter_op"]))
+    try:
+        values = field(hello, "config", dict, "the hello message", "the chief")
+        if configlib.missing_keys(values):
+            raise ValueError(f"the config lacks {configlib.missing_keys(values)[:5]}")
+        config = configlib.load("paper", values)  # every key checked as a --set is
+        threads = hello.get("threads") or {}
+        if threads:  # the chief's pool sizes: the same sums on every worker (run/threads.py)
+            intra, inter = int(threads["intra_op"]), int(threads["inter_op"])
+            if not (0 <= intra < 4096 and 0 <= inter < 4096):
+                raise ValueError(f"thread counts {intra}, {inter}")
+    except FeedError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise FeedError(f"multi_worker: the hello message from the chief is malformed ({type(e).__name__}: "
+                        f"{str(e)[:200]})") from None
+    if config.strategy != "multi_worker":
+        raise FeedError(f"multi_worker: the chief's config has strategy {config.strategy!r}")
+    if threads:
+        tf.config.threading.set_intra_op_parallelism_threads(intra)
+        tf.config.threading.set_inter_op_parallelism_threads(inter)
     configure_gpus(config.gpu_memory)
-    replicas.make_strategy(config)  # with the chief's and every other worker's
+    send(conn, {"kind": "armed"}, wait=wait)  # the chief enters TensorFlow's start-up once every worker is here
+    start_cluster(config, wait, name)  # with the chief's and every other worker's
     _busy.clear()
-    spaces = _expect(conn, "spaces", wait, "spaces from the chief")
+    spaces = _expect(conn, "spaces", CONFIG_LIMIT, wait, "spaces from the chief")
     _busy.set()
     tf.keras.utils.set_random_seed(config.seed)
     return Dreamer(config, *spaces_from(spaces))
@@ -102,17 +132,18 @@ class _ChiefStopped(Exception):
     """The chief's run failed (its reason is the message)."""
 
 
-def _expect(conn, kind: str, wait: float, what: str) -> dict:
-    header, _ = receive(conn, wait, what)
+def _expect(conn, kind: str, limit: int, wait: float, what: str) -> dict:
+    header, _ = receive(conn, limit, wait, what)
     if header.get("kind") == "stop":
-        raise _ChiefStopped(header.get("reason"))
+        raise _ChiefStopped(str(header.get("reason"))[:2000])
     if header.get("kind") != kind:
-        raise FeedLost(f"expected {kind}, got {header.get('kind')!r}")
+        raise FeedError(f"multi_worker: expected {kind} from the chief, got {header.get('kind')[:40]!r}")
     return header
 
 
 _reported = threading.Lock()
 _busy = threading.Event()  # the main thread is inside TensorFlow, not reading the feed
+_finished = threading.Event()  # the chief said the run ended well
 
 
 def _report(line: str) -> bool:
@@ -133,6 +164,8 @@ def _watch(conn, lost: str) -> None:
         while True:
             _busy.wait()
             time.sleep(1.0)
+            if _finished.is_set():
+                return
             if _busy.is_set() and peer_closed(sock):
                 break
         if _report(f"{lost}: the connection closed while this worker was in TensorFlow"):
