@@ -13,7 +13,7 @@ The paper's objectives are plain sums over tau; both codebases weight step tau b
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import tensorflow as tf
 
@@ -121,15 +121,19 @@ def imagined_returns(reward_head, value_head, pcont_head, imag_feat: tf.Tensor, 
     return returns, discount_weights(pcont)
 
 
-def actor_loss(returns: tf.Tensor, weights: tf.Tensor, reduce: Reduction = SINGLE) -> tf.Tensor:
+def actor_loss(returns: tf.Tensor, weights: tf.Tensor, reduce: Reduction = SINGLE, *,
+               entropy: Callable[[], tf.Tensor] | None = None) -> tf.Tensor:
     """-mean(w V_lambda): its gradient flows through the returns, the learned dynamics and the
-    reparameterised actions into the action model."""
+    reparameterised actions into the action model. The keywords after `entropy` are the config's
+    `actor` group; `entropy()`: the policy's entropy at the imagined states the returns are for
+    ([H-1, N], `policy_entropy`), computed only if a setting uses it."""
     return -reduce.mean(weights * returns)
 
 
 def value_loss(value_head, imag_feat: tf.Tensor, returns: tf.Tensor, weights: tf.Tensor,
                reduce: Reduction = SINGLE) -> tf.Tensor:
-    """-mean(w ln q_v(V_lambda | s)) on stop-gradient features and targets."""
+    """-mean(w ln q_v(V_lambda | s)) on stop-gradient features and targets. Keywords added after
+    `reduce` are the config's `value` group."""
     value_pred = value_head(tf.stop_gradient(imag_feat)[:-1])
     return -reduce.mean(weights * value_pred.log_prob(tf.stop_gradient(returns)))
 

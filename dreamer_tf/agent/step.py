@@ -53,8 +53,8 @@ def losses_and_grads(agent, data: Mapping[str, tf.Tensor], noise: Noise, reduce:
     c, precision = agent.config, agent.precision
     with tf.GradientTape() as model_tape:
         model_loss, post, metrics = world_model_loss(
-            agent.world_model, data, kl_scale=c.kl_scale, free_nats=c.free_nats, discount=c.discount,
-            pcont_scale=c.pcont_scale, clip_rewards=c.clip_rewards, reduce=reduce, noise=(noise.post, noise.prior))
+            agent.world_model, data, **c.world_model, discount=c.discount, clip_rewards=c.clip_rewards,
+            reduce=reduce, noise=(noise.post, noise.prior))
         scaled = _scaled(model_loss, share, agent.model_opt, precision)
     model_grads = optim.gradients(model_tape, scaled, agent.model_variables)
 
@@ -64,12 +64,13 @@ def losses_and_grads(agent, data: Mapping[str, tf.Tensor], noise: Noise, reduce:
             noise=noise.imag, seeds=noise.seeds)
         returns, weights = behavior.imagined_returns(agent.reward, agent.value, agent.pcont, imag_feat,
                                                      c.discount, c.disclam)
-        actor_loss = behavior.actor_loss(returns, weights, reduce)
+        actor_loss = behavior.actor_loss(returns, weights, reduce, **c.actor, entropy=lambda: behavior.policy_entropy(
+            agent.actor, tf.stop_gradient(imag_feat[:-1]), _seed(agent, 0xE17), reduce, batch_axis=1))
         scaled = _scaled(actor_loss, share, agent.actor_opt, precision)
     actor_grads = optim.gradients(actor_tape, scaled, agent.actor_variables)
 
     with tf.GradientTape() as value_tape:
-        value_loss = behavior.value_loss(agent.value, imag_feat, returns, weights, reduce)
+        value_loss = behavior.value_loss(agent.value, imag_feat, returns, weights, reduce, **c.value)
         scaled = _scaled(value_loss, share, agent.value_opt, precision)
     value_grads = optim.gradients(value_tape, scaled, agent.value_variables)
 
@@ -94,6 +95,10 @@ def update_metrics(name: str, opt, loss: tf.Tensor, precision: int | str,
 def after_update(agent, post: Mapping[str, tf.Tensor], reduce: Reduction = SINGLE) -> dict[str, tf.Tensor]:
     """Diagnostics read after the updates: the policy's mean entropy on the posterior states (the
     reference's `action_ent`), with a stateless seed from the update counter (no draw from `rng`)."""
-    seed = tf.stack([tf.cast(agent.train_step_count % (2**31 - 1), tf.int32), tf.constant(0x5EED, tf.int32)])
     feat = tf.stop_gradient(agent.rssm.get_feat(post))
-    return {"actor_entropy": reduce.mean(behavior.policy_entropy(agent.actor, feat, seed, reduce))}
+    return {"actor_entropy": reduce.mean(behavior.policy_entropy(agent.actor, feat, _seed(agent, 0x5EED), reduce))}
+
+
+def _seed(agent, stream: int) -> tf.Tensor:
+    """A stateless seed [2] from the update counter and a fixed `stream` (no draw from `agent.rng`)."""
+    return tf.stack([tf.cast(agent.train_step_count % (2**31 - 1), tf.int32), tf.constant(stream, tf.int32)])

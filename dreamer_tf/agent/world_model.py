@@ -130,11 +130,15 @@ def contrastive_log_likelihood(state_model, embedding: tf.Tensor, stoch: tf.Tens
     return reduce.contrastive(contrastive_term, flatten_bt(stoch), flatten_bt(mean), flatten_bt(std))
 
 
-def world_model_loss(model: WorldModel, data: Mapping[str, tf.Tensor], *, kl_scale: float, free_nats: float,
-                     discount: float = 0.99, pcont_scale: float = 10.0, clip_rewards: str = "none",
-                     reduce: Reduction = SINGLE, noise: tuple[tf.Tensor, tf.Tensor] | None = None
+def world_model_loss(model: WorldModel, data: Mapping[str, tf.Tensor], *, discount: float = 0.99,
+                     clip_rewards: str = "none", reduce: Reduction = SINGLE,
+                     noise: tuple[tf.Tensor, tf.Tensor] | None = None,
+                     free_nats: float = 3.0, kl_scale: float = 1.0, pcont_scale: float = 10.0
                      ) -> tuple[tf.Tensor, dict, dict]:
     """(loss = -J_REC, posterior states [B, T, ...], metrics) for a batch of sequences.
+
+    The keywords from `free_nats` on are the config's `world_model` group (configs/dreamer.yaml),
+    passed whole by the train step: a new setting is one keyword here with its default.
 
     data: image uint8 [B, T, 64, 64, 3] and/or state [B, T, D] (the observations the model has
     encoders for), action [B, T, A] (action[t] led to observation t), reward [B, T], and discount
