@@ -122,11 +122,14 @@ def imagined_returns(reward_head, value_head, pcont_head, imag_feat: tf.Tensor, 
 
 
 def actor_loss(returns: tf.Tensor, weights: tf.Tensor, reduce: Reduction = SINGLE, *,
-               entropy: Callable[[], tf.Tensor] | None = None) -> tf.Tensor:
+               entropy: Callable[[], tf.Tensor] | None = None, entropy_scale: float = 0.0) -> tf.Tensor:
     """-mean(w V_lambda): its gradient flows through the returns, the learned dynamics and the
     reparameterised actions into the action model. The keywords after `entropy` are the config's
     `actor` group; `entropy()`: the policy's entropy at the imagined states the returns are for
-    ([H-1, N], `policy_entropy`), computed only if a setting uses it."""
+    ([H-1, N], `policy_entropy`), computed only if a setting uses it. `entropy_scale` eta > 0: the
+    entropy bonus of DreamerV2's actor, -mean(w (V_lambda + eta H[q_phi(a | s)])); 0: off."""
+    if entropy_scale:
+        returns = returns + entropy_scale * entropy()
     return -reduce.mean(weights * returns)
 
 
