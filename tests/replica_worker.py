@@ -156,7 +156,7 @@ def check_exact_and_variants(pixels: bool = False) -> dict:
 # the step, and a path that bypasses the reduction (or is wired only in the single-device step)
 # breaks the equivalence. tests/test_replicas.py checks this table covers every loss option.
 SWITCHED = {"world_model.kl_scale": 0.5, "world_model.free_nats": 0.5, "world_model.pcont_scale": 2.0,
-            "pcont": True, "clip_rewards": "tanh", "discount": 0.9, "disclam": 0.8, "weight_decay": 1e-3}
+            "world_model.kl_balance": 0.8, "actor.entropy_scale": 0.1, "pcont": True, "clip_rewards": "tanh", "discount": 0.9, "disclam": 0.8, "weight_decay": 1e-3}
 
 
 def check_options() -> dict:
