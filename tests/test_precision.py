@@ -100,8 +100,9 @@ def _train(logdir, *overrides):
 
 def test_float16_debug_run_trains_through_the_loss_scale_search(tmp_path):
     """The debug preset with precision=16: the scale starts at 2^15 and the first ~10 updates
-    overflow; the run gets past them and trains through 2 training phases (steps 400 and 500)."""
-    proc = _train(tmp_path / "f16", "steps=500", "train_steps=6")
+    overflow (the pretrain's 2 and the first phase's 10 cover them); the run gets past them and
+    trains through 2 more training phases (steps 400 and 500) with no skip."""
+    proc = _train(tmp_path / "f16", "steps=500", "train_steps=10")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [r for r in read_metrics(tmp_path / "f16") if "model_nonfinite" in r]
     assert rows[0]["skipped_updates"] > 0  # the search happened ...
