@@ -5,9 +5,17 @@ from the command line parsed as YAML scalars) must match that type; unknown keys
 and out-of-range values raise `ConfigError` naming the key, the value and what is allowed.
 List keys (`loggers`) take a YAML list or comma-separated words (`[jsonl,mlflow]`, `jsonl,mlflow`),
 each checked against `_range`; the config holds them as tuples (read-only) and saves them as lists.
+
+Groups: a key whose default is a mapping (`world_model: {free_nats: 3.0, ...}`) holds the settings
+of one loss, passed whole to it (`**config.world_model`); `--set world_model.free_nats=2` addresses
+one of them. Key metadata lives in the YAML's `_meta` table, beside the keys: bounds (`min`, `max`,
+`above`), `added` (runs written before the key lack it and take its default) and `was` (the key's
+old flat name, still accepted in stored configs, overrides and reads). Adding a key changes this
+module not at all (docs/configuration.md).
 """
 from __future__ import annotations
 
+import difflib
 import io
 import os
 import sys
@@ -39,31 +47,46 @@ def _read_spec() -> dict:
         return YAML(typ="safe").load(f)
 
 
-# Bounds for numeric keys: (low, high, low_inclusive). Everything else is range-free.
-_POSITIVE = dict.fromkeys(
-    ["steps", "eval_every", "log_every", "checkpoint_every", "envs", "action_repeat",
-     "time_limit", "deter_size", "stoch_size", "num_units", "cnn_depth", "batch_size",
-     "batch_length", "train_every", "train_steps", "horizon", "model_lr", "value_lr",
-     "actor_lr", "adam_eps", "max_nonfinite", "replay_cache", "eval_episodes"], (0, None, False))
-_NON_NEGATIVE = dict.fromkeys(
-    ["seed", "prefill", "pretrain", "free_nats", "kl_scale", "pcont_scale", "weight_decay",
-     "grad_clip", "expl_amount", "expl_decay", "expl_min", "replay_capacity", "video_every",
-     "eval_noise", "render_shadow", "atari_noops"], (0, None, True))
-_UNIT_EXTRA = dict.fromkeys(["atari_sticky"], (0, 1, True))
-_UNIT = dict.fromkeys(["discount", "disclam"], (0, 1, True))
-_BOUNDS = {**_POSITIVE, **_NON_NEGATIVE, **_UNIT, **_UNIT_EXTRA}
+def _meta(spec: Mapping[str, Any] | None = None) -> dict:
+    """{key: metadata} from the YAML's `_meta` table (group keys as `group.key`)."""
+    return dict((spec or _read_spec()).get("_meta") or {})
+
+
+def _aliases(spec: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """{old flat name: `group.key`} of keys moved into a group (`was` in `_meta`)."""
+    return {m["was"]: k for k, m in _meta(spec).items() if isinstance(m, dict) and "was" in m}
+
+
+def _mappings(spec: Mapping[str, Any] | None = None) -> frozenset[str]:
+    """Keys whose value is one free-form mapping that its reader checks (`mapping: true` in `_meta`,
+    e.g. replay_mixture), not a group of typed keys."""
+    return frozenset(k for k, m in _meta(spec).items() if isinstance(m, dict) and m.get("mapping"))
+
+
+def _flat(values: Mapping[str, Any]) -> dict:
+    """Groups spelled out: {"world_model.free_nats": 3.0, ...} beside the plain keys."""
+    out, mappings = {}, _mappings()
+    for key, value in values.items():
+        if isinstance(value, Mapping) and key not in mappings:
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
 
 
 class Config(Mapping):
     """Read-only mapping of hyperparameters with attribute access (`config.batch_size`)."""
 
     def __init__(self, values: Mapping[str, Any]):
-        object.__setattr__(self, "_values", {k: tuple(v) if isinstance(v, list) else v
-                                             for k, v in values.items()})
+        object.__setattr__(self, "_values", {
+            k: tuple(v) if isinstance(v, list) else Config(v) if isinstance(v, Mapping) else v
+            for k, v in values.items()})
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # copy/pickle probe before _values exists
+            raise AttributeError(name)
         try:
-            return self._values[name]
+            return self[name]
         except KeyError:
             raise AttributeError(f"config has no key {name!r}") from None
 
@@ -71,7 +94,13 @@ class Config(Mapping):
         raise AttributeError("Config is read-only; use config.replace(key=value)")
 
     def __getitem__(self, key: str) -> Any:
-        return self._values[key]
+        """A key, a group's key as `group.key`, or a moved key by its old flat name (`was`)."""
+        if key in self._values:
+            return self._values[key]
+        group, dot, sub = _aliases().get(key, key).partition(".")
+        if dot and isinstance(self._values.get(group), Config):
+            return self._values[group][sub]
+        raise KeyError(key)
 
     def __iter__(self):
         return iter(self._values)
@@ -87,8 +116,9 @@ class Config(Mapping):
         return Config(_apply(dict(self._values), overrides, _read_spec()))
 
     def to_dict(self) -> dict:
-        """Plain values (lists for list keys), as saved to config.yaml."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in self._values.items()}
+        """Plain values (lists for list keys, dicts for groups), as saved to config.yaml."""
+        return {k: list(v) if isinstance(v, tuple) else v.to_dict() if isinstance(v, Config) else v
+                for k, v in self._values.items()}
 
 
 def presets() -> list[str]:
@@ -96,8 +126,13 @@ def presets() -> list[str]:
 
 
 def _type_name(value: Any) -> str:
-    return {bool: "bool", int: "int", float: "float", str: "str", list: "list", tuple: "list"}.get(
+    return {bool: "bool", int: "int", float: "float", str: "str", list: "list", tuple: "list", dict: "group"}.get(
         type(value), type(value).__name__)
+
+
+def _a(word: str) -> str:
+    """`word` with its indefinite article: "an int", "a float"."""
+    return ("an " if word[:1] in "aeiou" else "a ") + word
 
 
 # Keys whose values are of the default's type or one of these words (`precision: bf16`).
@@ -129,8 +164,8 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         value = int(value)  # `steps=1e6` on the command line
     if type(value) is not expected:
         raise ConfigError(
-            f"config key {key!r}: value {value!r} is a {_type_name(value)}, expected a "
-            f"{_type_name(default)} (default {default!r})")
+            f"config key {key!r}: value {value!r} is {_a(_type_name(value))}, expected "
+            f"{_a(_type_name(default))} (default {default!r})")
     return value
 
 
@@ -138,15 +173,19 @@ def _coerce_list(key: str, value: Any, default: Any) -> tuple:
     """A list key: a list, or comma-separated words; items typed like the default's (str if empty);
     repeated items are dropped."""
     if isinstance(value, str):
-        value = [v.strip() for v in value.strip().removeprefix("[").removesuffix("]").split(",") if v.strip()]
+        text = value.strip()
+        if text.startswith("[") != text.endswith("]") or text.count("[") > 1 or text.count("]") > 1:
+            raise ConfigError(f"config key {key!r}: value {value!r} has unbalanced brackets, expected a list "
+                              f"such as [{','.join(map(str, default))}] or {','.join(map(str, default))}")
+        value = [v.strip() for v in text.removeprefix("[").removesuffix("]").split(",") if v.strip()]
     if not isinstance(value, (list, tuple)):
-        raise ConfigError(f"config key {key!r}: value {value!r} is a {_type_name(value)}, expected a list "
+        raise ConfigError(f"config key {key!r}: value {value!r} is {_a(_type_name(value))}, expected a list "
                           f"such as [{','.join(map(str, default))}] (default {list(default)!r})")
     item_type = type(default[0]) if len(default) else str
     for item in value:
         if type(item) is not item_type:
-            raise ConfigError(f"config key {key!r}: item {item!r} is a {_type_name(item)}, expected a "
-                              f"{_type_name(item_type())}")
+            raise ConfigError(f"config key {key!r}: item {item!r} is {_a(_type_name(item))}, expected "
+                              f"{_a(_type_name(item_type()))}")
     return tuple(dict.fromkeys(value))
 
 
@@ -158,20 +197,25 @@ def _check_range(key: str, value: Any, spec: dict) -> None:
                 raise ConfigError(f"config key {key!r}: item {item!r} is not one of {allowed}")
     elif allowed is not None and value not in allowed:
         raise ConfigError(f"config key {key!r}: value {value!r} is not one of {allowed}")
-    if key in _BOUNDS:
-        low, high, inclusive = _BOUNDS[key]
-        if (value < low if inclusive else value <= low) or (high is not None and value > high):
-            rule = (f">= {low}" if inclusive else f"> {low}") + (f" and <= {high}" if high is not None else "")
-            raise ConfigError(f"config key {key!r}: value {value!r} is out of range (must be {rule})")
+    meta = _meta(spec).get(key) or {}
+    rules = [(op, meta[name]) for name, op in (("above", ">"), ("min", ">="), ("max", "<=")) if name in meta]
+    broken = {">": lambda v, b: v <= b, ">=": lambda v, b: v < b, "<=": lambda v, b: v > b}
+    if any(broken[op](value, bound) for op, bound in rules):
+        rule = " and ".join(f"{op} {bound}" for op, bound in rules)
+        raise ConfigError(f"config key {key!r}: value {value!r} is out of range (must be {rule})")
 
 
 # Keys renamed since run directories were first written: old key -> (new key, old value -> new value).
 RENAMED = {"dataset_balance": ("replay_sampler", {False: "uniform", True: "episode"})}
 
 
-def _renamed(overrides: Mapping[str, Any]) -> dict:
-    """`overrides` with renamed keys under their new names (a stored config.yaml, an old --set)."""
+def _renamed(overrides: Mapping[str, Any], spec: Mapping[str, Any] | None = None) -> dict:
+    """`overrides` with renamed keys under their new names (a stored config.yaml, an old --set):
+    RENAMED below, and keys moved into a group (`was` in `_meta`)."""
     out = dict(overrides)
+    for old, new in _aliases(spec).items():
+        if old in out:
+            out.setdefault(new, out.pop(old))
     for old, (new, mapping) in RENAMED.items():
         if old in out:
             value = out.pop(old)
@@ -181,19 +225,52 @@ def _renamed(overrides: Mapping[str, Any]) -> dict:
     return out
 
 
-def _apply(values: dict, overrides: Mapping[str, Any], spec: dict) -> dict:
+def _unknown(key: str, defaults: Mapping[str, Any], spec: Mapping[str, Any]) -> ConfigError:
+    aliases = _aliases(spec)
+    known = list(dict.fromkeys([*_flat(defaults), *defaults, *aliases]))
+    close = list(dict.fromkeys(aliases.get(k, k) for k in difflib.get_close_matches(key, known, n=3, cutoff=0.6)))
+    hint = f"; did you mean {' or '.join(repr(k) for k in close)}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint} (docs/configuration.md lists the keys)")
+
+
+def _set(values: dict, key: str, value: Any, spec: dict) -> None:
+    """Check one plain key (`steps`) or group key (`world_model.free_nats`) and store it in `values`."""
     defaults = spec["defaults"]
-    for key, value in _renamed(overrides).items():
-        if key not in defaults:
-            close = [k for k in defaults if k.split("_")[0] == key.split("_")[0] or key in k]
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ConfigError(f"unknown config key {key!r}{hint} (known keys: {', '.join(sorted(defaults))})")
-        if key in _WORD_OR_MIB:
-            values[key] = _word_or_mib(key, value, spec)
-            continue
-        value = _coerce(key, value, defaults[key])
+    group, dot, sub = key.partition(".")
+    if dot:
+        if not isinstance(defaults.get(group), dict) or sub not in defaults[group]:
+            raise _unknown(key, defaults, spec)
+        default = defaults[group][sub]
+    elif key not in defaults:
+        raise _unknown(key, defaults, spec)
+    else:
+        default = defaults[key]
+    if not dot and key in _mappings(spec):  # one value, checked by its reader (cli checks it before a run)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key {key!r}: value {value!r} is {_a(_type_name(value))}, expected a dict")
+        values[key] = dict(value)
+        return
+    if isinstance(default, dict):  # a whole group, as a stored config.yaml holds it
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key {key!r}: value {value!r} is {_a(_type_name(value))}, expected a group "
+                              f"of keys {sorted(default)} (set one as {key}.{next(iter(default), 'key')}=...)")
+        for k, v in value.items():
+            _set(values, f"{key}.{k}", v, spec)
+        return
+    if key in _WORD_OR_MIB:
+        value = _word_or_mib(key, value, spec)
+    else:
+        value = _coerce(key, value, default)
         _check_range(key, value, spec)
+    if dot:
+        values[group] = {**values[group], sub: value}  # never the defaults' own dict
+    else:
         values[key] = value
+
+
+def _apply(values: dict, overrides: Mapping[str, Any], spec: dict) -> dict:
+    for key, value in _renamed(overrides, spec).items():
+        _set(values, key, value, spec)
     return values
 
 
@@ -262,20 +339,24 @@ def save(config: Config, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-# Keys added to configs/dreamer.yaml after the first run directories were written; their defaults
-# are what those runs did, so an older config.yaml may lack them. Lacking any other key means the
-# file was cut short or edited: filling in defaults would build another agent than the checkpoints
-# hold. A key added from now on belongs here too (tests/test_config.py checks the list is whole).
-ADDED_KEYS = frozenset({
-    "eval_start", "unroll", "loggers", "render_msaa", "atari_sticky", "atari_life_done", "atari_noops",
-    "gym_import", "observation", "state_layers", "overlap", "replay_sampler", "replay_store", "expl_schedule",
-    "gpu_memory", "strategy", "devices", "contrastive_negatives", "replay_mixture"})
+def added_keys(spec: Mapping[str, Any] | None = None) -> frozenset[str]:
+    """Keys added to configs/dreamer.yaml after the first run directories were written (`added` in
+    `_meta`); their defaults are what those runs did, so an older config.yaml may lack them. Lacking
+    any other key means the file was cut short or edited: filling in defaults would build another
+    agent than the checkpoints hold (tests/test_config.py checks the marks against the oldest run)."""
+    return frozenset(k for k, m in _meta(spec).items() if isinstance(m, dict) and m.get("added"))
+
+
+ADDED_KEYS = added_keys()
 
 
 def missing_keys(values: Mapping[str, Any]) -> list[str]:
-    """Keys of the defaults that a stored config lacks and that existed when any run was written."""
-    present = _renamed(values)
-    return [k for k in _read_spec()["defaults"] if k not in present and k not in ADDED_KEYS]
+    """Keys of the defaults (groups spelled out) that a stored config lacks and that existed when
+    any run was written."""
+    spec = _read_spec()
+    present = _flat(_renamed(values, spec))
+    added = added_keys(spec)
+    return [k for k in _flat(spec["defaults"]) if k not in present and k not in added]
 
 
 def load_file(path: str | os.PathLike, fill_missing: bool = False) -> Config:
@@ -306,7 +387,8 @@ def load_file(path: str | os.PathLike, fill_missing: bool = False) -> Config:
 
 
 def diff(a: Mapping[str, Any], b: Mapping[str, Any], ignore: Iterable[str] = ()) -> dict:
-    """{key: (a_value, b_value)} for keys whose values differ."""
+    """{key: (a_value, b_value)} for keys whose values differ (group keys as `group.key`)."""
+    a, b = _flat(a), _flat(b)
     skip = set(ignore)
     keys = (set(a) | set(b)) - skip
     return {k: (a.get(k), b.get(k)) for k in sorted(keys) if a.get(k) != b.get(k)}

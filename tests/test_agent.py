@@ -17,8 +17,8 @@ KL_ONLY = ["transition_hidden/kernel", "transition_hidden/bias", "transition_out
 
 def wm_loss(agent, data):
     c = agent.config
-    return world_model_loss(agent.world_model, data, kl_scale=c.kl_scale, free_nats=c.free_nats,
-                            discount=c.discount, pcont_scale=c.pcont_scale, clip_rewards=c.clip_rewards)
+    return world_model_loss(agent.world_model, data, **c.world_model, discount=c.discount,
+                            clip_rewards=c.clip_rewards)
 
 
 def make_config(**overrides):
@@ -192,12 +192,25 @@ def test_float16_train_steps_finite_and_report_loss_scale_skips():
         for key in ("model_loss", "actor_loss", "value_loss"):
             assert np.isfinite(metrics[key])
         moved = any(changed(before, agent.model_variables))
+        # Each start-up skip is the loss scaler's search: the divergence guard does not count it.
+        assert metrics["model_loss_scale_skip"] == metrics["model_nonfinite"]
         if metrics["model_nonfinite"]:
             skipped += 1
             assert not moved and float(agent.model_opt.dynamic_scale.numpy()) == scale / 2
         else:
             assert moved and np.isfinite(metrics["model_grad_norm"])
     assert 0 < skipped < 12
+    # A real divergence is not the search: a NaN weight (a non-finite float32 loss) ...
+    kernel = agent.reward.trainable_variables[0]
+    kernel.assign(np.full(kernel.shape, np.nan, np.float32))
+    metrics = agent.train(batch)
+    assert metrics["model_nonfinite"] == 1.0 and metrics["model_loss_scale_skip"] == 0.0
+    # ... and a skip at the smallest loss scale, where the gradients overflow unscaled.
+    kernel.assign(np.zeros(kernel.shape, np.float32))
+    agent.model_opt.dynamic_scale.assign(1.0)
+    batch["reward"][:] = 1e8  # a finite float32 loss whose gradient overflows float16 (max 65504) unscaled
+    metrics = agent.train(batch)
+    assert metrics["model_nonfinite"] == 1.0 and metrics["model_loss_scale_skip"] == 0.0, metrics
 
 
 def test_xla_train_step_finite():

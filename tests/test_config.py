@@ -99,13 +99,16 @@ def test_parse_overrides_reads_yaml_scalars():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"batchsize": 3}, "unknown config key 'batchsize'"),
-    ({"batch_size": 1.5}, "'batch_size': value 1.5 is a float, expected a int"),
-    ({"batch_size": "big"}, "'batch_size': value 'big' is a str, expected a int"),
-    ({"pcont": 1}, "'pcont': value 1 is a int, expected a bool"),
+    ({"batchsize": 3}, r"^unknown config key 'batchsize'; did you mean 'batch_size'.*\? \(docs/configuration.md"),
+    ({"batch_size": 1.5}, "'batch_size': value 1.5 is a float, expected an int"),
+    ({"batch_size": "big"}, "'batch_size': value 'big' is a str, expected an int"),
+    ({"pcont": 1}, "'pcont': value 1 is an int, expected a bool"),
+    ({"world_model.kl_scal": 1.0}, r"^unknown config key 'world_model.kl_scal'; did you mean 'world_model.kl_scale'"),
+    ({"world_model.free_nats": -1.0}, r"'world_model.free_nats': value -1.0 is out of range \(must be >= 0\)"),
+    ({"world_model": 3}, r"'world_model': value 3 is an int, expected a group of keys \[.*'free_nats'"),
     ({"discount": 1.5}, r"'discount': value 1.5 is out of range \(must be >= 0 and <= 1\)"),
     ({"batch_size": 0}, r"'batch_size': value 0 is out of range \(must be > 0\)"),
-    ({"free_nats": -1.0}, r"'free_nats': value -1.0 is out of range \(must be >= 0\)"),
+    ({"free_nats": -1.0}, r"'world_model.free_nats': value -1.0 is out of range \(must be >= 0\)"),  # old name
     ({"representation": "pixels"}, r"'representation': value 'pixels' is not one of \['reconstruction', "
                                    r"'contrastive', 'reward'\]"),
     ({"precision": 64}, r"'precision': value 64 is not one of \[16, 32, 'bf16'\]"),
@@ -113,6 +116,55 @@ def test_parse_overrides_reads_yaml_scalars():
 def test_bad_overrides_name_key_value_and_rule(overrides, message):
     with pytest.raises(config.ConfigError, match=message):
         config.load("paper", overrides)
+
+
+def test_unknown_key_suggests_the_closest_not_all_keys():
+    with pytest.raises(config.ConfigError) as error:
+        config.load("paper", {"kl_scael": 1.0})
+    message = str(error.value)
+    assert "did you mean 'world_model.kl_scale'?" in message  # an old flat name suggests its new place
+    assert "steps" not in message and "\n" not in message
+    with pytest.raises(config.ConfigError, match=r"^unknown config key 'zzz' \(docs"):  # nothing close: no guess
+        config.load("paper", {"zzz": 1})
+
+
+def test_unbalanced_list_brackets_are_refused():
+    """`--set "loggers=[jsonl"` is a typo, not [jsonl] (which would turn TensorBoard off)."""
+    for raw in ("[jsonl", "jsonl]", "[jsonl]]", "[[jsonl]"):
+        with pytest.raises(config.ConfigError, match=rf"^config key 'loggers': value '{__import__('re').escape(raw)}' "
+                                                     r"has unbalanced brackets"):
+            config.load("paper", config.parse_overrides([f"loggers={raw}"]))
+    assert config.load("paper", config.parse_overrides(["loggers=[jsonl]"])).loggers == ("jsonl",)
+    assert config.load("paper", config.parse_overrides(["loggers=jsonl,wandb"])).loggers == ("jsonl", "wandb")
+
+
+def test_loss_settings_are_groups_addressed_by_dotted_keys_and_old_names():
+    cfg = config.load("paper", config.parse_overrides(["world_model.kl_scale=0.5"]))
+    assert dict(cfg.world_model) == {**config.load().world_model, "kl_scale": 0.5}
+    assert config.load().world_model.kl_scale == 1.0  # the defaults are not changed in place
+    # The old flat names (runs and scripts written before the groups) are aliases, read and write.
+    old = config.load("paper", {"free_nats": 2, "kl_scale": 0.1})
+    assert (old.world_model.free_nats, old.world_model.kl_scale) == (2.0, 0.1)
+    assert old.free_nats == old["free_nats"] == old["world_model.free_nats"] == 2.0
+    assert old.replace(pcont_scale=5.0).world_model.pcont_scale == 5.0
+    assert config.load("atari").world_model.kl_scale == 0.1  # a preset sets one key of a group
+    assert "free_nats" not in config.load().to_dict() and config.load().to_dict()["world_model"]["free_nats"] == 3.0
+    assert config.diff(config.load(), old) == {"world_model.free_nats": (3.0, 2.0), "world_model.kl_scale": (1.0, 0.1)}
+    with pytest.raises(AttributeError, match="no key 'nope'"):
+        config.load().world_model.nope
+
+
+def test_key_metadata_lives_beside_the_keys_in_the_yaml():
+    """Bounds, `added` and `was` come from configs/dreamer.yaml's _meta table: no row for a key that
+    does not exist, and config.py holds no per-key lists."""
+    from pathlib import Path
+    flat = set(config._flat(config.load()))
+    assert set(config._meta()) <= flat, sorted(set(config._meta()) - flat)
+    assert set(config.ADDED_KEYS) == config.added_keys() and config.added_keys() <= flat
+    source = Path(config.__file__).read_text()
+    for key in ("batch_size", "free_nats", "atari_sticky", "contrastive_negatives"):
+        assert f'"{key}"' not in source, key
+    assert config._meta()["batch_size"] == {"above": 0}
 
 
 def test_unknown_preset_lists_presets():
@@ -139,9 +191,9 @@ def test_save_load_round_trip_and_diff(tmp_path):
 def test_every_key_has_a_comment():
     from pathlib import Path
     text = (Path(config.__file__).resolve().parent.parent / "configs" / "dreamer.yaml").read_text()
-    defaults = text.split("defaults:")[1].split("_range:")[0]
+    defaults = text.split("\ndefaults:")[1].split("\n_")[0]  # up to the next top-level table
     for line in defaults.splitlines():
-        if line.startswith("  ") and not line.strip().startswith("#") and ":" in line:
+        if line.startswith("  ") and not line.strip().startswith("#") and ":" in line:  # group keys too
             assert "#" in line, f"no comment on config line: {line.strip()}"
 
 
@@ -165,8 +217,14 @@ def test_stored_config_lacking_keys_is_refused_naming_the_file_and_keys(tmp_path
         config.load_file(path)
     assert config.load_file(path, fill_missing=True).batch_size == config.load().batch_size
     golden = Path(__file__).parent / "golden" / "run_v0" / "config.yaml"
-    assert config.load_file(golden).replay_sampler == "uniform"  # an old run still resumes
-    assert set(config.ADDED_KEYS) <= set(config.load())  # no stale names in the list
+    old = config.load_file(golden)  # an old run still resumes: flat loss settings, no groups
+    assert old.replay_sampler == "uniform" and old.world_model.free_nats == 3.0
+    assert set(config.ADDED_KEYS) <= set(config._flat(config.load()))  # no stale names in the list
+    grouped = tmp_path / "grouped.yaml"  # a group cut short is cut short too
+    config.save(config.load("debug"), grouped)
+    grouped.write_text(grouped.read_text().replace("  kl_scale: 1.0\n", ""))
+    with pytest.raises(config.ConfigError, match=r"lacks world_model\.kl_scale"):
+        config.load_file(grouped)
     full = tmp_path / "full.yaml"
     config.save(config.load("debug"), full)
     full.write_text(full.read_text().replace("batch_size: 3", "batch_size: banana"))
@@ -174,12 +232,13 @@ def test_stored_config_lacking_keys_is_refused_naming_the_file_and_keys(tmp_path
         config.load_file(full)
 
 
-def test_every_key_added_since_the_oldest_run_is_listed_in_added_keys():
-    """A new config key must join config.ADDED_KEYS, or every run directory written before it is
-    refused on resume as a config.yaml "cut short". The oldest committed run (tests/golden/run_v0)
-    plus the listed keys must cover the defaults exactly."""
+def test_every_key_added_since_the_oldest_run_is_marked_added():
+    """A new config key must be marked `added: true` in configs/dreamer.yaml's _meta, or every run
+    directory written before it is refused on resume as a config.yaml "cut short". The oldest
+    committed run (tests/golden/run_v0) plus the marked keys must cover the defaults exactly
+    (group keys one by one)."""
     from pathlib import Path
     from ruamel.yaml import YAML
     stored = YAML(typ="safe").load((Path(__file__).parent / "golden" / "run_v0" / "config.yaml").read_text())
-    unlisted = set(config.load()) - set(config._renamed(stored)) - set(config.ADDED_KEYS)
-    assert not unlisted, f"add {sorted(unlisted)} to config.ADDED_KEYS"
+    unlisted = set(config._flat(config.load())) - set(config._flat(config._renamed(stored))) - config.added_keys()
+    assert not unlisted, f"mark {sorted(unlisted)} `added: true` in configs/dreamer.yaml's _meta"

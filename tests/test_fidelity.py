@@ -85,9 +85,9 @@ def recorded_actor_scale():
     scales = []
     real = behavior.actor_loss
 
-    def actor_loss(returns, weights):
+    def actor_loss(returns, weights, *args, **kwargs):
         scales.append(tf.reduce_mean(tf.abs(weights * returns)))
-        return real(returns, weights)
+        return real(returns, weights, *args, **kwargs)
 
     behavior.actor_loss = actor_loss
     try:

@@ -599,3 +599,58 @@ def test_exploration_amount_halving_schedule():
         want = max(0.05, 0.3 * 0.5 ** (step / 1000))
         got = float(explore.expl_amount(tf.constant(step, tf.int64), 0.3, 1000, 0.05, schedule="halving"))
         assert got == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("balance", [0.8, 0.3])
+def test_kl_balance_against_closed_form(balance):
+    """DreamerV2's KL balancing alpha KL(sg(post) || prior) + (1 - alpha) KL(post || sg(prior)): the
+    value is the KL (clipped at free nats per term), the prior's gradient is alpha times the plain
+    KL's, the posterior's (1 - alpha) times; kl_balance 0 is the plain KL, value and gradients."""
+    from dreamer_tf.agent.world_model import kl_loss
+    post_mean, post_std, prior_mean, prior_std = kl_states()
+    post_var, prior_var = tf.Variable(post_mean.astype(np.float32)), tf.Variable(prior_mean.astype(np.float32))
+    dkl = (post_mean - prior_mean) / prior_std**2 / (B * T)  # d mean KL / d post mean (= -d / d prior mean)
+
+    def run(balance, free_nats):
+        with tf.GradientTape() as tape:
+            post = dict(mean=post_var * 1.0, std=tf.constant(post_std, tf.float32))
+            prior = dict(mean=prior_var * 1.0, std=tf.constant(prior_std, tf.float32))
+            kl, clipped, _, _ = kl_loss(post, prior, free_nats, balance=balance)
+        return float(kl), float(clipped), [g.numpy() for g in tape.gradient(clipped, [post_var, prior_var])]
+
+    for free_nats in (0.0, 3.0):  # the mean KL is 4: above both
+        kl, clipped, (g_post, g_prior) = run(balance, free_nats)
+        np.testing.assert_allclose([kl, clipped], [KL_TARGETS.mean()] * 2, rtol=1e-6)
+        np.testing.assert_allclose(g_post, (1 - balance) * dkl, rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(g_prior, -balance * dkl, rtol=1e-4, atol=1e-7)
+    _, clipped, grads = run(balance, 5.0)  # below free nats: both terms clipped, no gradient
+    assert clipped == 5.0 and not any(np.any(g) for g in grads)
+    kl, clipped, (g_post, g_prior) = run(0.0, 0.0)  # off: Dreamer v1's KL
+    np.testing.assert_allclose(clipped, KL_TARGETS.mean(), rtol=1e-6)
+    np.testing.assert_allclose(g_post, dkl, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(g_prior, -dkl, rtol=1e-4, atol=1e-7)
+    assert config.load().world_model.kl_balance == 0.0  # off by default
+
+
+def test_actor_entropy_bonus_against_closed_form():
+    """entropy_scale eta: actor loss -mean(w (V_lambda + eta H[pi(a|s)])), the entropy of the policy
+    at the imagined states, time-major [H-1, N] (computed batch-major inside policy_entropy).
+    Categorical policy: H = -sum p ln p, dH/dlogit_k = -p_k (ln p_k + H); eta 0 is the plain loss."""
+    from dreamer_tf.models.distributions import OneHotDist
+    rng = np.random.default_rng(3)
+    logits64 = rng.normal(size=(2, 3, 4))  # [H-1, N, A]
+    logits = tf.Variable(logits64.astype(np.float32))
+    returns, weights = rng.normal(size=(2, 3)).astype(np.float32), rng.uniform(0.5, 1, (2, 3)).astype(np.float32)
+    actor = lambda feat: OneHotDist(logits=feat)  # noqa: E731  (the features are the logits)
+    eta, seed = 0.3, tf.constant([1, 2], tf.int32)
+    with tf.GradientTape() as tape:
+        loss = behavior.actor_loss(returns, weights, entropy=lambda: behavior.policy_entropy(
+            actor, logits, seed, batch_axis=1), entropy_scale=eta)
+    p = np.exp(logits64) / np.exp(logits64).sum(-1, keepdims=True)
+    entropy = -(p * np.log(p)).sum(-1)
+    np.testing.assert_allclose(float(loss), -np.mean(weights * (returns + eta * entropy)), rtol=1e-5)
+    want = -(eta * weights / weights.size)[..., None] * (-p * (np.log(p) + entropy[..., None]))
+    np.testing.assert_allclose(tape.gradient(loss, logits).numpy(), want, rtol=1e-4, atol=1e-7)
+    assert float(behavior.actor_loss(returns, weights)) == float(behavior.actor_loss(
+        returns, weights, entropy=lambda: 1 / 0, entropy_scale=0.0))  # off: not even computed
+    assert config.load().actor.entropy_scale == 0.0  # off by default

@@ -1,6 +1,9 @@
 """precision: bf16 (mixed bfloat16, no loss scaling) next to float32 on the CPU."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from types import SimpleNamespace as NS
 
 import numpy as np
@@ -9,6 +12,8 @@ import pytest
 from dreamer_tf import config
 from dreamer_tf.agent import Dreamer
 from dreamer_tf.models.networks import bf16_unsupported
+from dreamer_tf.run.logdir import Diverged, check_divergence
+from dreamer_tf.run.logger import read_metrics
 
 needs_bf16 = pytest.mark.skipif(bool(bf16_unsupported()), reason=f"bf16 cannot run here: {bf16_unsupported()}")
 
@@ -62,3 +67,56 @@ def test_bf16_train_steps_are_finite_and_close_to_float32():
         assert m16["model_loss"] == pytest.approx(m32["model_loss"], rel=0.03)
         assert m16["image_loss"] == pytest.approx(m32["image_loss"], rel=0.03)
     assert b["model_loss"] < first[0][1]["model_loss"]  # and it learns
+
+
+# --- float16: the loss scaler's search is not divergence (issue 29 item 1) -------------------------
+SEARCH = {"model_nonfinite": 1.0, "model_loss_scale_skip": 1.0, "model_loss": 11622.75,
+          "actor_nonfinite": 0.0, "actor_loss_scale_skip": 0.0, "value_nonfinite": 0.0, "value_loss_scale_skip": 0.0}
+REAL = {**SEARCH, "model_loss_scale_skip": 0.0, "model_loss": float("inf")}
+
+
+def test_divergence_guard_counts_real_skips_not_the_loss_scale_search(tmp_path):
+    streak = 0
+    for _ in range(30):  # more than max_nonfinite: the search never stops a run ...
+        streak, extra = check_divergence(SEARCH, streak, 10, 600, tmp_path)
+        assert extra == {"skipped_updates": 1.0}  # ... but its skips are still reported
+    assert streak == 0
+    for _ in range(2):  # a search skip between real ones neither counts nor ends the streak
+        streak, _ = check_divergence(REAL, streak, 3, 600, tmp_path)
+    streak, _ = check_divergence(SEARCH, streak, 3, 600, tmp_path)
+    assert streak == 2
+    with pytest.raises(Diverged, match=rf"^3 consecutive non-finite updates at step 600 \(model_loss=inf\); "
+                                       rf"the last good checkpoint is kept in {tmp_path}$"):
+        check_divergence(REAL, streak, 3, 600, tmp_path)
+    streak, extra = check_divergence({**SEARCH, "model_nonfinite": 0.0}, 2, 3, 600, tmp_path)
+    assert streak == 0 and extra == {"skipped_updates": 0.0}
+
+
+def _train(logdir, *overrides):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "dreamer_tf", "train", "--preset", "debug", "--logdir", str(logdir),
+                           "--set", "precision=16", *overrides], capture_output=True, text=True, timeout=900, env=env)
+
+
+def test_float16_debug_run_trains_through_the_loss_scale_search(tmp_path):
+    """The debug preset with precision=16: the scale starts at 2^15 and the first ~10 updates
+    overflow (the pretrain's 2 and the first phase's 10 cover them); the run gets past them and
+    trains through 2 more training phases (steps 400 and 500) with no skip."""
+    proc = _train(tmp_path / "f16", "steps=500", "train_steps=10")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [r for r in read_metrics(tmp_path / "f16") if "model_nonfinite" in r]
+    assert rows[0]["skipped_updates"] > 0  # the search happened ...
+    last = [r for r in rows if r["step"] >= 400]
+    assert len(last) >= 2 and all(r["model_nonfinite"] == 0.0 for r in last), last  # ... and ended
+    assert all(np.isfinite(r[k]) for r in last for k in ("model_loss", "actor_loss", "value_loss"))
+
+
+def test_float16_real_divergence_stops_the_run_in_one_line(tmp_path):
+    """An infinite float32 loss (kl_scale beyond float32) is no loss-scale search: max_nonfinite
+    skipped updates stop the run with one line, no traceback."""
+    proc = _train(tmp_path / "inf", "steps=300", "max_nonfinite=3", "world_model.kl_scale=1e39")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if "diverged" in line]
+    assert len(lines) == 1 and "3 consecutive non-finite updates" in lines[0] and "model_loss=inf" in lines[0], \
+        proc.stderr[-3000:]

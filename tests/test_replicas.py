@@ -23,12 +23,16 @@ ROOT = Path(__file__).resolve().parents[1]
 # Float rounding of reordered float32 sums over 3 Adam updates stays far below these; every
 # replica-local variant is far above (the child's numbers are in the assertion messages).
 TOLERANCE = {"metrics": 1e-4, "grads": 1e-4, "weights": 1e-4}
+# The options the losses read: every key of the loss groups (a new one joins by itself) and the plain
+# keys the step passes them.
+LOSS_OPTIONS = {f"{group}.{key}" for group in ("world_model", "actor", "value") for key in configlib.load()[group]} \
+    | {"pcont", "clip_rewards", "discount", "disclam"}
 
 
 @pytest.fixture(scope="module")
 def worker():
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "replica_worker.py"), "exact", "precisions"],
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "replica_worker.py"), "exact", "options", "precisions"],
                           capture_output=True, text=True, timeout=1800, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -63,13 +67,28 @@ def test_free_nats_straddle_the_replicas(worker):
     assert low < exact["free_nats"] < (low + high) / 2
 
 
-def test_float16_and_bf16_train_under_the_strategy(worker):
-    for precision, result in worker["precisions"].items():
-        assert result["losses_finite"] and result["updates"] == 3, (precision, result)
-    bf16, fp16 = worker["precisions"]["bf16"], worker["precisions"]["16"]
-    assert sum(bf16["skipped"]) == 0, bf16
+def test_every_loss_option_switched_on_matches_one_device(worker):
+    """Every loss option away from its default at once (replica_worker.SWITCHED): a path that only the
+    single-device step wires, or that bypasses the reduction, fails this."""
+    options = worker["options"]
+    assert _within(options["exact"]), options
+    assert set(options["switched"]) >= set(LOSS_OPTIONS), sorted(set(LOSS_OPTIONS) - set(options["switched"]))
+
+
+def test_float16_trains_under_the_strategy(worker):
+    fp16 = worker["precisions"]["16"]
+    assert fp16["losses_finite"] and fp16["updates"] == 3, fp16
     # The LossScaleOptimizer's rule on the all-reduced decision: halve at every skipped step.
     assert fp16["scale"] == 2.0 ** 15 / 2.0 ** sum(fp16["skipped"]), fp16
+    assert fp16["loss_scale_skips"] == fp16["skipped"], fp16  # each skip there is the scale's search
+
+
+def test_bf16_trains_under_the_strategy(worker):
+    bf16 = worker["precisions"]["bf16"]
+    if "unsupported" in bf16:
+        pytest.skip(bf16["unsupported"])
+    assert bf16["losses_finite"] and bf16["updates"] == 3, bf16
+    assert sum(bf16["skipped"]) == 0, bf16
 
 
 def test_checkpoints_move_between_replica_counts(worker):

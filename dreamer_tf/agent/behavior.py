@@ -6,22 +6,25 @@
     discount_weights  w_tau = prod_{k < tau} gamma_k (stop-gradient): the weight of step tau
     actor_loss        -mean(w_tau V_lambda(s_tau))           ("Learning objective": max_phi sum V_lambda)
     value_loss        -mean(w_tau ln N(V_lambda(s_tau); v_psi(s_tau), 1))   (min_psi sum 1/2 ||v_psi - V_lambda||^2)
+    policy_entropy    H[q_phi(a | s)] per state, batch-major (see there)
 
 The paper's objectives are plain sums over tau; both codebases weight step tau by the cumulative
 (predicted) discount, which is 1, gamma, gamma^2, ... without a continuation head.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import tensorflow as tf
 
 from dreamer_tf.agent.reduction import SINGLE, Reduction
 from dreamer_tf.agent.world_model import flatten_bt
 from dreamer_tf.models import STATE_KEYS
+from dreamer_tf.models.distributions import TanhNormal
 from dreamer_tf.models.rssm import scan
 
-__all__ = ["imagine_ahead", "lambda_return", "discount_weights", "imagined_returns", "actor_loss", "value_loss"]
+__all__ = ["imagine_ahead", "lambda_return", "discount_weights", "imagined_returns", "actor_loss", "value_loss",
+           "policy_entropy"]
 
 
 def imagine_ahead(actor, rssm, post: Mapping[str, tf.Tensor], horizon: int, rng: tf.random.Generator | None,
@@ -118,14 +121,42 @@ def imagined_returns(reward_head, value_head, pcont_head, imag_feat: tf.Tensor, 
     return returns, discount_weights(pcont)
 
 
-def actor_loss(returns: tf.Tensor, weights: tf.Tensor, reduce: Reduction = SINGLE) -> tf.Tensor:
+def actor_loss(returns: tf.Tensor, weights: tf.Tensor, reduce: Reduction = SINGLE, *,
+               entropy: Callable[[], tf.Tensor] | None = None, entropy_scale: float = 0.0) -> tf.Tensor:
     """-mean(w V_lambda): its gradient flows through the returns, the learned dynamics and the
-    reparameterised actions into the action model."""
+    reparameterised actions into the action model. The keywords after `entropy` are the config's
+    `actor` group; `entropy()`: the policy's entropy at the imagined states the returns are for
+    ([H-1, N], `policy_entropy`), computed only if a setting uses it. `entropy_scale` eta > 0: the
+    entropy bonus of DreamerV2's actor, -mean(w (V_lambda + eta H[q_phi(a | s)])); 0: off."""
+    if entropy_scale:
+        returns = returns + entropy_scale * entropy()
     return -reduce.mean(weights * returns)
 
 
 def value_loss(value_head, imag_feat: tf.Tensor, returns: tf.Tensor, weights: tf.Tensor,
                reduce: Reduction = SINGLE) -> tf.Tensor:
-    """-mean(w ln q_v(V_lambda | s)) on stop-gradient features and targets."""
+    """-mean(w ln q_v(V_lambda | s)) on stop-gradient features and targets. Keywords added after
+    `reduce` are the config's `value` group."""
     value_pred = value_head(tf.stop_gradient(imag_feat)[:-1])
     return -reduce.mean(weights * value_pred.log_prob(tf.stop_gradient(returns)))
+
+
+def policy_entropy(actor, feat: tf.Tensor, seed: tf.Tensor, reduce: Reduction = SINGLE, batch_axis: int = 0
+                   ) -> tf.Tensor:
+    """H[q_phi(a | s)] for features `feat` [..., F], shaped like feat[..., 0]: closed form for
+    discrete actions, a Monte-Carlo estimate with the stateless `seed` for the tanh-Gaussian.
+
+    The estimate is computed batch-major, whatever `batch_axis` the caller's rows are on: the
+    stateless draws are shaped like the distribution, and `reduce` (replicas.Replicated) gives
+    every row its single-device draw by padding this replica's rows to the global batch on the
+    FIRST axis. Time-major features ([H, N, F], batch_axis=1) are therefore moved here, not by callers.
+    """
+    perm = None
+    if batch_axis:
+        perm = [batch_axis] + [i for i in range(feat.shape.rank) if i != batch_axis]
+        feat = tf.transpose(feat, perm)
+    dist = actor(feat)
+    entropy = reduce.entropy(dist, seed if isinstance(dist, TanhNormal) else None)
+    if perm is not None:
+        entropy = tf.transpose(entropy, [perm.index(i) for i in range(entropy.shape.rank)])
+    return entropy

@@ -7,7 +7,8 @@
      (`behavior.imagine_ahead`, `behavior.actor_loss`): its gradient flows through the transition
      and reward models into the action model, but only the actor optimiser applies it;
   3. the value loss on the same imagined trajectories (`behavior.value_loss`);
-then applies the three updates, each skipped inside the graph when non-finite (`optim`).
+then applies the three updates, each skipped inside the graph when non-finite (`optim`). The losses
+are wired once, in `step.losses_and_grads`, which the replicated step calls too.
 All randomness comes from `self.rng`, a tf.random.Generator seeded by config.seed.
 
 With `strategy` mirrored or multi_worker the variables are mirrored and the step runs data-parallel
@@ -22,9 +23,8 @@ from typing import Any, Mapping
 import numpy as np
 import tensorflow as tf
 
-from dreamer_tf.agent import behavior, explore, inputs, openloop, optim, replicas
-from dreamer_tf.agent.reduction import SINGLE, Reduction
-from dreamer_tf.agent.world_model import WorldModel, embed, world_model_loss
+from dreamer_tf.agent import explore, inputs, openloop, optim, replicas, step
+from dreamer_tf.agent.world_model import WorldModel, embed
 from dreamer_tf.models import (RSSM, STATE_KEYS, ActionHead, ConvDecoder, ConvEncoder, DenseHead, Initializers,
                                StateDecoder, StateEncoder, StateModel, dtype_policy)
 
@@ -147,47 +147,20 @@ class Dreamer(tf.Module):
 
     # --- learning ------------------------------------------------------------------------
     def _train(self, data: dict) -> dict:
-        c, precision = self.config, self.precision
-        with tf.GradientTape() as model_tape:
-            model_loss, post, metrics = world_model_loss(
-                self.world_model, data, kl_scale=c.kl_scale, free_nats=c.free_nats, discount=c.discount,
-                pcont_scale=c.pcont_scale, clip_rewards=c.clip_rewards)
-            scaled = optim.scale_loss(model_loss, self.model_opt, precision)
-        model_grads = optim.gradients(model_tape, scaled, self.model_variables)
-
-        with tf.GradientTape() as actor_tape:
-            imag_feat, _ = behavior.imagine_ahead(
-                self.actor, self.rssm, post, c.horizon, self.rng, drop_last=self.pcont is not None)
-            returns, weights = behavior.imagined_returns(self.reward, self.value, self.pcont, imag_feat,
-                                                         c.discount, c.disclam)
-            actor_loss = behavior.actor_loss(returns, weights)
-            scaled = optim.scale_loss(actor_loss, self.actor_opt, precision)
-        actor_grads = optim.gradients(actor_tape, scaled, self.actor_variables)
-
-        with tf.GradientTape() as value_tape:
-            value_loss = behavior.value_loss(self.value, imag_feat, returns, weights)
-            scaled = optim.scale_loss(value_loss, self.value_opt, precision)
-        value_grads = optim.gradients(value_tape, scaled, self.value_variables)
-
+        """The single-device step: the step's math (`step`) on the whole batch, then the three updates."""
+        losses, grads, metrics, post = step.losses_and_grads(self, data, step.draw_noise(self))
         # All losses above read the pre-update weights; apply the three updates now.
-        for name, opt, loss, grads, variables in (
-                ("model", self.model_opt, model_loss, model_grads, self.model_variables),
-                ("actor", self.actor_opt, actor_loss, actor_grads, self.actor_variables),
-                ("value", self.value_opt, value_loss, value_grads, self.value_variables)):
-            metrics[f"{name}_grad_norm"], metrics[f"{name}_nonfinite"] = optim.apply_gradients(
-                opt, loss, grads, variables, precision)
-        metrics.update(model_loss=model_loss, actor_loss=actor_loss, value_loss=value_loss,
-                       actor_entropy=self._actor_entropy(post), imag_return=tf.reduce_mean(returns))
+        for name, opt, variables in self.optimizers():
+            metrics.update(step.update_metrics(name, opt, losses[name], self.precision, lambda: optim.apply_gradients(
+                opt, losses[name], grads[name], variables, self.precision)))
+        metrics.update(step.after_update(self, post))
         self.train_step_count.assign_add(1)
         return {k: tf.cast(v, tf.float32) for k, v in metrics.items()}
 
-    def _actor_entropy(self, post: dict, reduce: Reduction = SINGLE) -> tf.Tensor:
-        """Mean policy entropy on the posterior states, the reference's `action_ent`. The stateless
-        seed comes from the step counter, so this diagnostic draws nothing from `self.rng`."""
-        feat = tf.stop_gradient(self.rssm.get_feat(post))
-        seed = tf.stack([tf.cast(self.train_step_count % (2**31 - 1), tf.int32), tf.constant(0x5EED, tf.int32)])
-        dist = self.actor(feat)
-        return reduce.mean(reduce.entropy(dist, None if self.discrete else seed))
+    def optimizers(self) -> list[tuple[str, Any, list]]:
+        """(name, optimiser, variables) of the three updates, in `step.GROUPS` order."""
+        return [("model", self.model_opt, self.model_variables), ("actor", self.actor_opt, self.actor_variables),
+                ("value", self.value_opt, self.value_variables)]
 
     def train(self, batch: Mapping[str, Any]) -> dict[str, float]:
         """One gradient step on each model; batch: image uint8 [B, L, 64, 64, 3], action [B, L, A],

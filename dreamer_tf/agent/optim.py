@@ -6,7 +6,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["make_optimizer", "scale_loss", "gradients", "apply_gradients"]
+__all__ = ["make_optimizer", "scale_loss", "gradients", "apply_gradients", "MIN_LOSS_SCALE", "loss_scale",
+           "loss_scale_skip"]
+
+# The dynamic loss scale starts at 2^15 (Keras) and halves at every overflow. Skips while it is above
+# this are its search for a scale that fits float16; a skip at or below it is not (the old
+# tf.keras LossScaleOptimizer's floor, 1: the gradients overflow unscaled).
+MIN_LOSS_SCALE = 1.0
 
 
 def make_optimizer(lr: float, variables: list, name: str, *, eps: float, clip: float, weight_decay: float,
@@ -51,3 +57,17 @@ def apply_gradients(opt, loss: tf.Tensor, grads: list, variables: list, precisio
             return tf.constant(True)
         tf.cond(finite, update, lambda: tf.constant(False))
     return norm, 1.0 - tf.cast(finite, tf.float32)
+
+
+def loss_scale(opt, precision: int | str) -> tf.Tensor | None:
+    """The current dynamic loss scale (read it before the update), or None without loss scaling."""
+    return tf.identity(opt.dynamic_scale) if precision == 16 else None
+
+
+def loss_scale_skip(loss: tf.Tensor, nonfinite: tf.Tensor, scale_before: tf.Tensor) -> tf.Tensor:
+    """1.0 where a skipped update was the loss scaler's search (the float32 loss is finite and the
+    scale could still go down: only the scaled float16 gradients overflowed), else 0.0. A skip with
+    a non-finite loss (NaN weights, an exploding model) or at the smallest scale is a real one."""
+    search = tf.logical_and(tf.math.is_finite(tf.cast(loss, tf.float32)),
+                            tf.cast(scale_before, tf.float32) > MIN_LOSS_SCALE)
+    return nonfinite * tf.cast(search, tf.float32)

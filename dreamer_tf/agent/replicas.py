@@ -30,9 +30,8 @@ from typing import Any, Callable, Mapping
 import keras
 import tensorflow as tf
 
-from dreamer_tf.agent import behavior, optim
+from dreamer_tf.agent import step
 from dreamer_tf.agent.reduction import Reduction
-from dreamer_tf.agent.world_model import world_model_loss
 from dreamer_tf.models.distributions import OneHotDist, TanhNormal
 
 __all__ = ["make_strategy", "check_split", "Replicated", "VARIANTS", "distribute_batch", "train_function",
@@ -269,72 +268,41 @@ def apply_update(opt, loss: tf.Tensor, grads: list, variables: list, precision: 
 def train_function(agent, strategy: tf.distribute.Strategy, local: frozenset[str] | set[str] | tuple = ()
                    ) -> Callable[[Any], dict]:
     """The agent's train step over `strategy`'s replicas: a tf.function of a distributed batch
-    (`distribute_batch`) returning the global metrics. `local`: replica-local VARIANTS (tests)."""
+    (`distribute_batch`) returning the global metrics. The math is `step`'s, with the `Replicated`
+    reduction; here are only the replicas' rows of the noise and the cross-replica update.
+    `local`: replica-local VARIANTS (tests)."""
     c, precision = agent.config, agent.precision
     replicas = strategy.num_replicas_in_sync
     check_split(c.batch_size, replicas)
     local = frozenset(local) | ({"contrastive"} if c.contrastive_negatives == "replica" else frozenset())
     reduce = Replicated(replicas, local)
     share = 1.0 if "norm" in local else 1.0 / replicas  # each replica's share of the global loss
-    groups = (("model", agent.model_opt, agent.model_variables), ("actor", agent.actor_opt, agent.actor_variables),
-              ("value", agent.value_opt, agent.value_variables))
 
-    def draw_noise():
-        """The single-device step's draws from the agent's generator, in its order and shapes."""
-        b, t, s = c.batch_size, c.batch_length, c.stoch_size
-        post_noise, prior_noise = agent.rng.normal([t, b, s]), agent.rng.normal([t, b, s])
-        starts = b * (t - 1 if agent.pcont is not None else t)
-        imag_noise = agent.rng.normal([c.horizon, starts, s])
-        seeds = tf.cast(tf.transpose(agent.rng.make_seeds(c.horizon)), tf.int32)
-        return post_noise, prior_noise, imag_noise, seeds
-
-    def losses_and_grads(data, noise):
-        post_noise, prior_noise, imag_noise, seeds = noise
-        with tf.GradientTape() as model_tape:
-            model_loss, post, metrics = world_model_loss(
-                agent.world_model, data, kl_scale=c.kl_scale, free_nats=c.free_nats, discount=c.discount,
-                pcont_scale=c.pcont_scale, clip_rewards=c.clip_rewards, reduce=reduce,
-                noise=(_rows(post_noise, 1, replicas), _rows(prior_noise, 1, replicas)))
-            scaled = optim.scale_loss(model_loss * share, agent.model_opt, precision)
-        model_grads = optim.gradients(model_tape, scaled, agent.model_variables)
-        with tf.GradientTape() as actor_tape:
-            imag_feat, _ = behavior.imagine_ahead(
-                agent.actor, agent.rssm, post, c.horizon, None, drop_last=agent.pcont is not None, reduce=reduce,
-                noise=_rows(imag_noise, 1, replicas), seeds=seeds)
-            returns, weights = behavior.imagined_returns(agent.reward, agent.value, agent.pcont, imag_feat,
-                                                         c.discount, c.disclam)
-            actor_loss = behavior.actor_loss(returns, weights, reduce)
-            scaled = optim.scale_loss(actor_loss * share, agent.actor_opt, precision)
-        actor_grads = optim.gradients(actor_tape, scaled, agent.actor_variables)
-        with tf.GradientTape() as value_tape:
-            value_loss = behavior.value_loss(agent.value, imag_feat, returns, weights, reduce)
-            scaled = optim.scale_loss(value_loss * share, agent.value_opt, precision)
-        value_grads = optim.gradients(value_tape, scaled, agent.value_variables)
-        grads = [model_grads, actor_grads, value_grads]
+    def replica_step(data, noise: step.Noise):
+        noise = step.Noise(*(_rows(x, 1, replicas) for x in noise[:3]), noise.seeds)  # this replica's rows
+        losses, grads, metrics, post = step.losses_and_grads(agent, data, noise, reduce, share)
+        grads = [grads[name] for name in step.GROUPS]
         if "clip" in local and c.grad_clip:  # each replica's gradient clipped by its own norm
             grads = [clip_by_global_norm(g, c.grad_clip, tf.linalg.global_norm(g)) for g in grads]
         grads = tf.distribute.get_replica_context().all_reduce(SUM, grads)  # one all-reduce for all
-        metrics.update(model_loss=model_loss, actor_loss=actor_loss, value_loss=value_loss,
-                       imag_return=reduce.mean(returns))
         return grads, metrics, post
 
-    def step(batch):
+    def train_step(batch):
         with strategy.scope():  # the updates below run in its cross-replica context
             return scoped_step(batch)
 
     def scoped_step(batch):
-        noise = draw_noise()
-        grads, metrics, post = strategy.run(losses_and_grads, args=(batch, noise))
+        grads, metrics, post = strategy.run(replica_step, args=(batch, step.draw_noise(agent)))
         first = lambda x: strategy.experimental_local_results(x)[0]  # noqa: E731  (equal on all replicas)
         grads, metrics = tf.nest.map_structure(first, grads), tf.nest.map_structure(first, metrics)
         clip = 0.0 if "clip" in local else c.grad_clip
-        for (name, opt, variables), group in zip(groups, grads):
-            metrics[f"{name}_grad_norm"], metrics[f"{name}_nonfinite"] = apply_update(
-                opt, metrics[f"{name}_loss"], group, variables, precision, clip)
-        # After the updates, as the single-device step (its entropy reads the updated actor).
-        entropy = strategy.run(lambda p: agent._actor_entropy(p, reduce), args=(post,))
-        metrics["actor_entropy"] = first(entropy)
+        for (name, opt, variables), group in zip(agent.optimizers(), grads):
+            metrics.update(step.update_metrics(name, opt, metrics[f"{name}_loss"], precision, lambda: apply_update(
+                opt, metrics[f"{name}_loss"], group, variables, precision, clip)))
+        # After the updates, as the single-device step.
+        metrics.update(tf.nest.map_structure(first, strategy.run(lambda p: step.after_update(agent, p, reduce),
+                                                                 args=(post,))))
         agent.train_step_count.assign_add(1)
         return {k: tf.cast(v, tf.float32) for k, v in metrics.items()}
 
-    return tf.function(step)
+    return tf.function(train_step)

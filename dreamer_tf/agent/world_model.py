@@ -64,14 +64,23 @@ def flatten_bt(x: tf.Tensor) -> tf.Tensor:
 
 
 def kl_loss(post: Mapping[str, tf.Tensor], prior: Mapping[str, tf.Tensor], free_nats: float,
-            reduce: Reduction = SINGLE) -> tuple[tf.Tensor, tf.Tensor, tfd.Distribution, tfd.Distribution]:
+            reduce: Reduction = SINGLE, balance: float = 0.0
+            ) -> tuple[tf.Tensor, tf.Tensor, tfd.Distribution, tfd.Distribution]:
     """(KL, max(KL, free_nats), posterior and prior distributions). KL(p || q) between the
     representation (posterior) and transition (prior) Gaussians, summed over dims, averaged over
-    batch and time, then clipped (the reference clips after averaging)."""
+    batch and time, then clipped (the reference clips after averaging). `balance` alpha > 0 is
+    DreamerV2's KL balancing, alpha KL(sg(post) || prior) + (1 - alpha) KL(post || sg(prior)), each
+    term clipped: the same value, the prior's gradient times alpha and the posterior's times 1 - alpha.
+    0 is off (Dreamer v1). 0.5 is not off: it halves both gradients."""
     prior_dist, post_dist = RSSM.get_dist(prior), RSSM.get_dist(post)
     kl_each = tfd.kl_divergence(post_dist, prior_dist)
     kl = reduce.mean(kl_each)
-    return kl, reduce.free_nats(kl, kl_each, free_nats), post_dist, prior_dist
+    if not balance:
+        return kl, reduce.free_nats(kl, kl_each, free_nats), post_dist, prior_dist
+    sg = lambda state: RSSM.get_dist({k: tf.stop_gradient(v) for k, v in state.items()})  # noqa: E731
+    terms = [tfd.kl_divergence(sg(post), prior_dist), tfd.kl_divergence(post_dist, sg(prior))]
+    lhs, rhs = (reduce.free_nats(reduce.mean(each), each, free_nats) for each in terms)
+    return kl, balance * lhs + (1.0 - balance) * rhs, post_dist, prior_dist
 
 
 def image_log_likelihood(decoder, feat: tf.Tensor, image: tf.Tensor, reduce: Reduction = SINGLE) -> tf.Tensor:
@@ -130,11 +139,15 @@ def contrastive_log_likelihood(state_model, embedding: tf.Tensor, stoch: tf.Tens
     return reduce.contrastive(contrastive_term, flatten_bt(stoch), flatten_bt(mean), flatten_bt(std))
 
 
-def world_model_loss(model: WorldModel, data: Mapping[str, tf.Tensor], *, kl_scale: float, free_nats: float,
-                     discount: float = 0.99, pcont_scale: float = 10.0, clip_rewards: str = "none",
-                     reduce: Reduction = SINGLE, noise: tuple[tf.Tensor, tf.Tensor] | None = None
-                     ) -> tuple[tf.Tensor, dict, dict]:
+def world_model_loss(model: WorldModel, data: Mapping[str, tf.Tensor], *, discount: float = 0.99,
+                     clip_rewards: str = "none", reduce: Reduction = SINGLE,
+                     noise: tuple[tf.Tensor, tf.Tensor] | None = None,
+                     free_nats: float = 3.0, kl_scale: float = 1.0, pcont_scale: float = 10.0,
+                     kl_balance: float = 0.0) -> tuple[tf.Tensor, dict, dict]:
     """(loss = -J_REC, posterior states [B, T, ...], metrics) for a batch of sequences.
+
+    The keywords from `free_nats` on are the config's `world_model` group (configs/dreamer.yaml),
+    passed whole by the train step: a new setting is one keyword here with its default.
 
     data: image uint8 [B, T, 64, 64, 3] and/or state [B, T, D] (the observations the model has
     encoders for), action [B, T, A] (action[t] led to observation t), reward [B, T], and discount
@@ -157,7 +170,7 @@ def world_model_loss(model: WorldModel, data: Mapping[str, tf.Tensor], *, kl_sca
     if model.pcont is not None:
         likes["pcont"] = pcont_scale * continuation_log_likelihood(model.pcont, feat, data["discount"], discount,
                                                                    reduce)
-    kl, kl_clipped, post_dist, prior_dist = kl_loss(post, prior, free_nats, reduce)
+    kl, kl_clipped, post_dist, prior_dist = kl_loss(post, prior, free_nats, reduce, kl_balance)
     loss = kl_scale * kl_clipped - tf.add_n(list(likes.values()))
     metrics = dict(kl=kl, prior_ent=reduce.mean(prior_dist.entropy()),
                    post_ent=reduce.mean(post_dist.entropy()), reward_loss=-likes["reward"])

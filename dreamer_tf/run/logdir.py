@@ -30,14 +30,19 @@ class Diverged(RuntimeError):
 def check_divergence(metrics: dict[str, float], streak: int, max_nonfinite: int, step: int,
                      kept: Path) -> tuple[int, dict[str, float]]:
     """(the new streak of skipped updates, the update's extra metrics); raises Diverged after
-    `max_nonfinite` skipped updates in a row, naming the losses and where the last good checkpoint is."""
-    bad = [k[: -len("_nonfinite")] for k, v in metrics.items() if k.endswith("_nonfinite") and v > 0]
-    streak = streak + 1 if bad else 0
+    `max_nonfinite` skipped updates in a row, naming the losses and where the last good checkpoint is.
+
+    A float16 skip that the step marks `<name>_loss_scale_skip` (finite loss, the loss scale still
+    above its floor: the dynamic scale searching down from 2^15) neither counts nor ends a streak;
+    the scale halves at each, so at most ~15 in a row can be such skips."""
+    skipped = [k[: -len("_nonfinite")] for k, v in metrics.items() if k.endswith("_nonfinite") and v > 0]
+    bad = [k for k in skipped if not metrics.get(f"{k}_loss_scale_skip", 0.0) > 0]
+    streak = streak + 1 if bad else (streak if skipped else 0)
     if bad and streak >= max_nonfinite:
         losses = ", ".join(f"{k}_loss={metrics.get(k + '_loss', float('nan'))}" for k in bad)
         raise Diverged(f"{streak} consecutive non-finite updates at step {step} ({losses}); "
                        f"the last good checkpoint is kept in {kept}")
-    return streak, {"skipped_updates": 1.0 if bad else 0.0}
+    return streak, {"skipped_updates": 1.0 if skipped else 0.0}
 
 
 class RunError(RuntimeError):
