@@ -5,6 +5,7 @@
 - `stores`: where images live while the replay runs (chunked episode files, frame files or an
   LRU cache; none for state-only episodes). `chunks`: the chunked file format.
 - `sampler`: which windows a batch holds, the sampling policy; a new scheme is a new function.
+- `selectors`: selectors with settings (uniform, recency) mixed by fractions, built from the config.
 - `replay`: `Replay`, the bookkeeping that ties them together (add, capacity, sample, state).
 - `pipeline`: tf.data over a replay (TensorFlow is imported only there, when called).
 """
