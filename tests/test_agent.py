@@ -145,6 +145,7 @@ def test_free_nats_clip_kl_gradient(agent):
     assert float(metrics["kl"]) > 0
 
 
+@pytest.mark.slow
 def test_overfits_fixed_batch():
     """Sixty steps on one fixed batch lower the image, reward and model losses by far more than
     sampling noise moves them. The bound is not a measured loss: the control is the same agent
@@ -213,6 +214,7 @@ def test_float16_train_steps_finite_and_report_loss_scale_skips():
     assert metrics["model_nonfinite"] == 1.0 and metrics["model_loss_scale_skip"] == 0.0, metrics
 
 
+@pytest.mark.slow
 def test_xla_train_step_finite():
     cfg = make_config(jit=True, seed=1)
     agent = Dreamer(cfg, OBS_SPACE, ACT_SPACE)
@@ -287,6 +289,7 @@ def test_seeded_construction_is_reproducible():
     assert not np.array_equal(a.actor.out.kernel.numpy(), c.actor.out.kernel.numpy())
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_gives_identical_next_step(tmp_path):
     cfg = make_config(seed=11)
     original = Dreamer(cfg, OBS_SPACE, ACT_SPACE)
@@ -318,6 +321,7 @@ def test_bad_spaces_raise():
         Dreamer(make_config(), {"state": NS(shape=(3,), dtype=np.float32)}, ACT_SPACE)
 
 
+@pytest.mark.slow
 def test_unrolled_train_step_matches_the_scan_train_step():
     """Same weights, same batch, same random stream: the unrolled-loop train step computes the same
     losses as the default tf.scan step. (XLA is not compared exactly: tf.random.Generator draws

@@ -162,6 +162,7 @@ def test_markdown_only_rewrites_new_and_old_layouts(tmp_path):
     assert "Command: not recorded" in md and "must not be compared" in md
 
 
+@pytest.mark.slow
 def test_children_really_run_with_onednn_off_and_on(tmp_path, capsys):
     """One real pair of child processes (debug preset, one repeat, a small matmul)."""
     code = bench.main(["--settings", "no-onednn", "onednn", "--presets", "debug", "--variants", "float32",

@@ -370,6 +370,7 @@ def test_killed_launcher_takes_its_trainer_down(tmp_path, fake_train, monkeypatc
     assert load_run(cup).step == step < 1000
 
 
+@pytest.mark.slow
 def test_real_debug_run_is_interrupted_resumed_and_then_skipped(tmp_path):
     """The real `python -m dreamer_tf.train --preset debug`: interrupt the launcher after the first
     checkpoint, rerun it (the run resumes and finishes), rerun again (skipped)."""
@@ -418,6 +419,7 @@ def test_ray_missing_gives_install_command(tmp_path, monkeypatch, capsys):
     assert 'pip install "dreamer_tf[cluster]"' in err and 'pip install "ray[default]"' in err
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed")
 def test_ray_backend_runs_on_a_local_instance(tmp_path, fake_train, capsys, monkeypatch):
     monkeypatch.setenv("FAKE_FAIL", "dmc_cup_catch:1")

@@ -53,6 +53,7 @@ def test_task_list_is_the_papers_twenty():
     assert {_domain(t) for t in envs.TASKS} == set(ACTION_DIMS)
 
 
+@pytest.mark.slow
 def test_all_tasks_build_and_step_in_workers():
     # All 20 workers start at once and build concurrently; then each steps a few times.
     workers = [ProcessEnv(resolve(task, seed=0, proprio=True), wait=False) for task in envs.TASKS]
@@ -235,6 +236,7 @@ def test_rendering_works_with_tensorflow_imported(walker):
     assert obs["image"].std() > 5.0 and np.all(np.isfinite(obs["state"]))
 
 
+@pytest.mark.slow
 def test_same_seed_same_first_observation_and_parallel_step():
     with envs.make_batch("dmc_walker_walk", 2, seed=5, proprio=True) as batch, \
             envs.make("dmc_walker_walk", seed=5, proprio=True) as same:
@@ -258,6 +260,7 @@ def test_same_seed_same_first_observation_and_parallel_step():
         assert batch.reset_at(1)["image"].shape == (64, 64, 3)
 
 
+@pytest.mark.slow
 def test_time_limit_in_parallel_and_config_env():
     cfg = config.load(preset="debug", overrides={"time_limit": 6, "envs": 2})
     with envs.make_config_batch(cfg) as batch:
@@ -359,6 +362,7 @@ def _mean_step_seconds(env, steps: int = 100) -> float:
     return (time.perf_counter() - start) / steps
 
 
+@pytest.mark.slow
 def test_state_only_dmc_returns_the_same_states_without_an_image():
     actions = np.random.default_rng(0).uniform(-1, 1, (20, 6)).astype(np.float32)
     with envs.make("dmc_walker_walk", seed=2, pixels=False, proprio=True) as state_env, \

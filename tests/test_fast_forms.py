@@ -86,6 +86,7 @@ def test_mlp_on_stacked_rows_runs_2d_matmuls_feeding_bias_and_activation_directl
         assert consumers in (["BiasAdd"], ["AddV2"]), consumers
 
 
+@pytest.mark.slow
 def test_unrolled_loop_gradients_equal_tf_scan_without_slice_gradients():
     b, t, e, a = 3, 6, 5, 2
     embed, action = tf.random.normal([b, t, e], seed=8), tf.random.uniform([b, t, a], -1, 1, seed=9)

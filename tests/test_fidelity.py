@@ -210,6 +210,7 @@ def to_float64(data):
 
 
 # --- tests --------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_compiled_equals_eager_and_float64_with_smooth_activations():
     """cnn_act=elu, 3 square batches: compiled, eager and float64 losses agree to 1e-6 of their scale
     and every gradient (world model, actor, value) to 1e-4 of its largest element. Measured: <= 8e-6."""
@@ -292,6 +293,7 @@ def _resolution(layer, x, preact):
 RELU_SEEDS = (0, 1, 8, 9)
 
 
+@pytest.mark.slow
 def test_compiled_equals_eager_with_relu_up_to_kinks():
     """Default cnn_act=relu, 4 square batches: (1) losses equal to 1e-6 of their scale; (2) the
     forward passes agree unit by unit within a few float32 roundings of each unit's sum

@@ -92,6 +92,7 @@ def executed_flops(graph) -> float:
     return sum(_op_flops(op) for op in seen)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [{}, {"representation": "reward"}, {"representation": "reward", "pcont": True}])
 def test_train_step_flops_equal_what_the_compiled_step_executes(overrides):
     """Independent of flops.py's rules: the agent's unrolled train-step graph, pruned to what it

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # tests/conftest.py: the slow tier
+
 HERE = Path(__file__).resolve().parent / "golden"
 spec = importlib.util.spec_from_file_location("golden_record", HERE / "record.py")
 record = importlib.util.module_from_spec(spec)

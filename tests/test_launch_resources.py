@@ -256,6 +256,7 @@ def ray_two_gpus():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_ray_runs_sharing_a_gpu_see_their_gpu_and_grow_memory(tmp_path, fake, capsys, ray_two_gpus):
     root = tmp_path / "root"
     specs = benchmark.plan(root, ["dmc_cup_catch", "dmc_walker_walk", "dmc_cheetah_run", "dmc_reacher_easy"],
@@ -272,6 +273,7 @@ def test_ray_runs_sharing_a_gpu_see_their_gpu_and_grow_memory(tmp_path, fake, ca
     assert all("GPU " in r.node for r in results)
 
 
+@pytest.mark.slow
 def test_ray_lost_worker_is_resubmitted_and_resumes(tmp_path, fake, capsys, monkeypatch, ray_two_gpus):
     # Ray's workers have the fixture's environment: tell the trainer through its command.
     specs = benchmark.plan(tmp_path / "root", ["dmc_cup_catch"], [0], steps=1000,

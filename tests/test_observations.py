@@ -16,6 +16,8 @@ from dreamer_tf import config
 from dreamer_tf.agent import Dreamer, inputs
 from dreamer_tf.agent.world_model import world_model_loss
 
+pytestmark = pytest.mark.slow  # tests/conftest.py: the slow tier
+
 STATE_DIM = 5
 IMAGE = NS(shape=(64, 64, 3), dtype=np.uint8)
 STATE = NS(shape=(STATE_DIM,), dtype=np.float32)

@@ -33,6 +33,7 @@ def test_stderr_filter_drops_only_the_named_lines_and_passes_partial_lines():
         assert kept in out.stderr
 
 
+@pytest.mark.slow
 def test_debug_run_console_has_no_onednn_int32_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
     out = subprocess.run([sys.executable, "-m", "dreamer_tf", "train", "--preset", "debug", "--logdir",

@@ -446,6 +446,9 @@ class StubReplay:
         self.episodes.append(episode)
         return f"/episodes/{len(self.episodes)}.npz"
 
+    def windows(self, length):  # every stub episode is long enough to train on
+        return NS(lengths=[length] * len(self.episodes))
+
     @contextlib.contextmanager
     def iterator(self, batch_size, length):
         yield itertools.repeat({})

@@ -12,6 +12,8 @@ from dreamer_tf.run.learner import Learner, policy_variables, seed_for
 from dreamer_tf.run.logger import read_metrics
 from test_train import TASK, cli, kill_schedule, soak
 
+pytestmark = pytest.mark.slow  # tests/conftest.py: the slow tier
+
 WALL_CLOCK = ("env_steps_per_second", "train_seconds", "wall_time")
 
 

@@ -40,6 +40,7 @@ def test_curve_stats_mean_and_std_across_seeds():
         plotting.curve_stats([a], spread="iqr")
 
 
+@pytest.mark.slow
 def test_plot_writes_curves_and_aggregate_with_partial_data(tmp_path):
     root = tmp_path / "runs"
     steps = np.arange(10_000, 5_000_001, 100_000)

@@ -98,6 +98,7 @@ def _train(logdir, *overrides):
                            "--set", "precision=16", *overrides], capture_output=True, text=True, timeout=900, env=env)
 
 
+@pytest.mark.slow
 def test_float16_debug_run_trains_through_the_loss_scale_search(tmp_path):
     """The debug preset with precision=16: the scale starts at 2^15 and the first ~10 updates
     overflow (the pretrain's 2 and the first phase's 10 cover them); the run gets past them and
@@ -111,6 +112,7 @@ def test_float16_debug_run_trains_through_the_loss_scale_search(tmp_path):
     assert all(np.isfinite(r[k]) for r in last for k in ("model_loss", "actor_loss", "value_loss"))
 
 
+@pytest.mark.slow
 def test_float16_real_divergence_stops_the_run_in_one_line(tmp_path):
     """An infinite float32 loss (kl_scale beyond float32) is no loss-scale search: max_nonfinite
     skipped updates stop the run with one line, no traceback."""

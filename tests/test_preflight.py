@@ -68,6 +68,7 @@ def no_render_env(tmp_path_factory):
     return dict(ENV, PYTHONPATH=os.pathsep.join(p for p in (str(path), ENV.get("PYTHONPATH")) if p))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, fragments", [
     (["--task", "gym_Pendulum-v1", "--set", "gym_import=nonexistent_pkg"],
      ["gym_Pendulum-v1: gym_import could not import 'nonexistent_pkg'"]),
@@ -84,6 +85,7 @@ def test_gym_env_errors_are_one_line_before_tensorflow_and_leave_no_run(tmp_path
     assert not logdir.exists()
 
 
+@pytest.mark.slow
 def test_a_user_env_that_builds_passes_the_probe(tmp_path, no_render_env, monkeypatch):
     """The probe builds the env as the run would (state only, no video) and lets it through."""
     monkeypatch.setenv("PYTHONPATH", no_render_env["PYTHONPATH"])

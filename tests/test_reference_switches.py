@@ -74,6 +74,7 @@ def _run(tmp_path, *sets: str) -> list[dict]:
     return [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_after_prefill_evaluations_follow_the_pretraining_updates(tmp_path):
     rows = _run(tmp_path, "eval_start=after_prefill", "prefill=200", "eval_every=300", "pretrain=3",
                 "train_every=100", "train_steps=2", "log_every=100")

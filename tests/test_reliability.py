@@ -19,6 +19,8 @@ import pytest
 
 from dreamer_tf.run.lock import TOKEN_ENV, RunLock, is_locked
 
+pytestmark = pytest.mark.slow  # tests/conftest.py: the slow tier
+
 ROOT = Path(__file__).resolve().parent.parent
 TASK = "dmc_cartpole_balance"
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")

@@ -205,6 +205,7 @@ def finished_run(tmp_path_factory):
     return logdir
 
 
+@pytest.mark.slow
 def test_a_resumed_run_quarantines_damaged_episodes_and_finishes(finished_run, tmp_path):
     logdir = tmp_path / "run"
     shutil.copytree(finished_run, logdir)

@@ -19,6 +19,8 @@ import pytest
 
 from dreamer_tf import config as configlib
 
+pytestmark = pytest.mark.slow  # tests/conftest.py: the slow tier
+
 ROOT = Path(__file__).resolve().parents[1]
 # Float rounding of reordered float32 sums over 3 Adam updates stays far below these; every
 # replica-local variant is far above (the child's numbers are in the assertion messages).

@@ -47,6 +47,7 @@ def test_contrastive_term_matches_numpy():
     assert np.all(got <= 0)  # a log-probability of picking the right observation
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("representation, has_decoder, has_state_model", [
     ("reconstruction", True, False), ("contrastive", False, True), ("reward", False, False)])
 def test_representation_variants_build_and_train(representation, has_decoder, has_state_model):
@@ -88,6 +89,7 @@ def test_contrastive_term_trains_state_model_and_encoder():
     assert float(metrics["contrastive_loss"]) == pytest.approx(want, rel=1e-4, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_discrete_actions_onehot_and_epsilon_greedy():
     cfg = config.load(preset="debug", overrides=dict(expl="epsilon_greedy", expl_amount=1.0))
     agent = Dreamer(cfg, OBS_SPACE, DISCRETE)
@@ -119,6 +121,7 @@ def test_action_space_mismatches_raise():
         Dreamer(config.load(preset="debug", overrides=dict(action_dist="onehot")), OBS_SPACE, BOX)
 
 
+@pytest.mark.slow
 def test_pcont_head_soft_labels_and_training():
     cfg = config.load(preset="debug", overrides=dict(pcont=True, discount=0.9))
     agent = Dreamer(cfg, OBS_SPACE, BOX)

@@ -205,6 +205,7 @@ def test_episode_seeds_follow_role_worker_and_index_and_survive_a_resume():
         EpisodeSeeds(7, {"train": 2, "prefill": 2, "eval": 1}, {"train": [0]})
 
 
+@pytest.mark.slow
 def test_thread_pools_are_pinned_to_the_checkpoints_counts():
     """A resume on a machine whose default pool sizes differ uses the recorded ones (with a
     warning); equal counts or none recorded change nothing."""

@@ -93,7 +93,7 @@ def test_loggers_is_a_checked_list_key():
         assert config.load("debug", config.parse_overrides([text])).loggers == ("jsonl", "tensorboard", "mlflow")
     with pytest.raises(config.ConfigError, match="'loggers': item 'neptune' is not one of"):
         config.load("debug", config.parse_overrides(["loggers=[jsonl,neptune]"]))
-    with pytest.raises(config.ConfigError, match="'loggers': item 3 is a int, expected a str"):
+    with pytest.raises(config.ConfigError, match="'loggers': item 3 is an int, expected a str"):
         config.load("debug", {"loggers": ["jsonl", 3]})
     with pytest.raises(config.ConfigError, match="expected a list"):
         config.load("debug", {"loggers": 3})
@@ -252,6 +252,7 @@ def test_wandb_prints_no_run_summary_on_the_console(tmp_path, tracker_env):
 # A real training run
 
 
+@pytest.mark.slow
 def test_debug_run_reads_back_from_mlflow_and_wandb(tmp_path, tracker_env):
     logdir = tmp_path / "debug"
     env = dict(os.environ, **tracker_env, TF_CPP_MIN_LOG_LEVEL="2")

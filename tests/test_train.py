@@ -14,6 +14,8 @@ import pytest
 
 from dreamer_tf.run.logger import read_metrics
 
+pytestmark = pytest.mark.slow  # tests/conftest.py: the slow tier
+
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("soak", ROOT / "scripts" / "soak.py")
 soak = importlib.util.module_from_spec(_spec)

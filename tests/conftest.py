@@ -1,0 +1,58 @@
+"""Test tiers (docs/development.md#tests).
+
+`slow` marks the tests that start processes of their own that run TensorFlow (a `dreamer-tf` run, a
+replica or oneDNN child, a multi_worker or Ray cluster) or train end to end. Everything else is the
+fast tier, `pytest -m "not slow" tests`: in-process unit and oracle tests on synthetic batches, for
+the edit-test loop. CI runs both tiers (`pytest tests`).
+
+A fast-tier run over the whole of tests/ also checks that it still touches every module of the
+package: a module that no fast test imports fails the session, naming it, so that moving a test to
+the slow tier cannot leave a module untested between CI runs.
+"""
+from __future__ import annotations
+
+import pkgutil
+import sys
+from pathlib import Path
+
+import pytest
+
+import dreamer_tf
+
+# Modules that run only in processes of their own, which fast tests start but cannot see import:
+# MuJoCo rendering may not share a process with TensorFlow (docs/environments.md).
+_ELSEWHERE = {
+    "dreamer_tf.envs.worker": "the env worker process (tests/test_envs.py starts it)",
+    "dreamer_tf.envs.dmc": "built inside env worker processes only",
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "slow: starts TensorFlow processes of its own (runs, children, clusters) or trains end to "
+                   "end; left out of the fast tier (-m 'not slow')")
+
+
+def _package_modules() -> list[str]:
+    return sorted(m.name for m in pkgutil.walk_packages(dreamer_tf.__path__, "dreamer_tf.")
+                  if not m.name.endswith("__main__"))
+
+
+def _fast_tier_of_everything(session: pytest.Session) -> bool:
+    config = session.config
+    tests_dir = Path(__file__).resolve().parent
+    args = [Path(a.split("::")[0]).resolve() for a in config.args]
+    return (config.getoption("markexpr", "").replace(" ", "") == "notslow"
+            and args == [tests_dir] and not config.getoption("keyword", ""))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if exitstatus != 0 or not _fast_tier_of_everything(session):
+        return
+    untouched = [m for m in _package_modules() if m not in sys.modules and m not in _ELSEWHERE]
+    if untouched:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"fast tier: no fast test imports {', '.join(untouched)}: add one, or move a "
+                                f"test of it out of the slow tier", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
