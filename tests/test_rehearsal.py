@@ -302,7 +302,11 @@ def test_the_docs_have_commands_and_the_table_is_current():
     assert not stale, f"NOT_HERE lists commands no longer in the docs: {stale}"
 
 
-@pytest.mark.parametrize("command", ALL, ids=[c.where[0] for c in ALL])
+IDS = [f"{c.where[0]}:{c.program.rsplit('/', 1)[-1]}" + (f":{c.words[c.words.index(c.program) + 1]}" if c.program.endswith("dreamer-tf") else "")
+       for c in ALL]
+
+
+@pytest.mark.parametrize("command", ALL, ids=IDS)
 def test_command_runs_as_written(command, results):
     if command.text in NOT_HERE and NOT_HERE[command.text][1] is None:
         pytest.skip(f"not here: {NOT_HERE[command.text][0]}")
