@@ -12,6 +12,7 @@ others side by side (a few processes at a time).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -26,7 +27,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BIN = Path(sys.executable).parent
-STEPS = 300          # env steps of a rewritten train run: prefill (200), a training phase, evaluations
+STEPS = 600          # env steps of a rewritten train run: the debug preset's own (prefill 200, 4 training phases)
 EPISODES = 2         # evaluation episodes of a rewritten eval
 TIMEOUT = 1200       # seconds per command (the machine may be shared)
 PARALLEL = 3
@@ -324,6 +325,10 @@ def test_command_runs_as_written(command, results):
     assert "Traceback" not in result.stderr, shown
     if result.argv[1:2] == ["train"]:
         assert "finished:" in result.stdout, shown
+        metrics = result.target / "metrics.jsonl"
+        trained = [json.loads(line) for line in metrics.read_text().splitlines() if '"model_loss"' in line]
+        assert trained, f"no training phase\n{shown}"
+        assert trained[-1].get("skipped_updates", 0) < 1, f"every update of the last phase was skipped\n{shown}"
 
 
 def test_no_command_wrote_into_the_repository(results):

@@ -126,7 +126,17 @@ def compare() -> str:
         worst = sorted(deviations(golden[part], actual[part], part), key=lambda d: -d[1])
         lines += [f"## {part}: worst relative deviations", "", "| value | relative deviation |", "|---|---|"]
         lines += [f"| `{p}` | {d:.3g} |" for p, d in worst[:8]] + [""]
+        ints = [(p, d) for p, d in worst if d and isinstance(_at(actual[part], p.split("/", 1)[1]), int)]
+        lines += [f"{part}: integers that differ: " + (", ".join(f"`{p}` {d:.3g}" for p, d in ints) or "none"), ""]
     return "\n".join(lines)
+
+
+def _at(tree, path: str):
+    """The value at a `deviations` path ('metrics[3]/kl') of `tree`."""
+    import re
+    for key, index in re.findall(r"([^/\[\]]+)|\[(\d+)\]", path):
+        tree = tree[int(index)] if index else tree[key]
+    return tree
 
 
 def _cpu() -> str:
