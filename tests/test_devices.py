@@ -82,3 +82,33 @@ def test_cli_refuses_in_one_line_before_tensorflow_and_leaves_nothing(tmp_path, 
     err = proc.stderr.strip()
     assert err.count("\n") == 0 and err.startswith("dreamer-tf: error: ") and message in err, err
     assert not logdir.exists()
+
+
+class _FakeTF:
+    """The tf.config calls configure_devices makes, on a machine with `gpus` GPUs and one CPU."""
+
+    def __init__(self, gpus: int):
+        import types
+        self.calls = []
+        gpu_list = [types.SimpleNamespace(name=f"/physical_device:GPU:{i}") for i in range(gpus)]
+        cpu = types.SimpleNamespace(name="/physical_device:CPU:0")
+        self.config = types.SimpleNamespace(
+            list_physical_devices=lambda kind: gpu_list if kind == "GPU" else [cpu],
+            experimental=types.SimpleNamespace(set_memory_growth=lambda *a: self.calls.append(("growth", *a))),
+            get_logical_device_configuration=lambda device: None,
+            set_logical_device_configuration=lambda device, confs: self.calls.append(("logical", device.name,
+                                                                                       len(confs))),
+            LogicalDeviceConfiguration=lambda **kw: ("conf", kw))
+
+
+def test_start_up_splits_the_cpu_and_says_when_mirrored_is_one_replica(capsys, monkeypatch):
+    from dreamer_tf.run import devices
+    monkeypatch.setattr(devices, "cpu_model_and_flags", lambda: ("posed", AVX2))
+    tf = _FakeTF(0)
+    devices.configure_devices(cfg(strategy="mirrored", devices=["/cpu:0", "/cpu:1"], batch_size=4), tf)
+    assert tf.calls == [("logical", "/physical_device:CPU:0", 2)]  # before TensorFlow's runtime starts
+    assert capsys.readouterr().err == ""
+    tf = _FakeTF(0)
+    devices.configure_devices(cfg(strategy="mirrored"), tf)
+    err = capsys.readouterr().err
+    assert tf.calls == [] and err.count("\n") == 1 and "one replica" in err
