@@ -73,7 +73,8 @@ def why_not_here(cell: dict) -> str | None:
 def command(cell: dict, logdir: Path) -> list[str]:
     sets = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in cell.items() if k != "task"]
     return [str(Path(sys.executable).parent / "dreamer-tf"), "train", "--preset", "debug", "--task", cell["task"],
-            "--logdir", str(logdir), "--no-tensorboard", "--set", f"steps={STEPS}", "video_every=0", *sets]
+            "--logdir", str(logdir), "--set", f"steps={STEPS}", "video_every=0", *sets]  # TensorBoard on, as users run: its
+    # writer starts TensorFlow's runtime early, which kept devices=[/cpu:0,/cpu:1] from working (issue 29, item 3)
 
 
 @pytest.fixture(scope="module")
