@@ -72,9 +72,10 @@ def why_not_here(cell: dict) -> str | None:
 
 def command(cell: dict, logdir: Path) -> list[str]:
     sets = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in cell.items() if k != "task"]
+    # TensorBoard on, as users run: its writer starts TensorFlow's runtime early, which is what kept
+    # devices=[/cpu:0,/cpu:1] from working from the CLI (issue 29, item 3).
     return [str(Path(sys.executable).parent / "dreamer-tf"), "train", "--preset", "debug", "--task", cell["task"],
-            "--logdir", str(logdir), "--set", f"steps={STEPS}", "video_every=0", *sets]  # TensorBoard on, as users run: its
-    # writer starts TensorFlow's runtime early, which kept devices=[/cpu:0,/cpu:1] from working (issue 29, item 3)
+            "--logdir", str(logdir), "--set", f"steps={STEPS}", "video_every=0", *sets]
 
 
 @pytest.fixture(scope="module")
