@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from dreamer_tf import config as configlib
+from dreamer_tf.run.devices import check_devices
 from dreamer_tf.run.preflight import check_run
 
 
@@ -85,6 +86,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         except FeedError as e:
             raise UsageError(str(e)) from None
     _check_env(config)  # bad input is refused before anything is created
+    check_devices(config)  # devices, strategy, jit, bf16: one line before TensorFlow (run/devices.py)
     check_run(config, args.logdir, args.force)  # ... and what TensorFlow's start would refuse (run/preflight.py)
     with _lock_run(args) as lock:
         config = resolve_config(args)  # again under the lock: another run may have stored its config

@@ -30,6 +30,34 @@ def cpu_model_and_flags() -> tuple[str | None, set[str]]:
     return model, flags
 
 
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below AVX512_CORE_BF16: no bfloat16 kernels.
+_NO_BF16_ISAS = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+# TensorFlow turns oneDNN on by itself (TF_ENABLE_ONEDNN_OPTS unset) only on CPUs with one of these.
+_ONEDNN_DEFAULT_FLAGS = {"avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8", "amx_tile"}
+
+
+def bf16_unsupported_on(flags: set[str], environ: dict, gpus: int) -> str | None:
+    """Why mixed bfloat16 cannot train on a machine with these CPU `flags`, environment and number
+    of visible GPUs, or None; a function of its arguments alone (TensorFlow-free, so the CLI can
+    refuse before TensorFlow starts, and tests can pose as any CPU). With oneDNN on, TensorFlow's
+    bfloat16 convolutions fail ("could not create a primitive descriptor") unless the CPU has
+    AVX512_BF16 or AMX-BF16 and ONEDNN_MAX_CPU_ISA does not cap oneDNN below them
+    (results/bench_bf16/). A GPU, or oneDNN off (slow Eigen kernels), is fine. Empty `flags`
+    (unknown CPU): let TensorFlow try."""
+    if gpus:
+        return None
+    opts = str(environ.get("TF_ENABLE_ONEDNN_OPTS", "")).strip().lower()
+    onednn = opts in ("1", "true") if opts else bool(flags & _ONEDNN_DEFAULT_FLAGS)
+    if not onednn:
+        return None
+    cap = (environ.get("ONEDNN_MAX_CPU_ISA") or environ.get("DNNL_MAX_CPU_ISA") or "").upper()
+    if cap in _NO_BF16_ISAS:
+        return f"ONEDNN_MAX_CPU_ISA={cap} leaves oneDNN without bfloat16 kernels"
+    if flags and not flags & {"avx512_bf16", "amx_bf16"}:
+        return "this CPU has neither AVX512_BF16 nor AMX-BF16, which oneDNN's bfloat16 convolutions need"
+    return None
+
+
 def git_commit(root: str | os.PathLike) -> str:
     """The short commit of the checkout at `root`, "+dirty" when tracked files changed; "unknown"
     outside git (results name the code that made them)."""

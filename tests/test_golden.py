@@ -3,8 +3,10 @@
 The golden file was written by tests/golden/record.py from the code before the package was
 restructured (and is rewritten, in a commit of its own, only when a change is meant to alter the
 numbers). On a machine like the one that wrote it (same TF version, same CPU vector ISA) every
-value must match to 1e-6 relative (float rounding of reordered sums); elsewhere different kernels
-round differently, and only what rounding cannot move is compared exactly.
+value must match to 1e-6 relative (float rounding of reordered sums). On another fingerprint (an
+AVX2 CPU: other kernels round sums differently) the whole record must still match, to the stated
+CROSS_RTOL for floats and CROSS_ITOL for integers (pixel sums), and what rounding cannot move
+(prefill episodes, steps, lengths) exactly.
 """
 from __future__ import annotations
 
@@ -23,17 +25,25 @@ record = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(record)
 
 
-def _mismatches(expected, actual, rtol: float, path: str = "") -> list[str]:
+# Across CPU fingerprints: measured worst on an AVX2 EPYC against the AVX-512 golden file, 1.82e-5
+# relative (a float) and 2.05e-8 (an episode's pixel sum, integer) (results/golden_avx2.md).
+CROSS_RTOL = 1e-4
+CROSS_ITOL = 1e-6
+
+
+def _mismatches(expected, actual, rtol: float, path: str = "", itol: float = 0.0) -> list[str]:
     if isinstance(expected, dict):
         if sorted(expected) != sorted(actual):
             return [f"{path}: keys {sorted(expected)} != {sorted(actual)}"]
-        return [m for k in expected for m in _mismatches(expected[k], actual[k], rtol, f"{path}/{k}")]
+        return [m for k in expected for m in _mismatches(expected[k], actual[k], rtol, f"{path}/{k}", itol)]
     if isinstance(expected, list):
         if len(expected) != len(actual):
             return [f"{path}: length {len(expected)} != {len(actual)}"]
-        return [m for i, (e, a) in enumerate(zip(expected, actual)) for m in _mismatches(e, a, rtol, f"{path}[{i}]")]
+        return [m for i, (e, a) in enumerate(zip(expected, actual)) for m in _mismatches(e, a, rtol, f"{path}[{i}]", itol)]
     if isinstance(expected, float) and not math.isclose(expected, actual, rel_tol=rtol, abs_tol=rtol):
         return [f"{path}: {expected!r} != {actual!r}"]
+    if isinstance(expected, int) and not isinstance(expected, bool) and isinstance(actual, int):
+        return [] if abs(expected - actual) <= itol * abs(expected) else [f"{path}: {expected!r} != {actual!r}"]
     if not isinstance(expected, float) and expected != actual:
         return [f"{path}: {expected!r} != {actual!r}"]
     return []
@@ -53,8 +63,8 @@ def test_agent_train_and_policy_match_golden(golden, same_machine):
     actual = record.agent_metrics()
     if same_machine:
         problems = _mismatches(golden["agent"], actual, 1e-6)
-    else:  # other kernels: the first update only, loosely
-        problems = _mismatches(golden["agent"]["train"][0], actual["train"][0], 1e-3)
+    else:  # other kernels: every update and action, to the stated tolerance
+        problems = _mismatches(golden["agent"], actual, CROSS_RTOL, itol=CROSS_ITOL)
     assert not problems, "\n".join(problems[:20])
 
 
@@ -62,9 +72,11 @@ def test_seeded_debug_run_matches_golden(golden, same_machine):
     actual = record.run_metrics()
     if same_machine:
         problems = _mismatches(golden["run"], actual, 1e-6)
-    else:  # the prefill episodes (random actions, no network) do not depend on float kernels
+    else:  # every row and episode to the stated tolerance; the prefill episodes (random actions, no
+        # network) do not depend on float kernels: exactly
+        problems = _mismatches(golden["run"], actual, CROSS_RTOL, itol=CROSS_ITOL)
         prefill = [e for e in golden["run"]["episodes"] if e.get("prefill")]
-        problems = _mismatches(prefill, actual["episodes"][:len(prefill)], 0.0)
+        problems += _mismatches(prefill, actual["episodes"][:len(prefill)], 0.0)
         problems += _mismatches([r["step"] for r in golden["run"]["metrics"]],
                                 [r["step"] for r in actual["metrics"]], 0.0)
     assert not problems, "\n".join(problems[:20])

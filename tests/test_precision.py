@@ -38,14 +38,45 @@ def test_bf16_is_accepted_by_the_config_and_refused_misspelt():
         config.load("debug", {"precision": "bf32"})
 
 
+# CPU flag sets of the two kinds of x86-64 machine the suite runs on (tests pose as either, on either).
+AVX2 = {"sse4_2", "avx", "avx2", "fma"}
+AVX512 = AVX2 | {"avx512f", "avx512bw", "avx512_vnni"}
+AVX512_BF16 = AVX512 | {"avx512_bf16"}
+ON = {"TF_ENABLE_ONEDNN_OPTS": "1"}  # what importing dreamer_tf sets unless the user chose
+
+
 def test_bf16_is_refused_in_one_line_where_onednn_has_no_bfloat16_kernels(monkeypatch):
-    assert bf16_unsupported(flags={"avx2", "avx512f", "avx512_bf16"}, environ={}) is None
-    assert "AVX512_BF16" in bf16_unsupported(flags={"avx2", "avx512f"}, environ={})
-    assert bf16_unsupported(flags={"avx2", "amx_bf16"}, environ={}) is None
-    assert "ONEDNN_MAX_CPU_ISA=AVX2" in bf16_unsupported(flags={"avx512_bf16"}, environ={"ONEDNN_MAX_CPU_ISA": "avx2"})
+    assert bf16_unsupported(flags=AVX512_BF16, environ=ON, gpus=0) is None
+    assert "AVX512_BF16" in bf16_unsupported(flags=AVX512, environ=ON, gpus=0)
+    assert "AVX512_BF16" in bf16_unsupported(flags=AVX2, environ=ON, gpus=0)
+    assert bf16_unsupported(flags=AVX2 | {"amx_bf16"}, environ=ON, gpus=0) is None
+    assert "ONEDNN_MAX_CPU_ISA=AVX2" in bf16_unsupported(flags=AVX512_BF16, environ={**ON, "ONEDNN_MAX_CPU_ISA": "avx2"},
+                                                         gpus=0)
+    assert bf16_unsupported(flags=AVX2, environ={"TF_ENABLE_ONEDNN_OPTS": "0"}, gpus=0) is None  # Eigen kernels
+    assert bf16_unsupported(flags=AVX2, environ={}, gpus=0) is None  # TensorFlow leaves oneDNN off on AVX2 ...
+    assert "AVX512_BF16" in bf16_unsupported(flags=AVX512, environ={}, gpus=0)  # ... and turns it on with VNNI
+    assert bf16_unsupported(flags=AVX2, environ=ON, gpus=1) is None  # a GPU runs it
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # what the check reads; oneDNN itself is already loaded
     with pytest.raises(ValueError, match=r"^precision bf16 cannot run here: ONEDNN_MAX_CPU_ISA=AVX2 .*use precision 32$"):
         Dreamer(config.load("debug", {"precision": "bf16"}), OBS, ACT)
+
+
+def test_bf16_check_reads_nothing_of_the_machine_it_is_given(monkeypatch):
+    """On an AVX2 host the check returned None for the AVX-512 flags a test handed it: it read the
+    real process's oneDNN state. Given flags, environment and GPUs it must read nothing else."""
+    import tensorflow as tf
+    from tensorflow.python.util import _pywrap_util_port
+
+    from dreamer_tf.models import networks
+
+    def machine(*_):
+        raise AssertionError("read the real machine")
+    monkeypatch.setattr(_pywrap_util_port, "IsMklEnabled", lambda: False)  # what that host's process reported
+    monkeypatch.setattr(networks, "cpu_model_and_flags", machine)
+    monkeypatch.setattr(tf.config, "list_physical_devices", machine)
+    for flags in (AVX2, AVX512):
+        assert "AVX512_BF16" in bf16_unsupported(flags=flags, environ=ON, gpus=0)
+    assert bf16_unsupported(flags=AVX512_BF16, environ=ON, gpus=0) is None
 
 
 @needs_bf16

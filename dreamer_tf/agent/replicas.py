@@ -77,6 +77,7 @@ def _new_strategy(config: Mapping[str, Any]) -> tf.distribute.Strategy:
         devices = list(config["devices"])
         _split_cpu(sum("cpu" in d.lower() for d in devices))
         devices = devices or [d.name for d in tf.config.list_logical_devices("GPU")] or None
+        _check_visible(devices or [])
         strategy = tf.distribute.MirroredStrategy(devices)
     elif kind == "multi_worker":
         if not os.environ.get("TF_CONFIG"):
@@ -85,6 +86,18 @@ def _new_strategy(config: Mapping[str, Any]) -> tf.distribute.Strategy:
     else:
         raise ValueError(f"unknown strategy {kind!r} (one, mirrored, multi_worker)")
     return strategy
+
+
+def _check_visible(devices: list[str]) -> None:
+    """A MirroredStrategy over a device that does not exist waits forever in its first all-reduce:
+    refuse it, naming the devices there are (the CLI refuses it before TensorFlow, run/devices.py)."""
+    def short(name: str) -> str:
+        return name.lower().rsplit("device:", 1)[-1].lstrip("/")
+    visible = [d.name for d in tf.config.list_logical_devices()]
+    missing = [d for d in devices if short(d) not in {short(v) for v in visible}]
+    if missing:
+        raise ValueError(f"devices: {', '.join(missing)} not visible here; visible: "
+                         f"{', '.join('/' + short(v) for v in visible)}")
 
 
 def _split_cpu(n: int) -> None:

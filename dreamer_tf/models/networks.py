@@ -18,7 +18,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from dreamer_tf.models.distributions import OneHotDist, TanhNormal, to_float32
-from dreamer_tf.utils import cpu_model_and_flags
+from dreamer_tf.utils import bf16_unsupported_on, cpu_model_and_flags
 
 tfd = tfp.distributions
 
@@ -40,28 +40,16 @@ def dtype_policy(precision: int | str) -> keras.DTypePolicy:
     return keras.DTypePolicy(policies[precision])
 
 
-# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below AVX512_CORE_BF16: no bfloat16 kernels.
-_NO_BF16_ISAS = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
-
-
-def bf16_unsupported(flags: set[str] | None = None, environ: dict | None = None) -> str | None:
-    """Why mixed bfloat16 cannot train here, or None. On the CPU with oneDNN on (dreamer_tf's
-    default), TensorFlow's oneDNN convolutions fail for bfloat16 ("could not create a primitive
-    descriptor") unless the CPU has AVX512_BF16 or AMX-BF16 and ONEDNN_MAX_CPU_ISA does not cap
-    oneDNN below them (results/bench_bf16/). A GPU, or oneDNN off (slow Eigen kernels), is fine."""
-    if tf.config.list_physical_devices("GPU"):
-        return None
-    from tensorflow.python.util import _pywrap_util_port
-    if not _pywrap_util_port.IsMklEnabled():
-        return None
+def bf16_unsupported(flags: set[str] | None = None, environ: dict | None = None,
+                     gpus: int | None = None) -> str | None:
+    """Why mixed bfloat16 cannot train here, or None (utils.bf16_unsupported_on says when). Each
+    input not given is read from this machine: the CPU flags from /proc/cpuinfo, os.environ (where
+    dreamer_tf has set TF_ENABLE_ONEDNN_OPTS before TensorFlow loaded), TensorFlow's GPUs. Given
+    all three, nothing of the machine is read (tests pose as AVX2 or AVX-512 CPUs)."""
+    flags = cpu_model_and_flags()[1] if flags is None else flags
     environ = os.environ if environ is None else environ
-    cap = (environ.get("ONEDNN_MAX_CPU_ISA") or environ.get("DNNL_MAX_CPU_ISA") or "").upper()
-    if cap in _NO_BF16_ISAS:
-        return f"ONEDNN_MAX_CPU_ISA={cap} leaves oneDNN without bfloat16 kernels"
-    flags = cpu_model_and_flags()[1] if flags is None else flags  # empty where unknown: let TensorFlow try
-    if flags and not flags & {"avx512_bf16", "amx_bf16"}:
-        return "this CPU has neither AVX512_BF16 nor AMX-BF16, which oneDNN's bfloat16 convolutions need"
-    return None
+    gpus = len(tf.config.list_physical_devices("GPU")) if gpus is None else gpus
+    return bf16_unsupported_on(set(flags), environ, gpus)
 
 
 class Initializers:

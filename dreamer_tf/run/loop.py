@@ -34,7 +34,7 @@ import numpy as np
 from dreamer_tf import config as configlib
 from dreamer_tf.run.checkpoint import Checkpointer
 from dreamer_tf.run.collect import Collector, episode_role, evaluate, make_envs, obs_keys, random_actions, spaces
-from dreamer_tf.run.devices import configure_gpus
+from dreamer_tf.run.devices import configure_devices
 from dreamer_tf.run.feed import open_feed
 from dreamer_tf.run.lock import RunLock
 from dreamer_tf.run.logdir import (Diverged, RunError, Stopped, check_divergence, prepare_logdir, record_failure,
@@ -63,7 +63,7 @@ class Trainer:
         prepare_logdir(config, self.logdir, force)
         self.checkpointer = Checkpointer(self.logdir / "checkpoints")
         pin_threads(recorded_threads(self.checkpointer))  # before TensorFlow's runtime starts (TensorBoard's
-        configure_gpus(config.gpu_memory)  # writer starts it); TF maps all GPU memory otherwise
+        configure_devices(config)  # writer starts it): GPU memory, logical CPU devices (run/devices.py)
         self.feed = open_feed(config)  # multi_worker: the followers join, the strategy is made (run/feed.py)
         self.episode_dir = self.logdir / "train_episodes"
         self.logger = Logger(self.logdir, tensorboard and "tensorboard" in config.loggers, config.loggers, config)

@@ -2,6 +2,7 @@
 
     python tests/golden/record.py            # writes tests/golden/debug_seed0.json
     python tests/golden/record.py --print    # prints the values without writing
+    python tests/golden/record.py --compare  # how far this machine is from the golden file (Markdown)
 
 Two parts, both through public entry points only, so the file written before a refactor checks
 the code after it (tests/test_golden.py):
@@ -94,10 +95,64 @@ def compute() -> dict:
     return {"agent": agent_metrics(), "run": run_metrics(), "fingerprint": fingerprint()}
 
 
+def deviations(expected, actual, path: str = ""):
+    """(path, relative deviation) of every number; lengths or keys that differ are infinite."""
+    if isinstance(expected, dict):
+        if sorted(expected) != sorted(actual):
+            yield path, float("inf")
+            return
+        for k in expected:
+            yield from deviations(expected[k], actual[k], f"{path}/{k}")
+    elif isinstance(expected, list):
+        if len(expected) != len(actual):
+            yield path, float("inf")
+            return
+        for i, (e, a) in enumerate(zip(expected, actual)):
+            yield from deviations(e, a, f"{path}[{i}]")
+    elif isinstance(expected, (int, float)) and not isinstance(expected, bool):
+        yield path, abs(expected - actual) / max(abs(expected), 1e-12) if expected != actual else 0.0
+    elif expected != actual:
+        yield path, float("inf")
+
+
+def compare() -> str:
+    """This machine against the golden file: the worst relative deviations per part (Markdown)."""
+    golden = json.loads(GOLDEN.read_text())
+    actual = compute()
+    lines = ["# The golden record on this machine", "",
+             f"Command: `python tests/golden/record.py --compare`; CPU: {_cpu()}.", "",
+             f"Fingerprint here {actual['fingerprint']}, golden file's {golden['fingerprint']}.", ""]
+    for part in ("agent", "run"):
+        worst = sorted(deviations(golden[part], actual[part], part), key=lambda d: -d[1])
+        lines += [f"## {part}: worst relative deviations", "", "| value | relative deviation |", "|---|---|"]
+        lines += [f"| `{p}` | {d:.3g} |" for p, d in worst[:8]] + [""]
+        ints = [(p, d) for p, d in worst if d and isinstance(_at(actual[part], p.split("/", 1)[1]), int)]
+        lines += [f"{part}: integers that differ: " + (", ".join(f"`{p}` {d:.3g}" for p, d in ints) or "none"), ""]
+    return "\n".join(lines)
+
+
+def _at(tree, path: str):
+    """The value at a `deviations` path ('metrics[3]/kl') of `tree`."""
+    import re
+    for key, index in re.findall(r"([^/\[\]]+)|\[(\d+)\]", path):
+        tree = tree[int(index)] if index else tree[key]
+    return tree
+
+
+def _cpu() -> str:
+    from dreamer_tf.utils import cpu_model_and_flags
+    model, flags = cpu_model_and_flags()
+    return f"{model}, {os.cpu_count()} cores, {'AVX-512' if 'avx512f' in flags else 'AVX2' if 'avx2' in flags else 'no AVX2'}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--print", action="store_true", help="print instead of writing the golden file")
+    parser.add_argument("--compare", action="store_true", help="print this machine's deviations from the golden file")
     args = parser.parse_args()
+    if args.compare:
+        print(compare())
+        return 0
     values = compute()
     text = json.dumps(values, indent=1, sort_keys=True) + "\n"
     if args.print:
