@@ -45,10 +45,10 @@ NOT_HERE: dict[str, tuple[str, str | None]] = {
     "dreamer-tf benchmark --root /shared/dmc --backend ray --address auto --gpus-per-run 0.5 --cpus-per-run 4 "
     "--set precision=16": ("needs a running Ray cluster with GPUs and shared storage "
                            "(tests/test_benchmark.py runs a local Ray instance)", None),
-    "TF_CONFIG='{\"cluster\":{\"worker\":[\"hostA:12345\",\"hostB:12345\"]},\"task\":{\"type\":\"worker\",\"index\":0}}' "
+    "DREAMER_FEED_KEY=\"$(cat /run/secrets/dreamer_feed_key)\" TF_CONFIG='{\"cluster\":{\"worker\":[\"hostA:12345\",\"hostB:12345\"]},\"task\":{\"type\":\"worker\",\"index\":0}}' "
     "dreamer-tf train --logdir runs/walker --task dmc_walker_walk --preset paper --set strategy=multi_worker":
         ("needs two hosts (tests/test_multi_worker.py runs chief and follower on 127.0.0.1)", None),
-    "TF_CONFIG='{\"cluster\":{\"worker\":[\"hostA:12345\",\"hostB:12345\"]},\"task\":{\"type\":\"worker\",\"index\":1}}' "
+    "DREAMER_FEED_KEY=\"$(cat /run/secrets/dreamer_feed_key)\" TF_CONFIG='{\"cluster\":{\"worker\":[\"hostA:12345\",\"hostB:12345\"]},\"task\":{\"type\":\"worker\",\"index\":1}}' "
     "dreamer-tf train --logdir unused --set strategy=multi_worker":
         ("needs two hosts (tests/test_multi_worker.py runs chief and follower on 127.0.0.1)", None),
 }
