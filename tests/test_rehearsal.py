@@ -195,7 +195,8 @@ def rewrite(command: Command, tmp: Path) -> tuple[list[str], dict[str, str]]:
     if program == "dreamer-tf" and len(words) > 1:
         sub, rest = words[1], words[2:]
         if sub == "train":
-            fresh = not (Path(_option(rest, "--logdir")) / "config.yaml").exists()
+            logdir = _option(rest, "--logdir")  # none: the CLI refuses it, and that command fails alone
+            fresh = logdir is None or not (Path(logdir) / "config.yaml").exists()
             preset = _option(rest, "--preset") or ("paper" if fresh else None)
             if preset:
                 if "--task" not in rest and _preset_task(preset) != _preset_task("debug"):
