@@ -375,4 +375,6 @@ def test_a_path_that_cannot_be_made_is_one_line(tmp_path, args, prefix):
     proc = cli(*args, check=False, timeout=120)
     assert proc.returncode == 2
     line = one_line(proc.stderr)
-    assert line.startswith(prefix.replace("{file}", str(file))) and "cannot be created" in line, line
+    # names the path and why: it cannot be created, or a folder on its way is a file
+    assert line.startswith(prefix.replace("{file}", str(file))), line
+    assert "cannot be created" in line or f"{file} is a file" in line, line
