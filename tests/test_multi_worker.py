@@ -289,34 +289,43 @@ def run_phase(name: str, chief_args: list[str], worker_args: list[str], logs: Pa
             "err": {k: (logs / f"{name}_{k}.err").read_text() for k in procs}}
 
 
+def killed_and_resumed(base: Path, tmp_path: Path, victim: str, delay: float) -> tuple[Path, list[dict]]:
+    """A copy of the run at 300 resumed to 400 with `victim` SIGKILLed `delay` s after the chief has
+    restored, then both commands run again to the end. A kill that would land after the run ended
+    (a fast machine) is tried again on a fresh copy with half the delay, up to 4 times."""
+    for attempt in range(4):
+        logdir = tmp_path / f"{victim}_{attempt}" / "chief"
+        shutil.copytree(base / "chief_at_300", logdir)
+        resume = (["--logdir", str(logdir), "--set", "steps=400"],
+                  ["--logdir", str(tmp_path / "w"), "--preset", "debug", "--set", "strategy=multi_worker"])
+        killed = run_phase(f"{victim}_killed_{attempt}", *resume, logdir.parent, victim, delay)
+        if "victim" in killed:
+            return logdir, [killed, run_phase(f"{victim}_again", *resume, logdir.parent)]
+        delay /= 2
+    pytest.fail(f"the {victim} was never killed before its run ended: {killed['codes']}")
+
+
 def test_killed_chief_and_follower_resume_bit_exact(cluster, tmp_path):
     """The module's resume command (300 -> 400 env steps: collection, an episode, updates, the final
-    checkpoint) from the same run at 300: the chief SIGKILLed at a random moment, both commands run
-    again with the follower SIGKILLed at a random moment, then both run again to the end. The result
-    is the uninterrupted run bit for bit: metric rows (wall-clock fields aside), episodes, final
-    weights and loop state (scripts/soak.py compare_runs)."""
+    checkpoint) from the same run at 300, once with the chief SIGKILLed at a random moment and once
+    with the follower; both commands are then run again to the end. Each result is the uninterrupted
+    run bit for bit: metric rows (wall-clock fields aside), episodes, final weights and loop state
+    (scripts/soak.py compare_runs)."""
     reference, base = cluster[0], cluster[3]
-    logdir = tmp_path / "chief"
-    shutil.copytree(base / "chief_at_300", logdir)
     seed = int(os.environ.get("DREAMER_TEST_SEED", random.randrange(1000)))
     rng = random.Random(seed)
-    resume = (["--logdir", str(logdir), "--set", "steps=400"],
-              ["--logdir", str(tmp_path / "w"), "--preset", "debug", "--set", "strategy=multi_worker"])
-    phases = [run_phase("chief_killed", *resume, tmp_path, "chief", rng.uniform(0.0, 40.0)),
-              run_phase("worker_killed", *resume, tmp_path, "worker", rng.uniform(0.0, 40.0)),
-              run_phase("again", *resume, tmp_path)]
-    summary = [{k: v for k, v in p.items() if k != "err"} for p in phases]
-    print(json.dumps({"seed": seed, "phases": summary}))
-    chief_killed, worker_killed, again = phases
-    assert chief_killed["codes"] == {"chief": -signal.SIGKILL, "worker": 1}, summary
-    assert "lost the chief" in chief_killed["err"]["worker"].strip().splitlines()[-1], chief_killed["err"]["worker"]
-    assert worker_killed["codes"] == {"chief": 1, "worker": -signal.SIGKILL}, summary
-    last = worker_killed["err"]["chief"].strip().splitlines()[-1]
-    assert last.startswith("dreamer-tf: run failed: multi_worker:"), worker_killed["err"]["chief"]
-    assert "Traceback" not in worker_killed["err"]["chief"] + chief_killed["err"]["worker"]
-    assert again["codes"] == {"chief": 0, "worker": 0}, again["err"]
-    assert soak.compare_runs(reference, logdir) == []
-    assert soak.check_record(logdir, 400, 300) == []
+    expected = {"chief": ({"chief": -signal.SIGKILL, "worker": 1}, "worker", "lost the chief"),
+                "worker": ({"chief": 1, "worker": -signal.SIGKILL}, "chief", "dreamer-tf: run failed: multi_worker:")}
+    for victim, (codes, survivor, last_words) in expected.items():
+        logdir, (killed, again) = killed_and_resumed(base, tmp_path, victim, rng.uniform(0.0, 40.0))
+        summary = [{k: v for k, v in p.items() if k != "err"} for p in (killed, again)]
+        print(json.dumps({"seed": seed, "phases": summary}))
+        assert killed["codes"] == codes, summary
+        err = killed["err"][survivor]
+        assert last_words in err.strip().splitlines()[-1] and "Traceback" not in err, err
+        assert again["codes"] == {"chief": 0, "worker": 0}, again["err"]
+        assert soak.compare_runs(reference, logdir) == []
+        assert soak.check_record(logdir, 400, 300) == []
 
 
 @pytest.mark.parametrize("index", [0, 1])
