@@ -75,7 +75,7 @@ def _new_strategy(config: Mapping[str, Any]) -> tf.distribute.Strategy:
     kind = config["strategy"]
     if kind == "mirrored":
         devices = list(config["devices"])
-        _split_cpu(sum("cpu" in d.lower() for d in devices))
+        split_cpu(sum("cpu" in d.lower() for d in devices))
         devices = devices or [d.name for d in tf.config.list_logical_devices("GPU")] or None
         _check_visible(devices or [])
         strategy = tf.distribute.MirroredStrategy(devices)
@@ -100,17 +100,19 @@ def _check_visible(devices: list[str]) -> None:
                          f"{', '.join('/' + short(v) for v in visible)}")
 
 
-def _split_cpu(n: int) -> None:
-    """`devices: [/cpu:0, /cpu:1, ...]`: carve n logical CPU devices (tests, benchmarks without GPUs)."""
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    current = tf.config.get_logical_device_configuration(cpu)
+def split_cpu(n: int, api=tf) -> None:
+    """`devices: [/cpu:0, /cpu:1, ...]`: carve n logical CPU devices (tests, benchmarks without GPUs).
+    TensorFlow allows it only before its runtime starts; a runtime started with fewer: ValueError.
+    `api`: the `tf` module (a test's stand-in)."""
+    cpu = api.config.list_physical_devices("CPU")[0]
+    current = api.config.get_logical_device_configuration(cpu)
     if n <= max(1, len(current or ())):
         return
     try:
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * n)
+        api.config.set_logical_device_configuration(cpu, [api.config.LogicalDeviceConfiguration()] * n)
     except RuntimeError:
         raise ValueError(f"devices: {n} logical CPU devices must be configured before TensorFlow initialises "
-                         f"(tf.config.set_logical_device_configuration at the program's start)") from None
+                         f"(tf.config.set_logical_device_configuration before any TensorFlow op)") from None
 
 
 def _replica() -> tuple[tf.distribute.ReplicaContext, tf.Tensor]:

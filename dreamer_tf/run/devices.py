@@ -140,15 +140,11 @@ def split_cpu(n: int, tf=None) -> None:
     it only before its runtime starts; a runtime already started with fewer is one line."""
     if tf is None:
         import tensorflow as tf
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    current = tf.config.get_logical_device_configuration(cpu)
-    if n <= max(1, len(current or ())):
-        return
+    from dreamer_tf.agent.replicas import split_cpu as split
     try:
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * n)
-    except RuntimeError:
-        raise DeviceError(f"devices: {n} logical CPU devices must be configured before TensorFlow initialises "
-                          f"(dreamer_tf.run.devices.configure_devices at the program's start)") from None
+        split(n, tf)
+    except ValueError as e:
+        raise DeviceError(f"{e} (dreamer_tf.run.devices.configure_devices at the program's start)") from None
 
 
 def configure_devices(config: Mapping[str, Any], tf=None) -> list[str]:
