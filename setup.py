@@ -36,7 +36,7 @@ setup(
         "cluster": ["ray[default]>=2.40"],
         "wandb": ["wandb==0.31.0"],  # loggers: [..., wandb]
         "mlflow": ["mlflow==3.17.2"],  # loggers: [..., mlflow]
-        "dev": ["pytest>=8", "ale-py==0.12.1", "ray[default]>=2.40",
+        "dev": ["pytest>=8", "pytest-xdist==3.8.0", "ale-py==0.12.1", "ray[default]>=2.40",
                 "gymnasium[classic-control]==1.4.0", "wandb==0.31.0", "mlflow==3.17.2"],
     },
     entry_points={"console_scripts": ["dreamer-tf=dreamer_tf.cli:main"]},

@@ -46,10 +46,29 @@ def _fast_tier_of_everything(session: pytest.Session) -> bool:
             and args == [tests_dir] and not config.getoption("keyword", ""))
 
 
+def _imported() -> set[str]:
+    return {m for m in sys.modules if m == "dreamer_tf" or m.startswith("dreamer_tf.")}
+
+
+_WORKER_IMPORTS = pytest.StashKey[set]()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """pytest-xdist, in the controller: a worker's imports, which the controller cannot see."""
+    modules = getattr(node, "workeroutput", {}).get("dreamer_modules", [])
+    node.config.stash.setdefault(_WORKER_IMPORTS, set()).update(modules)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    config = session.config
+    if hasattr(config, "workerinput"):  # an xdist worker: hand its imports to the controller
+        config.workeroutput["dreamer_modules"] = sorted(_imported())
+        return
     if exitstatus != 0 or not _fast_tier_of_everything(session):
         return
-    untouched = [m for m in _package_modules() if m not in sys.modules and m not in _ELSEWHERE]
+    imported = _imported() | config.stash.get(_WORKER_IMPORTS, set())
+    untouched = [m for m in _package_modules() if m not in imported and m not in _ELSEWHERE]
     if untouched:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
