@@ -24,7 +24,8 @@ from typing import Any, Iterable, Mapping
 
 from ruamel.yaml import YAML
 
-__all__ = ["Config", "ConfigError", "load", "presets", "parse_overrides", "save", "load_file", "diff"]
+__all__ = ["Config", "ConfigError", "load", "presets", "parse_overrides", "save", "load_file", "diff",
+           "current_names"]
 
 
 class ConfigError(ValueError):
@@ -384,6 +385,16 @@ def load_file(path: str | os.PathLike, fill_missing: bool = False) -> Config:
         raise ConfigError(f"config file {path} lacks {shown}: cut short or edited? Restore it, or resume "
                           f"with `dreamer-tf train --logdir {path.parent} --force` to take the defaults")
     return config
+
+
+def current_names(values: Mapping[str, Any]) -> dict:
+    """A stored config of any version under today's names, groups spelled out (`world_model.free_nats`):
+    an older run's flat `free_nats` or `dataset_balance` is read as `load_file` reads it, so runs of
+    different versions compare key by key (the report's config section)."""
+    try:
+        return _flat(_renamed(values))
+    except ConfigError:  # an old value with no new spelling: shown as stored
+        return _flat(values)
 
 
 def diff(a: Mapping[str, Any], b: Mapping[str, Any], ignore: Iterable[str] = ()) -> dict:

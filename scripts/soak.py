@@ -407,6 +407,16 @@ def report(result: dict, argv: Sequence[str], commit: str = "unknown") -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_report(out: Path, text: str) -> None:
+    """Replace the soak's part of `out` (all before its first `## ` section) and keep the sections other
+    scripts wrote below it (the corruption scan, the multi-worker kills); atomic."""
+    old = out.read_text() if out.exists() else ""
+    kept = old[old.index("\n## ") + 1:] if "\n## " in old else ""
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text + ("\n" + kept if kept else ""))
+    os.replace(tmp, out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -441,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = soak(logdir, args.kills, args.terms, args.steps, args.seed, args.jitter, args=extra,
                   reference=reference)
     text = report(result, argv, commit)
-    Path(args.out).write_text(text)
+    write_report(Path(args.out), text)
     print(text)
     print(f"run directory: {logdir}; wrote {args.out}")
     return 0 if not result["problems"] else 1

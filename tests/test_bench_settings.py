@@ -226,3 +226,11 @@ def test_bench_devices_says_where_it_wrote(tmp_path, monkeypatch, capsys):
     assert (tmp_path / bench.DEFAULT_OUT / "bench_devices.md").exists()
     out = bench.DEFAULT_OUT
     assert f"wrote {out / 'bench_devices.md'} and {out / 'bench_devices.json'}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("n", ["1", "0", "-3"])
+def test_devices_below_two_is_one_line_before_anything_runs(tmp_path, capsys, n):
+    assert bench.main(["--devices", n, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"--devices must be >= 2 (one device vs that many replicas), got {n}" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

@@ -164,6 +164,22 @@ def test_gpus_none_hides_the_gpus(tmp_path, fake, capsys, monkeypatch):
     assert "--gpus 0 x,-1: give GPU ids" in capsys.readouterr().err
 
 
+def test_gpus_that_are_not_visible_are_refused_unless_the_runs_start_elsewhere(tmp_path, fake, capsys,
+                                                                              monkeypatch):
+    """Runs given a GPU that is not there would train on the CPU silently; --train-cmd (srun, a
+    container) starts them where the GPUs may be, so the ids are then taken as given."""
+    root, plan = tmp_path / "root", ["--tasks", "dmc_cup_catch", "--seeds", "0", "--steps", "1000"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # a machine without GPUs
+    assert benchmark.main(["--root", str(root), *plan, "--gpus", "0", "1", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "--gpus 0 1: not visible here (visible: none)" in err and len(err.strip().splitlines()) == 1, err
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert benchmark.main(["--root", str(root), *plan, "--gpus", "1,2"]) == 2
+    assert "--gpus 2: not visible here (visible: 0 1)" in capsys.readouterr().err and not root.exists()
+    assert benchmark.main(["--root", str(root), *plan, "--gpus", "5", "--train-cmd", fake]) == 0
+    assert [r["cuda"] for r in _records(root)["dmc_cup_catch/dreamer/0"]] == ["5"]
+
+
 # ------------------------------------------------------------------------------------------------
 # Disk
 

@@ -378,3 +378,16 @@ def test_a_path_that_cannot_be_made_is_one_line(tmp_path, args, prefix):
     # names the path and why: it cannot be created, or a folder on its way is a file
     assert line.startswith(prefix.replace("{file}", str(file))), line
     assert "cannot be created" in line or f"{file} is a file" in line, line
+
+
+def test_soak_report_replaces_only_its_own_part_of_the_file(tmp_path):
+    """The soak writes the top of results/reliability.md; the corruption scan and the multi-worker kills
+    add sections below it, which a new soak keeps."""
+    out = tmp_path / "reliability.md"
+    soak.write_report(out, "# Reliability: soak one\n\nold table\n")
+    assert out.read_text() == "# Reliability: soak one\n\nold table\n"
+    out.write_text(out.read_text() + "\n## Corruption scan\n\nscan\n\n## Multi-worker kill and resume\n\nkills\n")
+    soak.write_report(out, "# Reliability: soak two\n\nnew table\n")
+    assert out.read_text() == ("# Reliability: soak two\n\nnew table\n\n## Corruption scan\n\nscan\n\n"
+                               "## Multi-worker kill and resume\n\nkills\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["reliability.md"]

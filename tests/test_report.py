@@ -113,6 +113,25 @@ def test_report_content_on_runs(root, tmp_path):
     assert "Published curves without a final score (1 of 10 seeds" in problems  # walker_walk seed 4
 
 
+def test_config_section_reads_every_version_under_todays_key_names(tmp_path):
+    """A run written before the loss settings became groups stores `free_nats: 3.0`; a newer one
+    `world_model: {free_nats: 1.0, ...}`. Both are compared key by key under today's names: the old
+    run's paper value is no difference, the new run's changed key is shown alone."""
+    root = tmp_path / "root"
+    write_run(root, "dmc_walker_walk", "dreamer", 0, [(1000, 700)], config={"free_nats": 3.0, "kl_scale": 0.5})
+    write_run(root, "dmc_walker_walk", "dreamer", 1, [(1000, 600)],
+              config={"world_model": "{free_nats: 1.0, kl_scale: 1.0, pcont_scale: 10.0, kl_balance: 0.5}",
+                      "dataset_balance": True})
+    markdown, _ = _report(tmp_path, "--root", str(root))
+    configs = markdown.split("## Configs")[1].split("## Hardware")[0]
+    assert "- `world_model.free_nats`: `1.0` in 1 run(s) (dmc_walker_walk/1), `3.0` in 1 run(s)" in configs
+    assert "(paper: `3.0`)" in configs
+    assert "- `world_model.kl_scale`: `0.5` in 1 run(s) (dmc_walker_walk/0), `1.0` in 1 run(s)" in configs
+    assert "- `replay_sampler`: `episode` in 1 run(s) (dmc_walker_walk/1), `uniform` in 1 run(s)" in configs
+    for stale in ("`free_nats`", "`kl_scale`", "`world_model`", "`dataset_balance`", "not a key of this version"):
+        assert stale not in configs, configs
+
+
 def test_report_html_is_self_contained(root, tmp_path):
     _, page = _report(tmp_path, "--root", str(root))
     assert page.startswith("<!DOCTYPE html>") and '<meta charset="utf-8">' in page

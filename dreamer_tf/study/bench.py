@@ -462,6 +462,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _check_names(args.settings or [])
         _check_names([args.child_setting] if args.child_setting else [])
+        if args.repeats < 1 or args.matmul_size < 1:
+            raise SettingError("--repeats and --matmul-size must be >= 1")
+        if args.devices is not None and args.devices < 2:  # one device vs N replicas
+            raise SettingError(f"--devices must be >= 2 (one device vs that many replicas), got {args.devices}")
         if not args.child_setting:  # an unusable --out is one line now, not after minutes of timing
             check_out(args.out)
         if args.markdown_only:
@@ -471,8 +475,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             configlib.load(preset)
         if args.child_setting and not args.child_json:
             raise SettingError("--child-setting needs --child-json")
-        if args.repeats < 1 or args.matmul_size < 1:
-            raise SettingError("--repeats and --matmul-size must be >= 1")
     except (ValueError, configlib.ConfigError) as e:  # SettingError, PathError
         print(f"dreamer-tf bench: error: {e}", file=sys.stderr)
         return 2

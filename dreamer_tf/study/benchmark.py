@@ -87,9 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _gpus(given: Sequence[str] | None) -> list[str] | None:
+def _gpus(given: Sequence[str] | None, remote: bool = False) -> list[str] | None:
     """--gpus: None (not given) -> the visible GPUs, or None when there are none (runs inherit the
-    environment, as on a CPU machine); 'none' -> [] (CPU only); else the ids ('0 1' or '0,1')."""
+    environment, as on a CPU machine); 'none' -> [] (CPU only); else the ids ('0 1' or '0,1'), which
+    must be visible here unless the runs start elsewhere (`remote`: a --train-cmd such as srun)."""
     if given is None:
         return visible_gpus() or None
     if [g.lower() for g in given] == ["none"]:
@@ -97,6 +98,13 @@ def _gpus(given: Sequence[str] | None) -> list[str] | None:
     ids = [gpu for item in given for gpu in parse_gpu_ids(item)]
     if len(ids) != sum(len(item.split(",")) for item in given):
         raise BenchmarkError(f"--gpus {' '.join(given)}: give GPU ids (e.g. 0 1, or 0,1) or 'none'")
+    visible = visible_gpus()
+    # A run given a GPU that is not there would train on the CPU without a word, for days.
+    missing = [gpu for gpu in ids if gpu not in visible and not gpu.startswith(("GPU-", "MIG-"))]
+    if missing and not remote:
+        raise BenchmarkError(f"--gpus {' '.join(missing)}: not visible here (visible: "
+                             f"{' '.join(visible) if visible else 'none'}); give visible ids, 'none' for CPU "
+                             f"runs, or a --train-cmd that starts the runs where the GPUs are")
     return ids
 
 
@@ -113,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         specs = plan(args.root, args.tasks, args.seeds, args.method, args.preset, args.overrides,
                      None if args.steps is None else int(args.steps),
                      shlex.split(args.train_cmd) if args.train_cmd else None)
-        gpus = _gpus(args.gpus) if args.backend == "local" else None
+        gpus = _gpus(args.gpus, remote=bool(args.train_cmd)) if args.backend == "local" else None
         jobs, how = concurrency(args.jobs, gpus, args.runs_per_gpu) if args.backend == "local" else \
             (None, f"ray: {args.gpus_per_run:g} GPU and {args.cpus_per_run:g} CPU per run, placed by Ray")
         if args.dry_run:

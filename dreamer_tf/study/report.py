@@ -121,14 +121,17 @@ def _runs_section(runs: Sequence[Run], infos: dict, tbl: table.Table, stale_hour
 
 
 def _config_section(runs: Sequence[Run], infos: dict) -> list[str]:
-    paper = configlib.load("paper").to_dict()
-    presets = {name: configlib.load(name).to_dict() for name in configlib.presets()}
+    # Every config under today's key names, groups spelled out: a run written before a key moved into
+    # a group (free_nats -> world_model.free_nats) compares key by key with the newer ones.
+    paper = configlib.current_names(configlib.load("paper").to_dict())
+    presets = {name: configlib.current_names(configlib.load(name).to_dict()) for name in configlib.presets()}
     lines = ["## Configs: what differs from the paper preset", "",
              "Each run's resolved `config.yaml` against the `paper` preset (the paper's hyperparameters), "
              f"per method; {', '.join(f'`{k}`' for k in _NOT_HYPERPARAMETERS)} are left out.", ""]
     for method in sorted({r.method for r in runs}, key=lambda m: (m != "dreamer", m)):
         group = [r for r in runs if r.method == method]
-        configs = {(r.task, r.seed): infos[r.path].config for r in group if infos[r.path].config}
+        configs = {(r.task, r.seed): configlib.current_names(infos[r.path].config)
+                   for r in group if infos[r.path].config}
         if not configs:
             lines += [f"### {method}", "", "No `config.yaml` found.", ""]
             continue
