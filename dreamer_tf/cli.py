@@ -92,14 +92,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = resolve_config(args)  # again under the lock: another run may have stored its config
         _quiet_tf()
         from dreamer_tf.run.feed import FeedLost
-        from dreamer_tf.run.logdir import Diverged, RunError, Stopped, WriteFailed
+        from dreamer_tf.run.logdir import Diverged, EnvFailed, RunError, Stopped, WriteFailed
         from dreamer_tf.run.loop import Trainer
         try:
             state = Trainer(config, args.logdir, force=args.force, tensorboard=not args.no_tensorboard,
                             lock=lock).run()
         except RunError as e:
             raise UsageError(str(e)) from None
-        except (Diverged, WriteFailed, FeedLost) as e:
+        except (Diverged, WriteFailed, FeedLost, EnvFailed) as e:
             print(f"dreamer-tf: run {'diverged' if isinstance(e, Diverged) else 'failed'}: {e}", file=sys.stderr)
             return 1
         except Stopped as e:
@@ -137,12 +137,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _check_eval(args)  # under the lock: a run still training there is named, not its missing checkpoint
         if not args.random:  # the random policy needs no TensorFlow
             _quiet_tf()
+        from dreamer_tf.envs import WorkerError
         from dreamer_tf.run.logdir import RunError
         from dreamer_tf.run.score import score
         try:
             result, path = score(args.logdir, args.episodes, args.checkpoint, args.seed, args.random, args.video)
         except RunError as e:
             raise UsageError(str(e)) from None
+        except WorkerError as e:  # the simulator raised, crashed or hung: one line, as in train
+            print(f"dreamer-tf: eval failed: an environment worker failed: {e.summary}", file=sys.stderr)
+            return 1
     policy = "random policy" if args.random else f"{result['policy']} policy at step {result['step']}"
     print(f"{policy}: return {result['mean']:.1f} +- {result['std']:.1f} over {args.episodes} episodes -> {path}")
     if args.video:

@@ -6,7 +6,9 @@ env stepped here in the test process, so wrong scaling, seeding or repeats chang
 """
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 import textwrap
 
@@ -352,3 +354,60 @@ def test_seeded_reset_is_gymnasiums_reset_seed_each_episode():
             env.step(np.zeros(1, np.float32)) if seed == 6 else None
             np.testing.assert_array_equal(env.reset(seed)["state"], ref.reset(seed=seed)[0])
         np.testing.assert_array_equal(env.reset()["state"], ref.reset()[0])  # unseeded: the stream goes on
+
+
+# --- a simulator that fails mid-run -----------------------------------------------------------
+
+BREAKS = textwrap.dedent('''
+    """A user's env whose simulation raises once its process has taken DREAMER_BREAK_AFTER steps."""
+    import os
+
+    import gymnasium
+    import numpy as np
+
+
+    class Breaks(gymnasium.Env):
+        observation_space = gymnasium.spaces.Box(-1.0, 1.0, (2,), np.float32)
+        action_space = gymnasium.spaces.Box(-1.0, 1.0, (1,), np.float32)
+        taken = 0
+
+        def reset(self, seed=None, options=None):
+            super().reset(seed=seed)
+            self.t = 0
+            return np.zeros(2, np.float32), {}
+
+        def step(self, action):
+            Breaks.taken += 1
+            if Breaks.taken > int(os.environ.get("DREAMER_BREAK_AFTER", "1000000000")):
+                raise RuntimeError("the simulator blew up")
+            self.t += 1
+            return np.full(2, self.t / 50, np.float32), float(action[0]), False, self.t >= 50, {}
+
+
+    gymnasium.register("DreamerBreaks-v0", entry_point=Breaks)
+''')
+
+
+@pytest.mark.slow
+def test_an_env_that_fails_mid_run_stops_it_in_one_line_and_the_same_command_resumes(tmp_path):
+    (tmp_path / "dreamer_breaks.py").write_text(BREAKS)
+    logdir = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p),
+               TF_CPP_MIN_LOG_LEVEL="2")
+    argv = [sys.executable, "-m", "dreamer_tf", "train", "--preset", "debug", "--task", "gym_DreamerBreaks-v0",
+            "--logdir", str(logdir), "--set", "steps=300", "observation=state", "gym_import=dreamer_breaks",
+            "video_every=0"]
+    broken = subprocess.run(argv, env=dict(env, DREAMER_BREAK_AFTER="150"), capture_output=True, text=True,
+                            timeout=600)
+    assert broken.returncode == 1 and "Traceback" not in broken.stderr, broken.stderr
+    last = broken.stderr.strip().splitlines()[-1]
+    assert last.startswith("dreamer-tf: run failed: an environment worker failed at env step 150: "
+                           "gym_DreamerBreaks-v0: RuntimeError: the simulator blew up"), broken.stderr
+    assert "the same command resumes" in last and str(logdir / "failure.txt") in last
+    status = json.loads((logdir / "status.json").read_text())
+    assert status["status"] == "failed" and "the simulator blew up" in status["message"]
+    assert 'raise RuntimeError("the simulator blew up")' in (logdir / "failure.txt").read_text()  # the details
+    resumed = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((logdir / "status.json").read_text())["status"] == "finished"
+    assert not (logdir / "failure.txt").exists()

@@ -12,7 +12,8 @@ from pathlib import Path
 from dreamer_tf import config as configlib
 from dreamer_tf.utils import DISK_ERRNOS, atomic_write_json, describe_write_error
 
-__all__ = ["RESUMABLE_KEYS", "Diverged", "check_divergence", "RunError", "Stopped", "WriteFailed", "write_status",
+__all__ = ["RESUMABLE_KEYS", "Diverged", "check_divergence", "RunError", "Stopped", "WriteFailed", "EnvFailed",
+           "write_status",
            "record_failure", "prepare_logdir", "stored_config_conflict", "never_started", "move_newer_episodes"]
 
 # Keys that may change when a run is resumed (extending the budget, logging cadence, trackers; the
@@ -54,6 +55,11 @@ class WriteFailed(RuntimeError):
     the file and the free space; the last good checkpoint is kept."""
 
 
+class EnvFailed(RuntimeError):
+    """An environment worker raised, crashed or hung mid-run: one line naming the task and the error;
+    the worker's traceback is in the run's failure.txt and the last good checkpoint is kept."""
+
+
 class Stopped(Exception):
     """The run stopped on a signal after saving a checkpoint; the same command resumes it."""
 
@@ -82,9 +88,19 @@ def record_failure(logdir: Path, error: BaseException, step: int, steps: int, la
     """Write status `failed` for `error` and return what to raise: WriteFailed (one line naming the
     file and the free space) for a full disk or an I/O error, RunError for a set-up that cannot work
     (`setup`), else `error` itself. `latest`: the newest checkpoint, which the failure leaves intact."""
+    from dreamer_tf.envs.process import WorkerError
+    kept = f"the last good checkpoint {latest.name} is kept" if latest else "no checkpoint yet"
     if isinstance(error, OSError) and error.errno in DISK_ERRNOS:
-        kept = f"the last good checkpoint {latest.name} is kept" if latest else "no checkpoint yet"
         failure: BaseException = WriteFailed(f"{describe_write_error(error)}; {kept}")
+    elif isinstance(error, WorkerError):  # the simulator, not the agent: one line, the details in a file
+        details = logdir / "failure.txt"
+        try:
+            details.write_text(f"at env step {step}:\n{error}\n")
+            where = f" (its traceback: {details})"
+        except OSError:
+            where = ""
+        failure = EnvFailed(f"an environment worker failed at env step {step}: {error.summary}{where}; {kept}, "
+                            f"from which the same command resumes")
     elif setup and isinstance(error, (ValueError, RunError)):
         failure = RunError(str(error))
     else:

@@ -111,6 +111,7 @@ class Trainer:
         try:
             self._build()
             write_status(self.logdir, "running", self.state.step, c.steps)
+            (self.logdir / "failure.txt").unlink(missing_ok=True)  # an earlier failure's details (EnvFailed)
             record_hardware(self.logdir, self.state.step)  # hardware.json, for reports
         except (ValueError, RunError, OSError) as e:  # e.g. action_dist vs. the task's action space,
             self._close()                             # no usable checkpoint, a full disk
