@@ -11,6 +11,7 @@ import socket
 import struct
 import threading
 import time
+import types
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -591,3 +592,17 @@ def test_sigterm_while_the_chief_waits_for_its_workers_is_one_line(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert err.strip().splitlines()[-1].startswith("multi_worker: stopped by SIGTERM while waiting for the workers")
     assert "Traceback" not in err
+
+
+def test_a_tensorflow_without_the_start_up_deadline_api_is_a_note_not_a_traceback(monkeypatch, capsys):
+    """cluster_start bounds TensorFlow's collective start-up through a private API; another TensorFlow
+    than setup.py pins may lack it: one note saying what is lost, and the start-up goes on."""
+    from tensorflow.python.eager import context
+
+    from dreamer_tf.run import cluster_start
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    monkeypatch.setattr(context, "context", lambda: types.SimpleNamespace(coordination_service=None))
+    cluster_start._register_deadline(5.0)
+    err = capsys.readouterr().err
+    assert err.startswith("note: multi_worker: this TensorFlow lacks the private API that bounds its cluster "
+                          "start-up (AttributeError: ") and len(err.strip().splitlines()) == 1, err
