@@ -104,6 +104,25 @@ def test_a_flip_that_decodes_to_other_frames_is_quarantined_before_any_batch(tmp
         load_episode(tmp_path / "quarantine" / paths[1].name)
 
 
+def test_a_quarantined_newest_episode_is_one_more_line_on_resume_not_a_warning(tmp_path, capfd):
+    """A resumed run's replay state names its newest episode; when that file was the damaged one, the
+    stream cannot be the original's: one line says so, beside the quarantine's line."""
+    replay = Replay(tmp_path, store="chunks", seed=3)
+    paths = [replay.add(make_episode(i, 60, size=16)) for i in range(3)]
+    replay.sample(4, 10)
+    state = replay.get_state()
+    flip(paths[2], silent_flip(paths[2]))
+    stderr_lines(capfd)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reopened = Replay(tmp_path, store="chunks", seed=3)
+        reopened.set_state(state)
+    quarantined, stream = stderr_lines(capfd)
+    assert f"quarantine/{paths[2].name}" in quarantined, quarantined
+    assert stream == (f"replay: the sample stream differs from the original run from here on: its newest "
+                      f"episode {paths[2].name} was quarantined")
+
+
 def test_the_check_reads_files_written_before_it(tmp_path):
     # The check is the zip's own CRC-32 of the stored payload: a file written by the earlier code
     # (golden run_v0 holds plain .npz; this is a chunked file of format version 1) verifies as is.

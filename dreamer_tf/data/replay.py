@@ -362,7 +362,12 @@ class Replay:
         rng = _rng_from_state(state)
         with self._lock:
             newest = self._episodes[-1].path.name if self._episodes else None
-            if state.get("newest", newest) != newest:
+            saved = state.get("newest", newest)
+            if saved != newest and saved and (self.directory / QUARANTINE / saved).exists():
+                # The quarantine has said which file went; one line on what that means for the run.
+                say(f"replay: the sample stream differs from the original run from here on: its newest episode "
+                    f"{saved} was quarantined")
+            elif saved != newest:
                 warnings.warn(
                     f"replay state was saved with newest episode {state.get('newest')} but this replay's "
                     f"newest is {newest}: the sample stream will differ from the original run",
