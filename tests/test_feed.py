@@ -216,16 +216,18 @@ def test_loopback_cluster_without_a_key_uses_a_private_per_run_key(tmp_path, mon
     public = hashlib.sha256(b"dreamer_tf feed " + json.dumps(tasks, sort_keys=True).encode()).hexdigest().encode()
     with pytest.raises(FeedError, match="refused this worker's key"):
         raw_client(chief.address[1], public)
+    first = key_file.read_bytes()
     conn = feed.connect(follower, WAIT)
     (joined,), names = listener.join()
     assert names == ["worker 1 (at 127.0.0.1)"]
+    assert not key_file.exists()  # every follower has joined: the key is not left on disk
     conn.close()
     joined.close()
-    first = key_file.read_bytes()
     listener = Listener(chief)  # a new run: a new key
     assert key_file.read_bytes() != first and len(first) == 64
     feed.connect(follower, WAIT).close()
     listener.join()
+    assert list(key_file.parent.iterdir()) == []
 
 
 def test_a_key_folder_others_can_read_is_refused(tmp_path, monkeypatch):

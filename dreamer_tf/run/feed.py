@@ -350,7 +350,16 @@ def accept(role: Role, wait: float) -> tuple[list[Channel], list[str]]:
     `wait` s. Each connection is authenticated on a thread of its own with its own deadline, so a
     silent or slow client delays no other; a refused one is one line on stderr."""
     host, port = role.address
-    key = role.key if role.key is not None else write_local_key(local_key_file(role.address))
+    key_file = None if role.key is not None else local_key_file(role.address)
+    key = role.key if key_file is None else write_local_key(key_file)
+    try:
+        return _accept(role, wait, key, host, port)
+    finally:  # every follower has read it, or none will join this run: the key is not left on disk
+        if key_file is not None:
+            key_file.unlink(missing_ok=True)
+
+
+def _accept(role: Role, wait: float, key: bytes, host: str, port: int) -> tuple[list[Channel], list[str]]:
     try:
         server = socket.create_server((host, port))
     except OSError as e:
