@@ -163,6 +163,7 @@ def make_dir(path: str | os.PathLike, what: str) -> Path:
 # Error-level lines TensorFlow logs that are harmless here and that TF_CPP_MIN_LOG_LEVEL=2 does not hide.
 HARMLESS_TF_LINES = (
     b"oneDNN supports DT_INT32 only on platforms with AVX-512",  # oneDNN on: int32 ops fall back to Eigen
+    b"oneDNN supports DT_HALF only on platforms with AVX-512",  # float16 on an AVX2 CPU: Eigen's kernels
 )
 _TF_LOG_PREFIX = re.compile(rb"^[IWEF]\d{4}")
 
