@@ -20,7 +20,7 @@ import io
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from ruamel.yaml import YAML
 
@@ -136,12 +136,6 @@ def _a(word: str) -> str:
     return ("an " if word[:1] in "aeiou" else "a ") + word
 
 
-# Keys whose values are of the default's type or one of these words (`precision: bf16`).
-_WORDS = {"precision": ("bf16",)}
-# Keys whose value is a word of `_range` (the default's type) or a positive whole number of MiB.
-_WORD_OR_MIB = frozenset({"gpu_memory"})
-
-
 def _word_or_mib(key: str, value: Any, spec: dict) -> str | int:
     """`gpu_memory: growth` or `gpu_memory: 8192` (MiB); anything else is one ConfigError line."""
     if type(value) is float and value.is_integer():
@@ -152,10 +146,11 @@ def _word_or_mib(key: str, value: Any, spec: dict) -> str | int:
                       f"or a positive whole number of MiB")
 
 
-def _coerce(key: str, value: Any, default: Any) -> Any:
-    """Check `value` against the type of `default`; ints are accepted for floats."""
+def _coerce(key: str, value: Any, default: Any, allowed: Sequence[Any] = ()) -> Any:
+    """Check `value` against the type of `default`; ints are accepted for floats, and a word that the
+    key's `_range` lists whatever the default's type (`precision: bf16` beside 16 and 32)."""
     expected = type(default)
-    if isinstance(value, str) and value in _WORDS.get(key, ()):
+    if isinstance(value, str) and value in allowed and expected in (int, float):
         return value
     if expected in (list, tuple):
         return _coerce_list(key, value, default)
@@ -163,6 +158,8 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         value = float(value)
     elif expected is int and type(value) is float and value.is_integer():
         value = int(value)  # `steps=1e6` on the command line
+    if type(value) is not expected and any(type(a) is not expected for a in allowed):
+        raise ConfigError(f"config key {key!r}: value {value!r} is not one of {list(allowed)}")
     if type(value) is not expected:
         raise ConfigError(
             f"config key {key!r}: value {value!r} is {_a(_type_name(value))}, expected "
@@ -258,10 +255,10 @@ def _set(values: dict, key: str, value: Any, spec: dict) -> None:
         for k, v in value.items():
             _set(values, f"{key}.{k}", v, spec)
         return
-    if key in _WORD_OR_MIB:
+    if (_meta(spec).get(key) or {}).get("mib"):  # a word of `_range` or a positive whole number of MiB
         value = _word_or_mib(key, value, spec)
     else:
-        value = _coerce(key, value, default)
+        value = _coerce(key, value, default, spec.get("_range", {}).get(key) or ())
         _check_range(key, value, spec)
     if dot:
         values[group] = {**values[group], sub: value}  # never the defaults' own dict

@@ -112,6 +112,7 @@ def test_parse_overrides_reads_yaml_scalars():
     ({"representation": "pixels"}, r"'representation': value 'pixels' is not one of \['reconstruction', "
                                    r"'contrastive', 'reward'\]"),
     ({"precision": 64}, r"'precision': value 64 is not one of \[16, 32, 'bf16'\]"),
+    ({"precision": "bf17"}, r"'precision': value 'bf17' is not one of \[16, 32, 'bf16'\]"),
 ])
 def test_bad_overrides_name_key_value_and_rule(overrides, message):
     with pytest.raises(config.ConfigError, match=message):
