@@ -33,6 +33,20 @@ def pytest_configure(config: pytest.Config) -> None:
                    "end; left out of the fast tier (-m 'not slow')")
 
 
+# The files whose tests take longest (results/test_suite.md, per file), started first so that the two
+# xdist workers end together (longest processing time first; pytest.ini turns off xdist's own order,
+# most tests first). The other files follow in name order; a stale list costs time, never a test.
+_LONGEST_FIRST = ("test_rehearsal.py", "test_train.py", "test_multi_worker.py", "test_reliability.py",
+                  "test_observations.py", "test_replicas.py", "test_overlap.py", "test_agent.py", "test_matrix.py",
+                  "test_replay_corruption.py", "test_benchmark.py", "test_onednn.py", "test_precision.py",
+                  "test_golden.py")
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
+
+
 def _package_modules() -> list[str]:
     return sorted(m.name for m in pkgutil.walk_packages(dreamer_tf.__path__, "dreamer_tf.")
                   if not m.name.endswith("__main__"))
