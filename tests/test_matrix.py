@@ -129,6 +129,7 @@ def test_every_value_is_covered():
             assert {c[factor] for c in CELLS.values() if c["precision"] == 32} == values, factor
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CELLS))
 def test_cell_trains_with_finite_losses(name, runs):
     if reason := why_not_here(CELLS[name]):

@@ -312,6 +312,7 @@ IDS = [f"{c.where[0]}:{c.program.rsplit('/', 1)[-1]}" + (f":{c.words[c.words.ind
        for c in ALL]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ALL, ids=IDS)
 def test_command_runs_as_written(command, results):
     if command.text in NOT_HERE and NOT_HERE[command.text][1] is None:
@@ -336,6 +337,7 @@ def test_command_runs_as_written(command, results):
         assert trained[-1].get("skipped_updates", 0) < 1, f"every update of the last phase was skipped\n{shown}"
 
 
+@pytest.mark.slow
 def test_no_command_wrote_into_the_repository(results):
     result = results["<repository>"]
     assert result.returncode == 0, f"the checkout changed:\nbefore:\n{result.stdout}\nafter:\n{result.stderr}"
