@@ -45,6 +45,31 @@ _LONGEST_FIRST = ("test_rehearsal.py", "test_train.py", "test_multi_worker.py", 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
     rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
+    _check_fast_tests_use_no_slow_fixture(items)
+
+
+def _shared_fixtures(item) -> set[str]:
+    """The module- or session-scoped fixtures an item uses that its own test file defines."""
+    out = set()
+    for name, defs in item._fixtureinfo.name2fixturedefs.items():
+        fixture = defs[-1]
+        if fixture.scope in ("module", "session") and getattr(fixture, "baseid", "").startswith(
+                item.nodeid.split("::")[0]):
+            out.add(name)
+    return out
+
+
+def _check_fast_tests_use_no_slow_fixture(items: list) -> None:
+    """A fast test that requests a shared fixture its file's slow tests use (the runs of a matrix, a
+    cluster) builds it in the fast tier, even if the test then skips: refused at collection."""
+    slow: dict[str, set[str]] = {}
+    for item in items:
+        if item.get_closest_marker("slow"):
+            slow.setdefault(item.path.name, set()).update(_shared_fixtures(item))
+    for item in items:
+        if not item.get_closest_marker("slow") and (used := _shared_fixtures(item) & slow.get(item.path.name, set())):
+            raise pytest.UsageError(f"{item.nodeid} is in the fast tier but uses the fixture {sorted(used)[0]!r} "
+                                    f"that slow tests share: mark it @pytest.mark.slow")
 
 
 def _package_modules() -> list[str]:

@@ -25,8 +25,7 @@ def _part(result, name):
     return next(r for r in result["parts"] if r["key"] == name)
 
 
-@pytest.mark.slow
-def test_real_trace_op_kinds_and_step(debug_profile):
+def test_real_trace_op_kinds_and_step(debug_profile):  # in-process, as the fast tests of this trace
     r = debug_profile
     assert r["steps"] == 2 and r["wall_seconds"] > 0 and len(r["step_seconds"]) == 2
     kinds = {k["key"]: k for k in r["kinds"]}
