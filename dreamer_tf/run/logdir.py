@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 
 from dreamer_tf import config as configlib
-from dreamer_tf.utils import DISK_ERRNOS, atomic_write_json, describe_write_error
+from dreamer_tf.utils import DISK_ERRNOS, atomic_write_json, atomic_write_text, describe_write_error
 
 __all__ = ["RESUMABLE_KEYS", "Diverged", "check_divergence", "RunError", "Stopped", "WriteFailed", "EnvFailed",
-           "write_status",
-           "record_failure", "prepare_logdir", "stored_config_conflict", "never_started", "move_newer_episodes"]
+           "write_status", "record_failure", "prepare_logdir", "stored_config_conflict", "never_started",
+           "move_newer_episodes"]
 
 # Keys that may change when a run is resumed (extending the budget, logging cadence, trackers; the
 # replay store: every store yields the same batches, and "chunks" migrates an older run's files; the
@@ -86,8 +86,9 @@ def write_status(logdir: Path, status: str, step: int, steps: int, message: str 
 def record_failure(logdir: Path, error: BaseException, step: int, steps: int, latest: Path | None,
                    setup: bool = False) -> BaseException:
     """Write status `failed` for `error` and return what to raise: WriteFailed (one line naming the
-    file and the free space) for a full disk or an I/O error, RunError for a set-up that cannot work
-    (`setup`), else `error` itself. `latest`: the newest checkpoint, which the failure leaves intact."""
+    file and the free space) for a full disk or an I/O error, EnvFailed (one line; the worker's
+    traceback in failure.txt) for an environment worker's failure, RunError for a set-up that cannot
+    work (`setup`), else `error` itself. `latest`: the newest checkpoint, which the failure leaves intact."""
     from dreamer_tf.envs.process import WorkerError
     kept = f"the last good checkpoint {latest.name} is kept" if latest else "no checkpoint yet"
     if isinstance(error, OSError) and error.errno in DISK_ERRNOS:
@@ -95,7 +96,7 @@ def record_failure(logdir: Path, error: BaseException, step: int, steps: int, la
     elif isinstance(error, WorkerError):  # the simulator, not the agent: one line, the details in a file
         details = logdir / "failure.txt"
         try:
-            details.write_text(f"at env step {step}:\n{error}\n")
+            atomic_write_text(details, f"at env step {step}:\n{error}\n")
             where = f" (its traceback: {details})"
         except OSError:
             where = ""
