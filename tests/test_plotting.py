@@ -151,10 +151,23 @@ def test_aggregate_figure_leaves_out_tasks_without_a_normaliser_and_says_which(t
     assert plotting.main(["--root", str(root), "--out", str(tmp_path / "f"), "--reps", "20", "--no-published"]) == 0
     aggregate = figures[1]
     title = aggregate._suptitle.get_text()
-    assert "the 1 task where this run has final scores; left out, no known normaliser: atari_pong, gym_Pendulum-v1" in title
+    assert "(1 task; left out, no known normaliser: atari_pong, gym_Pendulum-v1)" in title  # the tasks with runs
     assert "dreamer (this run) [1 task]" in [t.get_text() for t in aggregate.axes[0].get_yticklabels()]
     points = [line.get_xdata()[0] for line in aggregate.axes[0].get_lines() if line.get_marker() == "o"]
     assert points == [pytest.approx(0.5)]  # walker's 500 / 1000 alone
+
+
+def test_panels_are_the_tasks_with_runs_or_the_papers_20_without_any(tmp_path, monkeypatch):
+    """With --root and no --tasks, a panel per task that has runs (as the report shows them): a root
+    of one Gymnasium run is one panel, not the 20 DMC panels of the published curves beside it."""
+    figures = _capture_figures(monkeypatch)
+    root = tmp_path / "runs"
+    _write_run(root, "gym_Pendulum-v1", 0, [(4_600_000, -900.0)])
+    assert plotting.main(["--root", str(root), "--out", str(tmp_path / "f"), "--reps", "20"]) == 0
+    assert [ax.get_title() for ax in figures[0].axes if ax.get_visible()] == ["Pendulum-v1 (Gymnasium) (1 seed)"]
+    figures.clear()
+    assert plotting.main(["--out", str(tmp_path / "p"), "--reps", "20"]) == 0  # the published data alone
+    assert len([ax for ax in figures[0].axes if ax.get_visible()]) == 20
 
 
 def test_aggregate_title_is_true_when_the_methods_share_no_task(tmp_path, monkeypatch):

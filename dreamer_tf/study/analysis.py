@@ -45,6 +45,7 @@ __all__ = [
     "load_published_curves", "load_paper_table", "load_baselines", "bin_curve", "bin_runs",
     "final_score", "summarize", "iqm", "stratified_bootstrap_ci", "aggregate", "aggregate_tasks",
     "comparable", "Selection", "aggregate_selection", "normaliser", "normalise", "unnormalised",
+    "task_order", "shown_tasks",
 ]
 
 # The 20 DeepMind Control Suite tasks of the paper (Hafner et al., 2020, Fig. 2 and appendix).
@@ -421,6 +422,15 @@ def task_order(tasks: Iterable[str] | None, runs: Iterable[Run]) -> list[str]:
     if tasks is not None:
         return list(tasks)
     return list(BENCHMARK_TASKS) + sorted({r.task for r in runs} - set(BENCHMARK_TASKS))
+
+
+def shown_tasks(tasks: Sequence[str] | None, runs: Sequence[Run]) -> list[str]:
+    """What a figure or report of `runs` shows: `tasks` as given, else the tasks that have runs (the
+    paper's order first), else (no runs: the published data alone) the paper's 20 tasks."""
+    if tasks:
+        return list(tasks)
+    have = {r.task for r in runs}
+    return [t for t in task_order(None, runs) if t in have] or list(BENCHMARK_TASKS)
 
 
 def check_tasks(tasks: Iterable[str] | None) -> None:

@@ -243,8 +243,7 @@ def _figures(runs, infos, published, paper, tbl, tasks, out: Path, args) -> list
 def build_markdown(args, out: Path, command: str) -> str:
     """Gather the runs and published data, draw the figures into OUT/figures, return the Markdown."""
     runs = analysis.find_runs(args.root, args.tasks, args.methods) if args.root else []
-    tasks = args.tasks or ([t for t in analysis.task_order(None, runs) if any(r.task == t for r in runs)]
-                           or list(analysis.BENCHMARK_TASKS))
+    tasks = analysis.shown_tasks(args.tasks, runs)
     runs = [r for r in runs if r.task in tasks]
     published = [] if args.no_published else [r for r in analysis.load_published_curves() if r.task in tasks]
     paper = {} if args.no_published else analysis.load_paper_table()
