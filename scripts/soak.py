@@ -410,11 +410,12 @@ def report(result: dict, argv: Sequence[str], commit: str = "unknown") -> str:
 def write_report(out: Path, text: str) -> None:
     """Replace the soak's part of `out` (all before its first `## ` section) and keep the sections other
     scripts wrote below it (the corruption scan, the multi-worker kills); atomic."""
+    if str(ROOT) not in sys.path:  # run as a script, or imported by a test
+        sys.path.insert(0, str(ROOT))
+    from dreamer_tf.utils import atomic_write_text
     old = out.read_text() if out.exists() else ""
     kept = old[old.index("\n## ") + 1:] if "\n## " in old else ""
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text + ("\n" + kept if kept else ""))
-    os.replace(tmp, out)
+    atomic_write_text(out, text + ("\n" + kept if kept else ""))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
